@@ -103,4 +103,3 @@ class ResourceExhausted(TetherError):
     """A server-side limit was hit (too many subscribers, queue full)."""
 
     reason = "RESOURCE_EXHAUSTED"
-

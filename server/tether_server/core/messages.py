@@ -268,4 +268,6 @@ class CancelTimers:
     task_id: str
 
 
-Instruction = Publish | Dispatch | SignalEngine | KillEngine | StartEngine | StartTimer | CancelTimers
+Instruction = (
+    Publish | Dispatch | SignalEngine | KillEngine | StartEngine | StartTimer | CancelTimers
+)

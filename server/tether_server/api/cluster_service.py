@@ -1,0 +1,46 @@
+"""tether.v1.ClusterService."""
+
+from __future__ import annotations
+
+import grpc
+
+from tether.v1 import cluster_service_pb2 as cpb
+
+from ..controller import Controller
+from ..runtime import registry
+from . import convert
+from .errors import unary_errors
+
+
+class ClusterService:
+    """Servicer of tether.v1.ClusterService (registered by app.py)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    @unary_errors
+    async def GetCluster(
+        self, request: cpb.GetClusterRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.GetClusterResponse:
+        ctl = self.controller
+        limits = ctl.config.limits
+        engines = ctl.engines()
+        usable = sum(1 for e in engines if e.state.name in ("IDLE", "BUSY"))
+        return cpb.GetClusterResponse(
+            engines=[convert.engine_to_pb(e) for e in engines],
+            mode=cpb.CLUSTER_MODE_EMBEDDED if ctl.cluster.embedded else cpb.CLUSTER_MODE_ATTACHED,
+            target_size=ctl.config.engines,
+            degraded=usable < ctl.config.engines,
+            pending_tasks=ctl.pending_count,
+            running_tasks=ctl.running_count,
+            cluster_id=ctl.cluster.cluster_id,
+            limits=cpb.ServerLimits(
+                max_args_bytes=limits.max_args_bytes,
+                max_grace=convert.duration(limits.max_grace_seconds),
+                max_timeout=convert.duration(limits.max_timeout_seconds),
+                max_output_bytes=limits.max_output_chars,
+                max_page_size=limits.max_page_size,
+                max_labels=limits.max_labels,
+            ),
+            registered_tasks=registry.names(),
+        )

@@ -1,0 +1,240 @@
+"""The tether-server process: configuration, gRPC server, health, reflection, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tether.v1 import cluster_service_pb2, task_service_pb2
+
+from .api import ClusterService, TaskService
+from .config import Limits, ServerConfig
+from .controller import Controller
+from .core.model import GracePeriods
+
+log = logging.getLogger("tether_server")
+
+TASK_SERVICE = "tether.v1.TaskService"
+CLUSTER_SERVICE = "tether.v1.ClusterService"
+
+
+def _duration(text: str) -> float:
+    """'500ms', '5s', '2m', '1h' or a bare number of seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 500ms, 5s, 2m)")
+    value = float(match.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
+
+
+def _bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMG]i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB)")
+    unit = (match.group(2) or "").upper()[:1]
+    return int(match.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
+
+
+def default_data_dir() -> Path:
+    try:
+        from platformdirs import user_state_dir
+
+        return Path(user_state_dir("tether"))
+    except ImportError:  # pragma: no cover
+        return Path.home() / ".local" / "state" / "tether"
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    p = argparse.ArgumentParser(
+        prog="tether-server",
+        description="gRPC control plane for long-running Python tasks on an ipyparallel cluster.",
+    )
+    p.add_argument("--listen", default="127.0.0.1:50051", help="address to listen on (default %(default)s)")
+    p.add_argument("--engines", type=int, default=max(2, os.cpu_count() or 2), help="engines to start (default: cores, at least 2)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the SQLite store and cluster files live (default: the user's state dir)")
+    p.add_argument("--task-module", action="append", default=[], dest="task_modules", help="import this module on the server and engines to register tasks (repeatable)")
+    p.add_argument("--engine-tag", action="append", default=[], dest="engine_tags", help="tag every engine with this (repeatable); 'gpu' is detected")
+    p.add_argument("--attach", default="", help="attach to an existing ipyparallel cluster (cluster file or client connection file) instead of starting one")
+    p.add_argument("--grace-sigint", type=_duration, default=2.0, help="time after SIGINT before SIGTERM (default 2s)")
+    p.add_argument("--grace-sigterm", type=_duration, default=2.0, help="time after SIGTERM before SIGKILL (default 2s)")
+    p.add_argument("--grace-sigkill", type=_duration, default=5.0, help="time to wait for a killed engine's death (default 5s)")
+    p.add_argument("--default-timeout", type=_duration, default=None, help="timeout of tasks that give none (default: none)")
+    p.add_argument("--memory-limit", type=_bytes, default=0, help="interrupt a task whose engine RSS exceeds this (e.g. 2GiB; default off)")
+    p.add_argument("--rss-tolerance", type=_bytes, default=64 * 1024**2, help="RSS growth after a task that still counts as reclaimed")
+    p.add_argument("--max-args-bytes", type=_bytes, default=64 * 1024, help="largest accepted task arguments")
+    p.add_argument("--checkpoint-interval", type=_duration, default=5.0, help="checkpoint cadence of idle streams")
+    p.add_argument("--subscriber-queue", type=int, default=1024, help="events a subscriber may lag before it is cut off")
+    p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
+    a = p.parse_args(argv)
+    if a.engines < 1:
+        p.error("--engines must be at least 1")
+    return ServerConfig(
+        listen=a.listen,
+        engines=a.engines,
+        data_dir=(a.data_dir or default_data_dir()).expanduser().resolve(),
+        task_modules=tuple(a.task_modules),
+        engine_tags=tuple(a.engine_tags),
+        attach=a.attach,
+        grace=GracePeriods(a.grace_sigint, a.grace_sigterm, a.grace_sigkill),
+        default_timeout_seconds=a.default_timeout,
+        memory_limit_bytes=a.memory_limit,
+        rss_tolerance_bytes=a.rss_tolerance,
+        checkpoint_interval_seconds=a.checkpoint_interval,
+        limits=Limits(max_args_bytes=a.max_args_bytes, subscriber_queue=a.subscriber_queue),
+    ), a.log_level
+
+
+def _passthrough(message: Any) -> bytes:
+    """Stream responses may come pre-serialized (one serialization shared by all subscribers)."""
+    if isinstance(message, bytes):
+        return message
+    return bytes(message.SerializeToString())
+
+
+def _handlers(tasks: TaskService, cluster: ClusterService) -> list[grpc.GenericRpcHandler]:
+    s = task_service_pb2
+    c = cluster_service_pb2
+
+    def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+
+    task_handler = grpc.method_handlers_generic_handler(
+        TASK_SERVICE,
+        {
+            "SubmitTask": unary(tasks.SubmitTask, s.SubmitTaskRequest, s.SubmitTaskResponse),
+            "InterruptTask": unary(tasks.InterruptTask, s.InterruptTaskRequest, s.InterruptTaskResponse),
+            "GetTask": unary(tasks.GetTask, s.GetTaskRequest, s.GetTaskResponse),
+            "ListTasks": unary(tasks.ListTasks, s.ListTasksRequest, s.ListTasksResponse),
+            "StreamTaskStatus": grpc.unary_stream_rpc_method_handler(
+                tasks.StreamTaskStatus,
+                request_deserializer=s.StreamTaskStatusRequest.FromString,
+                response_serializer=_passthrough,
+            ),
+        },
+    )
+    cluster_handler = grpc.method_handlers_generic_handler(
+        CLUSTER_SERVICE,
+        {"GetCluster": unary(cluster.GetCluster, c.GetClusterRequest, c.GetClusterResponse)},
+    )
+    return [task_handler, cluster_handler]
+
+
+class TetherServer:
+    """The gRPC server around one controller; usable in-process by tests."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.controller = Controller(config)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ],
+        )
+        self.port = 0
+        self._serving: bool | None = None
+
+    async def start(self) -> None:
+        ctl = self.controller
+        self.server.add_generic_rpc_handlers(_handlers(TaskService(ctl), ClusterService(ctl)))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (TASK_SERVICE, CLUSTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await self._set_serving(False)
+        ctl.on_serving_changed = lambda serving: asyncio.ensure_future(self._set_serving(serving))
+        await self.server.start()
+        await ctl.start()
+        await ctl.ready.wait()
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", TASK_SERVICE, CLUSTER_SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        self._serving = None
+        await self._set_serving(False)
+        await self.controller.stop()
+        await self.server.stop(grace=1.0)
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+
+def banner(server: TetherServer) -> str:
+    addr = server.address
+    n = server.config.engines
+    return (
+        f"tether-server: serving on {addr} ({n} engines, data in {server.config.data_dir})\n"
+        f"  try: grpcurl -plaintext -d '{{\"task\": \"demo.sleep\", \"args\": {{\"seconds\": 5}}}}' "
+        f"{addr} tether.v1.TaskService/SubmitTask"
+    )
+
+
+async def serve(config: ServerConfig) -> int:
+    server = TetherServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(server.start())
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done and starting.exception() is None:
+        print(banner(server), flush=True)
+        await waiter
+    elif starting in done:
+        waiter.cancel()
+        print(f"tether-server: failed to start: {starting.exception()}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.stop(), timeout=9)
+        return 1
+    else:
+        starting.cancel()
+    print("tether-server: shutting down", flush=True)
+    try:
+        await asyncio.wait_for(server.stop(), timeout=9)
+    except Exception as exc:
+        log.warning("shutdown was not clean: %s", exc)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, level = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # ipyparallel's hub warns once per publish_data call (ipyparallel issue 240).
+    logging.getLogger("ipyparallel").setLevel(logging.ERROR)
+    return asyncio.run(serve(config))

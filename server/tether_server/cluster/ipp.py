@@ -1,0 +1,328 @@
+"""ipyparallel adapter, run entirely on the service's asyncio loop.
+
+Facts it rests on (shared/notes/ipyparallel.md): the ``Client`` is not
+thread-safe, so every call happens on the loop thread with ``block=False`` and
+``asyncio.wrap_future``; registration callbacks and apply replies arrive on the
+client's IO thread, so they hop back with ``call_soon_threadsafe``; the client
+keeps only the *last* ``publish_data`` value, so progress is read from our own
+SUB socket on the IOPub channel, which sees every message; the ``*_sync``
+Cluster methods lose launcher notifications, so only the async ones are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import json
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ipyparallel as ipp
+import zmq
+import zmq.asyncio
+from ipyparallel import error as ipp_error
+from jupyter_client.session import Session
+
+from ..runtime import engine as engine_runtime
+
+log = logging.getLogger(__name__)
+
+CLUSTER_ID = "tether"
+
+
+class EngineDied(Exception):
+    """The engine running an apply died (ipyparallel's EngineError)."""
+
+
+@dataclass(slots=True)
+class ClusterConfig:
+    """How to get a cluster."""
+
+    engines: int = 2
+    profile_dir: Path = Path(".tether-data/ipython")
+    heartbeat_ms: int = 500
+    attach_cluster_file: str = ""
+    """Attached mode: path of an ipyparallel cluster file or client connection file."""
+    engine_setup_timeout: float = 60.0
+
+
+@dataclass(slots=True)
+class ClusterCallbacks:
+    """What the controller wants to hear about. All are called on the loop thread."""
+
+    engine_registered: Callable[[int], None]
+    engine_unregistered: Callable[[int], None]
+    task_message: Callable[[str, int, str, Any], None]
+    """(task_id, attempt, kind, payload) from ``publish_data({"tether": [...]})``."""
+
+
+@dataclass(slots=True)
+class _State:
+    known_ids: set[int] = field(default_factory=set)
+
+
+class IpyparallelCluster:
+    """Owns (or attaches to) an ipyparallel cluster on the current asyncio loop."""
+
+    def __init__(self, config: ClusterConfig, callbacks: ClusterCallbacks) -> None:
+        self.config = config
+        self.callbacks = callbacks
+        self.embedded = not config.attach_cluster_file
+        self._cluster: Any = None
+        self._client: Any = None
+        self._views: dict[int, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._iopub_task: asyncio.Task[None] | None = None
+        self._iopub_socket: Any = None
+        self._zmq_context: Any = None
+        self._state = _State()
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def cluster_id(self) -> str:
+        return CLUSTER_ID if self._cluster is None else str(self._cluster.cluster_id)
+
+    async def start(self) -> None:
+        """Start (embedded) or attach to the cluster, then connect the client."""
+        self._loop = asyncio.get_running_loop()
+        if self.embedded:
+            self._cleanup_stale_cluster()
+            self.config.profile_dir.mkdir(parents=True, exist_ok=True)
+            self._cluster = ipp.Cluster(
+                n=self.config.engines,
+                profile_dir=str(self.config.profile_dir),
+                cluster_id=CLUSTER_ID,
+                controller_ip="127.0.0.1",
+                controller_args=[
+                    f"--HeartMonitor.period={self.config.heartbeat_ms}",
+                    "--IPController.log_level=40",
+                ],
+                engine_args=["--IPEngine.log_level=40"],
+                delay=0,
+                shutdown_atexit=True,
+                log_level=logging.WARNING,
+            )
+            await self._cluster.start_controller()
+            await self._cluster.start_engines(self.config.engines)
+            self._client = await self._cluster.connect_client()
+        else:
+            path = self.config.attach_cluster_file
+            with open(path) as f:
+                info = json.load(f)
+            if "cluster" in info:  # a cluster file written by ipyparallel.Cluster
+                self._cluster = ipp.Cluster.from_file(path)
+                self._client = await self._cluster.connect_client()
+            else:  # a client connection file
+                self._client = ipp.Client(path)
+        self._client._registration_callbacks.append(self._on_registration_io_thread)
+        await self._start_iopub_watcher()
+        # Engines that registered before our callback was installed.
+        for eid in self._client.ids:
+            self._note_registered(int(eid))
+
+    async def stop(self) -> None:
+        """Close the client and (embedded) stop every cluster process."""
+        self._closing = True
+        if self._iopub_task is not None:
+            self._iopub_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._iopub_task
+        if self._iopub_socket is not None:
+            self._iopub_socket.close(linger=0)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+        if self.embedded and self._cluster is not None:
+            try:
+                await asyncio.wait_for(self._cluster.stop_cluster(), timeout=8)
+            except Exception:
+                log.warning("stop_cluster did not finish cleanly; killing what is left")
+            self._kill_cluster_pids()
+            with contextlib.suppress(Exception):
+                self._cluster.remove_cluster_file()
+
+    # ------------------------------------------------------------------ engines
+    async def setup_engine(self, engine_id: int, config: dict[str, Any]) -> dict[str, Any]:
+        """Install the tether runtime on one engine; returns its description."""
+        view = self._view(engine_id)
+        last: BaseException | None = None
+        # A just-registered engine may not be connected to the mux yet (ipyparallel
+        # issue 476): an early apply can be dropped, so retry with a short deadline.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.engine_setup_timeout
+        while loop.time() < deadline:
+            ar = view.apply_async(engine_runtime.setup_engine, config)
+            try:
+                result = await asyncio.wait_for(asyncio.wrap_future(ar), timeout=5.0)
+                return dict(result)
+            except TimeoutError as exc:
+                last = exc
+            except ipp_error.RemoteError as exc:
+                if exc.ename == "EngineError":
+                    raise EngineDied(str(exc)) from exc
+                raise
+        raise TimeoutError(f"engine {engine_id} did not finish setup: {last}")
+
+    def run_task(self, engine_id: int, spec: dict[str, Any]) -> asyncio.Future[Any]:
+        """Send one task to one engine; the future resolves to the runtime's outcome dict."""
+        ar = self._view(engine_id).apply_async(engine_runtime.run_task, spec)
+        return asyncio.wrap_future(ar)
+
+    async def signal(self, engine_id: int, sig: str) -> None:
+        """Deliver ``sig`` through the engine's nanny; returns on the nanny's ack."""
+        fut = self._client.send_signal(getattr(signal, sig), targets=[engine_id], block=False)
+        await asyncio.wrap_future(fut)
+
+    async def start_engines(self, n: int) -> None:
+        """Embedded mode: add ``n`` engines (there is no restart in ipyparallel)."""
+        if not self.embedded or self._cluster is None:
+            raise RuntimeError("cannot start engines in attached mode")
+        await self._cluster.start_engines(n)
+
+    def engine_ids(self) -> list[int]:
+        return [int(e) for e in self._client.ids] if self._client is not None else []
+
+    def _view(self, engine_id: int) -> Any:
+        view = self._views.get(engine_id)
+        if view is None:
+            view = self._views[engine_id] = self._client[engine_id]
+        return view
+
+    @staticmethod
+    def unwrap_error(exc: BaseException) -> BaseException:
+        """Turn ipyparallel's EngineError (a RemoteError by name) into EngineDied."""
+        if isinstance(exc, ipp_error.RemoteError) and exc.ename == "EngineError":
+            return EngineDied(str(exc))
+        return exc
+
+    # ------------------------------------------------------------------ notifications
+    def _on_registration_io_thread(self, event: dict[str, Any]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        eid = int(event["id"])
+        if event.get("event") == "register":
+            loop.call_soon_threadsafe(self._note_registered, eid)
+        else:
+            loop.call_soon_threadsafe(self._note_unregistered, eid)
+
+    def _note_registered(self, eid: int) -> None:
+        if eid in self._state.known_ids or self._closing:
+            return
+        self._state.known_ids.add(eid)
+        self.callbacks.engine_registered(eid)
+
+    def _note_unregistered(self, eid: int) -> None:
+        if eid not in self._state.known_ids:
+            return
+        self._state.known_ids.discard(eid)
+        self._views.pop(eid, None)
+        if not self._closing:
+            self.callbacks.engine_unregistered(eid)
+
+    async def _start_iopub_watcher(self) -> None:
+        cfg = self._client._config
+        session = Session(
+            key=cfg["key"].encode(),
+            signature_scheme=cfg["signature_scheme"],
+            packer=cfg["pack"],
+            unpacker=cfg["unpack"],
+        )
+        self._zmq_context = zmq.asyncio.Context.instance()
+        sock = self._zmq_context.socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(cfg["iopub"])
+        self._iopub_socket = sock
+        self._iopub_task = asyncio.ensure_future(self._iopub_loop(session, sock))
+
+    async def _iopub_loop(self, session: Session, sock: Any) -> None:
+        from ipyparallel.serialize import deserialize_object
+
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                _idents, msg_frames = session.feed_identities(frames, copy=False)
+                msg = session.deserialize(msg_frames, content=True, copy=False)
+                if msg["header"]["msg_type"] != "data_message":
+                    continue
+                data, _ = deserialize_object(msg["buffers"])
+                item = data.get("tether") if isinstance(data, dict) else None
+                if not item:
+                    continue
+                kind, task_id, attempt, payload = item
+                self.callbacks.task_message(str(task_id), int(attempt), str(kind), payload)
+            except Exception:  # one bad message must never stop the watcher
+                log.exception("could not decode an IOPub message")
+
+    # ------------------------------------------------------------------ process hygiene
+    def _cluster_file(self) -> Path:
+        return self.config.profile_dir / "security" / f"cluster-{CLUSTER_ID}.json"
+
+    def _cleanup_stale_cluster(self) -> None:
+        """Kill what a previous, killed server left behind in this data dir."""
+        path = self._cluster_file()
+        if not path.exists():
+            return
+        log.warning("found a cluster left by a previous run (%s); stopping it", path)
+        for pid in _pids_in_cluster_file(path):
+            _kill_tree(pid)
+        for stale in glob.glob(str(self.config.profile_dir / "security" / f"*{CLUSTER_ID}*")):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+
+    def _kill_cluster_pids(self) -> None:
+        path = self._cluster_file()
+        if path.exists():
+            for pid in _pids_in_cluster_file(path):
+                _kill_tree(pid)
+
+
+def _pids_in_cluster_file(path: Path) -> list[int]:
+    """Pids of the controller and engine launchers recorded in an ipyparallel cluster file."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    pids: list[int] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("pid", "process_id") and isinstance(value, int) and value > 0:
+                    pids.append(value)
+                elif key == "pids" and isinstance(value, list):
+                    pids.extend(v for v in value if isinstance(v, int) and v > 0)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(info)
+    return pids
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (nannies, engines) if they still exist."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.Error, ValueError):
+        return
+    if "ipyparallel" not in cmdline and "ipengine" not in cmdline and "ipcontroller" not in cmdline:
+        return  # the pid was reused by an unrelated process
+    with contextlib.suppress(psutil.Error):
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        proc.kill()

@@ -1,0 +1,61 @@
+"""Server configuration: plain dataclasses filled from the command line (app.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .core.model import GracePeriods
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits enforced on requests; every refusal is INVALID_ARGUMENT with a field violation."""
+
+    max_args_bytes: int = 64 * 1024
+    max_output_chars: int = 1_000_000
+    max_grace_seconds: float = 300.0
+    max_timeout_seconds: float = 7 * 86400.0
+    max_page_size: int = 1000
+    default_page_size: int = 100
+    max_labels: int = 64
+    max_label_key_chars: int = 63
+    max_label_value_chars: int = 256
+    max_request_id_chars: int = 128
+    max_reason_chars: int = 1024
+    max_subscribers: int = 10_000
+    subscriber_queue: int = 1024
+    """Events a subscriber may have waiting before it is cut off as lagging."""
+
+
+@dataclass(frozen=True, slots=True)
+class LlmTimeoutPolicy:
+    """Timeout of an ``llm.generate`` task when the request gives none."""
+
+    base_seconds: float = 30.0
+    per_token_seconds: float = 0.5
+    per_prompt_char_seconds: float = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    engines: int = max(2, os.cpu_count() or 2)
+    data_dir: Path = Path(".tether-data")
+    task_modules: tuple[str, ...] = ()
+    engine_tags: tuple[str, ...] = ()
+    attach: str = ""
+    """Attached mode: an ipyparallel cluster file or client connection file."""
+    grace: GracePeriods = field(default_factory=GracePeriods)
+    default_timeout_seconds: float | None = None
+    llm_timeout: LlmTimeoutPolicy = field(default_factory=LlmTimeoutPolicy)
+    memory_limit_bytes: int = 0
+    """Resource policy: interrupt a task whose engine's RSS exceeds this (0: off)."""
+    rss_tolerance_bytes: int = 64 * 1024 * 1024
+    gpu_tolerance_bytes: int = 64 * 1024 * 1024
+    checkpoint_interval_seconds: float = 5.0
+    retain_events: int = 50_000
+    retain_seconds: float = 7 * 86400.0
+    heartbeat_ms: int = 500
+    limits: Limits = field(default_factory=Limits)

@@ -1,0 +1,556 @@
+"""The control core: tether's task and engine state machine, sans I/O.
+
+``ControlCore.handle(event)`` takes one event (``core.messages``), updates the
+task and engine tables, and returns the instructions the controller must carry
+out, in order. It never does I/O and never reads a clock (every event carries
+``now``), so every line of the interrupt contract is tested here without a
+socket, an engine or a sleep.
+
+Task transitions (anything not listed leaves the state alone; a terminal state
+never changes, see ``records.LEGAL_TRANSITIONS``)::
+
+    from          event                                      to
+    ------------  -----------------------------------------  ---------------------------------
+    (new)         TaskSubmitted                              PENDING (queued)
+    PENDING       an IDLE engine with the tags, no signal    RUNNING (attempt += 1, Dispatch)
+                  in flight, not shutting down
+    PENDING       InterruptRequested                         CANCELLED  (final_stage DEQUEUED)
+    PENDING       TimerFired(QUEUE_TIMEOUT)                  FAILED     (QUEUE_TIMEOUT)
+    RUNNING       InterruptRequested / TimerFired(TIMEOUT) / INTERRUPTING (SIGINT now if armed,
+                  ResourceLimitExceeded / ShutdownRequested  else when TaskStarted arms it)
+    RUNNING       TaskFinished SUCCEEDED                     SUCCEEDED
+    RUNNING       TaskFinished FAILED or INTERRUPTED         FAILED     (TASK_RAISED: nobody asked)
+    RUNNING       EngineLost                                 FAILED     (ENGINE_LOST)
+    INTERRUPTING  TimerFired(ESCALATE, SIGINT)               INTERRUPTING, stage SIGTERM
+    INTERRUPTING  TimerFired(ESCALATE, SIGTERM)              INTERRUPTING, stage SIGKILL (KillEngine)
+    INTERRUPTING  TimerFired(ESCALATE, SIGKILL)              as EngineLost (death never confirmed)
+    INTERRUPTING  TaskFinished SUCCEEDED / FAILED            SUCCEEDED / FAILED (the truth wins)
+    INTERRUPTING  TaskFinished INTERRUPTED                   INTERRUPTED or TIMED_OUT by cause
+    INTERRUPTING  EngineLost                                 INTERRUPTED or TIMED_OUT, final SIGKILL
+    RUNNING, INTERRUPTING  restore() after a restart         FAILED     (CONTROLLER_RESTARTED)
+
+Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
+TaskFinished) -> STOPPING (KillEngine: escalation or recycling) -> LOST
+(EngineLost). Two rules keep signals on target: an engine is only signalled
+while the runtime has *armed* its guard for exactly that (task, attempt), and
+no task is dispatched to an engine while a signal to it is in flight, so a late
+SIGINT can never land in the next task.
+
+Every change to a task bumps its revision and yields one ``Publish`` carrying a
+snapshot (a copy), which is what the event log and the subscribers see.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import assert_never
+
+from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
+from .escalation import SIGNALLED_STAGES, deadline_stage, interrupted_ending
+from .messages import (
+    CancelTimers,
+    Dispatch,
+    EngineLost,
+    EngineReady,
+    EngineRegistered,
+    Event,
+    EventKind,
+    Instruction,
+    InterruptRequested,
+    Outcome,
+    OutcomeStatus,
+    Publish,
+    ResourceLimitExceeded,
+    ShutdownRequested,
+    SignalDelivered,
+    StartTimer,
+    TaskCheckpointed,
+    TaskFinished,
+    TaskOutput,
+    TaskProgressed,
+    TaskStarted,
+    TaskSubmitted,
+    TimerFired,
+    TimerKey,
+    TimerKind,
+)
+from .model import (
+    Engine,
+    EngineState,
+    ErrorReason,
+    EscalationStage,
+    GracePeriods,
+    InterruptCause,
+    InterruptRecord,
+    Task,
+    TaskError,
+    TaskState,
+)
+from .pool import EnginePool
+from .records import bounded, move, resource_report, seconds, snapshot
+from .scheduling import PendingQueue, plan_dispatch
+
+ALREADY_ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT})
+"""States in which an interrupt is refused (TASK_ALREADY_TERMINAL). INTERRUPTED and
+CANCELLED answer an interrupt idempotently instead: that is what was asked for."""
+
+SYSTEM = "system"
+"""``requested_by`` of interrupts the controller starts itself (timeout, limits, shutdown)."""
+
+
+class ControlCore:
+    """Tasks, engines and the pending queue of one controller, driven by events.
+
+    The tables are public for reading (``tasks``, ``engines``); only ``handle``
+    and ``restore`` change them. ``handle`` raises a domain error (TaskNotFound,
+    TaskAlreadyTerminal, ShuttingDown) *before* changing anything, so a refused
+    request leaves no trace.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_engines: int,
+        replace_lost_engines: bool,
+        default_grace: GracePeriods,
+        first_revision: int = 1,
+        max_output_chars: int = 1_000_000,
+    ) -> None:
+        if first_revision < 1:
+            raise ValueError("first_revision must be at least 1")
+        if max_output_chars < 0:
+            raise ValueError("max_output_chars must not be negative")
+        self.default_grace = default_grace
+        """Server-wide grace periods. Tasks carry their own (``Task.grace``, filled in
+        by the controller at submit), so the core keeps this only to report it."""
+        self.max_output_chars = max_output_chars
+        self.tasks: dict[str, Task] = {}
+        self._pool = EnginePool(
+            target_engines=target_engines, replace_lost_engines=replace_lost_engines
+        )
+        self._queue = PendingQueue()
+        self._next_revision = first_revision
+        self._shutting_down = False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def engines(self) -> dict[int, Engine]:
+        """Every engine ever seen, by id (LOST ones included)."""
+        return self._pool.engines
+
+    @property
+    def next_revision(self) -> int:
+        """The revision the next Publish will carry (one above the latest)."""
+        return self._next_revision
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running_count(self) -> int:
+        """Tasks on an engine now (RUNNING or INTERRUPTING)."""
+        return self._pool.running_count
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    @property
+    def requested_engine_starts(self) -> int:
+        """StartEngine instructions whose engine has not registered yet."""
+        return self._pool.requested_starts
+
+    def queued_task_ids(self) -> list[str]:
+        """Pending task ids in the order they will be dispatched (tags permitting)."""
+        return list(self._queue)
+
+    # ------------------------------------------------------------------ entry points
+    def handle(self, event: Event) -> list[Instruction]:
+        """Apply one event; return what the controller must now do, in order."""
+        out: list[Instruction] = []
+        match event:
+            case TaskSubmitted():
+                self._on_submitted(event, out)
+            case InterruptRequested():
+                self._on_interrupt_requested(event, out)
+            case EngineRegistered():
+                self._pool.register(event.engine_id, event.now)
+            case EngineReady():
+                self._on_engine_ready(event, out)
+            case EngineLost():
+                engine = self.engines.get(event.engine_id)
+                if engine is not None:
+                    self._lose(engine, event.now, out)
+            case TaskStarted():
+                self._on_started(event, out)
+            case TaskProgressed():
+                self._on_progressed(event, out)
+            case TaskOutput():
+                self._on_output(event, out)
+            case TaskCheckpointed():
+                self._on_checkpointed(event, out)
+            case TaskFinished():
+                self._on_finished(event, out)
+            case SignalDelivered():
+                if self._pool.acknowledge_signal(event.engine_id, event.now):
+                    self._dispatch(event.now, out)
+            case TimerFired():
+                self._on_timer(event.key, event.now, out)
+            case ResourceLimitExceeded():
+                self._on_resource_limit(event, out)
+            case ShutdownRequested():
+                self._on_shutdown(event.now, out)
+            case _:
+                assert_never(event)
+        return out
+
+    def restore(self, tasks: Iterable[Task], now: float) -> list[Instruction]:
+        """Load the task table of a restarted controller; call once, on a fresh core.
+
+        PENDING tasks are queued again in their old order, their queue timeout
+        counting from ``create_time``. RUNNING and INTERRUPTING tasks died with
+        the old cluster: they end FAILED (CONTROLLER_RESTARTED). Terminal tasks
+        are kept as they are. Revisions continue above the highest restored one.
+        """
+        if self.tasks:
+            raise ValueError("restore() must be the first call on a fresh core")
+        restored = sorted(tasks, key=lambda task: (task.seq, task.id))
+        if len({task.id for task in restored}) != len(restored):
+            raise ValueError("restore() got the same task id twice")
+        highest = max((task.revision for task in restored), default=0)
+        self._next_revision = max(self._next_revision, highest + 1)
+        out: list[Instruction] = []
+        for task in restored:
+            self.tasks[task.id] = task
+            if task.state is TaskState.PENDING:
+                self._queue.push(task)
+                if task.queue_timeout is not None:
+                    remaining = task.create_time + task.queue_timeout - now
+                    out.append(_queue_timer(task, max(0.0, remaining)))
+            elif task.state.active:
+                message = "the controller restarted while the task ran"
+                error = TaskError(ErrorReason.CONTROLLER_RESTARTED, message=message)
+                self._finish(task, TaskState.FAILED, error, now, out)
+        self._dispatch(now, out)
+        return out
+
+    # ------------------------------------------------------------------ requests
+    def _on_submitted(self, event: TaskSubmitted, out: list[Instruction]) -> None:
+        task = event.task
+        if self._shutting_down:
+            raise ShuttingDown("the server is shutting down and accepts no new tasks")
+        if task.id in self.tasks:
+            raise ValueError(f"task {task.id!r} was already submitted")
+        if task.state is not TaskState.PENDING:
+            raise ValueError(f"a submitted task must be PENDING, not {task.state.name}")
+        self.tasks[task.id] = task
+        self._queue.push(task)
+        out.append(self._publish(task, EventKind.STATE_CHANGED, event.now))
+        if task.queue_timeout is not None:
+            out.append(_queue_timer(task, task.queue_timeout))
+        self._dispatch(event.now, out)
+
+    def _on_interrupt_requested(self, event: InterruptRequested, out: list[Instruction]) -> None:
+        task = self.tasks.get(event.task_id)
+        if task is None:
+            name = f"tasks/{event.task_id}"
+            raise TaskNotFound(f"task {name} does not exist", metadata={"taskName": name})
+        if task.state in ALREADY_ENDED:
+            raise TaskAlreadyTerminal(
+                f"task {task.name} already ended {task.state.name}; there is nothing to interrupt",
+                metadata={"taskName": task.name, "state": f"TASK_STATE_{task.state.name}"},
+            )
+        grace = event.grace or task.grace
+        if task.state is TaskState.PENDING:
+            self._queue.remove(task.id)
+            task.interrupt = InterruptRecord(
+                event.requested_by,
+                event.reason,
+                event.now,
+                event.cause,
+                grace,
+                final_stage=EscalationStage.DEQUEUED,
+            )
+            message = f"cancelled before it started by {event.requested_by}: {event.reason}"
+            error = TaskError(ErrorReason.CANCELLED, message=message)
+            self._finish(task, TaskState.CANCELLED, error, event.now, out)
+        elif task.state is TaskState.RUNNING:
+            self._begin_interrupt(
+                task, event.requested_by, event.reason, event.cause, grace, event.now, out
+            )
+        # INTERRUPTING, INTERRUPTED, CANCELLED: already what was asked for.
+
+    def _begin_interrupt(
+        self,
+        task: Task,
+        requested_by: str,
+        reason: str,
+        cause: InterruptCause,
+        grace: GracePeriods,
+        now: float,
+        out: list[Instruction],
+    ) -> None:
+        """RUNNING -> INTERRUPTING; SIGINT now if the task is armed, else on arming.
+
+        The SIGINT deadline starts either way: a task that never gets armed (stuck
+        in unpickling, an engine that hangs) must still be escalated.
+        """
+        engine = self._pool.engine_of(task)
+        task.interrupt = InterruptRecord(requested_by, reason, now, cause, grace)
+        move(task, TaskState.INTERRUPTING)
+        if engine.armed:
+            task.interrupt.stage = EscalationStage.SIGINT
+        out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+        if engine.armed:
+            out.append(self._pool.signal(engine, task, EscalationStage.SIGINT))
+        out.append(_escalation_timer(task, EscalationStage.SIGINT, grace.sigint))
+
+    def _on_shutdown(self, now: float, out: list[Instruction]) -> None:
+        """Stop dispatching and interrupt what runs. PENDING tasks stay PENDING: they are
+        kept in the store and run after a restart."""
+        self._shutting_down = True
+        for engine in list(self.engines.values()):
+            task = self.tasks.get(engine.current_task) if engine.current_task else None
+            if task is not None and task.state is TaskState.RUNNING:
+                reason = "the server is shutting down"
+                cause = InterruptCause.SHUTDOWN
+                self._begin_interrupt(task, SYSTEM, reason, cause, task.grace, now, out)
+
+    def _on_resource_limit(self, event: ResourceLimitExceeded, out: list[Instruction]) -> None:
+        current = self._current(event.task_id, event.attempt)
+        if current is None or current[1].id != event.engine_id:
+            return
+        task = current[0]
+        if task.state is TaskState.RUNNING:
+            cause = InterruptCause.RESOURCE_LIMIT
+            self._begin_interrupt(task, SYSTEM, event.detail, cause, task.grace, event.now, out)
+
+    # ------------------------------------------------------------------ engine reports
+    def _on_engine_ready(self, event: EngineReady, out: list[Instruction]) -> None:
+        engine = self._pool.register(event.engine_id, event.now)
+        if engine.state is not EngineState.STARTING:
+            return
+        engine.state = EngineState.IDLE
+        engine.host, engine.pid, engine.tags = event.host, event.pid, event.tags
+        engine.last_seen = event.now
+        self._dispatch(event.now, out)
+
+    def _on_started(self, event: TaskStarted, out: list[Instruction]) -> None:
+        current = self._current(event.task_id, event.attempt)
+        if current is None or current[1].armed:
+            return
+        task, engine = current
+        engine.armed = True
+        record = task.interrupt
+        if task.state is not TaskState.INTERRUPTING or record is None:
+            return
+        if record.stage is EscalationStage.NONE:
+            # The interrupt came before the guard was armed: deliver it now.
+            record.stage = EscalationStage.SIGINT
+            out.append(self._publish(task, EventKind.UPDATED, event.now))
+            out.append(self._pool.signal(engine, task, EscalationStage.SIGINT))
+        elif record.stage is EscalationStage.SIGTERM:
+            # The SIGINT deadline passed before arming, so SIGTERM was never sent.
+            out.append(self._pool.signal(engine, task, EscalationStage.SIGTERM))
+
+    def _on_progressed(self, event: TaskProgressed, out: list[Instruction]) -> None:
+        current = self._current(event.task_id, event.attempt)
+        if current is None:
+            return
+        task = current[0]
+        if math.isfinite(event.fraction):
+            task.progress_fraction = min(1.0, max(0.0, event.fraction))
+        task.progress_message = event.message
+        out.append(self._publish(task, EventKind.PROGRESS, event.now))
+
+    def _on_output(self, event: TaskOutput, out: list[Instruction]) -> None:
+        current = self._current(event.task_id, event.attempt)
+        if current is None or not event.chunk or current[0].output_truncated:
+            return  # once cut, further output is dropped without an event
+        task = current[0]
+        kept = event.chunk[: max(0, self.max_output_chars - len(task.output))]
+        task.output += kept
+        task.output_truncated = len(kept) < len(event.chunk)
+        out.append(self._publish(task, EventKind.OUTPUT, event.now, chunk=kept))
+
+    def _on_checkpointed(self, event: TaskCheckpointed, out: list[Instruction]) -> None:
+        current = self._current(event.task_id, event.attempt)
+        if current is None:
+            return
+        task = current[0]
+        task.has_checkpoint = True
+        out.append(self._publish(task, EventKind.UPDATED, event.now))
+
+    def _on_finished(self, event: TaskFinished, out: list[Instruction]) -> None:
+        engine = self._pool.running(event.task_id, event.attempt)
+        if engine is None:
+            return  # stale: that attempt already ended (e.g. its engine was lost)
+        task = self.tasks[event.task_id]
+        outcome = event.outcome
+        recycle = False
+        if task.state.active and task.attempt == event.attempt:
+            state, error = self._ending(task, outcome)
+            if outcome.output is not None:
+                task.output, cut = bounded(outcome.output, self.max_output_chars)
+                task.output_truncated = outcome.output_truncated or cut
+            if outcome.resources is not None:
+                task.resources = resource_report(outcome.resources)
+                recycle = not task.resources.reclaimed and engine.state is EngineState.BUSY
+                task.resources.engine_recycled = recycle
+            if state is TaskState.SUCCEEDED:
+                task.result = outcome.value
+            self._finish(task, state, error, event.now, out)
+        self._pool.release(engine)
+        if recycle:
+            out.append(self._pool.kill(engine, "resources not reclaimed"))
+        self._dispatch(event.now, out)
+
+    def _ending(self, task: Task, outcome: Outcome) -> tuple[TaskState, TaskError | None]:
+        """The terminal state an outcome gives an active task: the engine's truth wins
+        over a pending interrupt, whose record stays to say it was asked for."""
+        if outcome.status is OutcomeStatus.SUCCEEDED:
+            return TaskState.SUCCEEDED, None
+        record = task.interrupt
+        if (
+            outcome.status is OutcomeStatus.INTERRUPTED
+            and task.state is TaskState.INTERRUPTING
+            and record is not None
+        ):
+            stage = outcome.stage if outcome.stage in SIGNALLED_STAGES else record.stage
+            record.final_stage = stage
+            return interrupted_ending(
+                record,
+                final_stage=stage,
+                error_type=outcome.error_type,
+                traceback=outcome.traceback,
+            )
+        # FAILED, or a KeyboardInterrupt nobody asked for: the task raised.
+        error = TaskError(
+            ErrorReason.TASK_RAISED,
+            message=outcome.error_message,
+            type=outcome.error_type,
+            traceback=outcome.traceback,
+        )
+        return TaskState.FAILED, error
+
+    def _lose(self, engine: Engine, now: float, out: list[Instruction]) -> None:
+        """The engine is gone: end its task and ask for a replacement. Idempotent."""
+        if engine.state is EngineState.LOST:
+            return
+        task = self.tasks.get(engine.current_task) if engine.current_task else None
+        if task is not None and task.state.active and task.attempt == engine.current_attempt:
+            record = task.interrupt
+            if task.state is TaskState.INTERRUPTING and record is not None:
+                # Asked to stop, and it stopped: with its engine, the hardest way.
+                record.final_stage = EscalationStage.SIGKILL
+                state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
+            else:
+                message = f"engine {engine.id} was lost while the task ran"
+                state, error = TaskState.FAILED, TaskError(ErrorReason.ENGINE_LOST, message=message)
+            self._finish(task, state, error, now, out)
+        replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
+        if replacement is not None:
+            out.append(replacement)
+
+    # ------------------------------------------------------------------ timers
+    def _on_timer(self, key: TimerKey, now: float, out: list[Instruction]) -> None:
+        if key.kind is TimerKind.QUEUE_TIMEOUT:
+            task = self.tasks.get(key.task_id)
+            if task is None or task.state is not TaskState.PENDING or task.attempt != key.attempt:
+                return
+            self._queue.remove(task.id)
+            message = f"waited more than {seconds(task.queue_timeout)} for an engine"
+            error = TaskError(ErrorReason.QUEUE_TIMEOUT, message=message)
+            self._finish(task, TaskState.FAILED, error, now, out)
+            return
+        current = self._current(key.task_id, key.attempt)
+        if current is None:
+            return
+        task, engine = current
+        if key.kind is TimerKind.TIMEOUT:
+            if task.state is TaskState.RUNNING:
+                reason = f"timeout after {seconds(task.timeout)}"
+                cause = InterruptCause.TIMEOUT
+                self._begin_interrupt(task, SYSTEM, reason, cause, task.grace, now, out)
+            return
+        record = task.interrupt
+        if (
+            task.state is not TaskState.INTERRUPTING
+            or record is None
+            or key.stage is not deadline_stage(record.stage)
+        ):
+            return  # the deadline of a stage already left behind
+        if key.stage is EscalationStage.SIGINT:
+            record.stage = EscalationStage.SIGTERM
+            out.append(self._publish(task, EventKind.UPDATED, now))
+            if engine.armed:  # else TaskStarted sends it
+                out.append(self._pool.signal(engine, task, EscalationStage.SIGTERM))
+            out.append(_escalation_timer(task, EscalationStage.SIGTERM, record.grace.sigterm))
+        elif key.stage is EscalationStage.SIGTERM:
+            record.stage = EscalationStage.SIGKILL
+            reason = f"{task.name} still ran {seconds(record.grace.sigterm)} after SIGTERM"
+            kill = self._pool.kill(engine, reason)
+            out.append(self._publish(task, EventKind.UPDATED, now))
+            out.append(kill)
+            out.append(_escalation_timer(task, EscalationStage.SIGKILL, record.grace.sigkill))
+        elif key.stage is EscalationStage.SIGKILL:
+            self._lose(engine, now, out)  # the engine never confirmed its death
+
+    # ------------------------------------------------------------------ helpers
+    def _dispatch(self, now: float, out: list[Instruction]) -> None:
+        """Put queued tasks on idle engines that have no signal in flight."""
+        if self._shutting_down or not self._queue:
+            return
+        for task, engine in plan_dispatch(self._queue, self.tasks, self._pool.dispatchable()):
+            self._queue.remove(task.id)
+            task.attempt += 1
+            move(task, TaskState.RUNNING)
+            task.engine_id = engine.id
+            task.start_time = now
+            self._pool.assign(engine, task)
+            out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+            out.append(Dispatch(task.id, task.attempt, engine.id))
+            if task.timeout is not None:
+                key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
+                out.append(StartTimer(key, task.timeout))
+
+    def _current(self, task_id: str, attempt: int) -> tuple[Task, Engine] | None:
+        """The active task and its engine, when ``attempt`` is the task's current one."""
+        task = self.tasks.get(task_id)
+        if task is None or task.attempt != attempt or not task.state.active:
+            return None
+        return task, self._pool.engine_of(task)
+
+    def _finish(
+        self,
+        task: Task,
+        state: TaskState,
+        error: TaskError | None,
+        now: float,
+        out: list[Instruction],
+    ) -> None:
+        """Move to a terminal state: the one place that publishes an end and cancels timers."""
+        move(task, state)
+        task.error = error
+        task.end_time = now
+        out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+        out.append(CancelTimers(task.id))
+
+    def _publish(self, task: Task, kind: EventKind, now: float, chunk: str = "") -> Publish:
+        """Stamp the change on the task (revision, update_time) and describe it."""
+        revision = self._next_revision
+        self._next_revision += 1
+        task.revision = revision
+        task.update_time = now
+        keep_output = kind is EventKind.STATE_CHANGED and task.state.terminal
+        return Publish(revision, kind, snapshot(task, keep_output=keep_output), now, chunk)
+
+
+def _queue_timer(task: Task, delay: float) -> StartTimer:
+    return StartTimer(TimerKey(TimerKind.QUEUE_TIMEOUT, task.id, task.attempt), delay)
+
+
+def _escalation_timer(task: Task, stage: EscalationStage, delay: float) -> StartTimer:
+    return StartTimer(TimerKey(TimerKind.ESCALATE, task.id, task.attempt, stage), delay)

@@ -1,0 +1,373 @@
+"""Measuring what a task used, and taking back what a failed task left behind.
+
+Around every task the runtime takes a :class:`Snapshot` (engine RSS, descendant
+processes, CUDA memory when torch already uses CUDA) and compares the one after with
+the one before. An engine that did not get its resources back within the configured
+tolerances is reported as not *reclaimed*, and the controller recycles it.
+
+Why frames matter (notes/gpu.md): an exception's traceback holds every frame of the
+failed task, and with them every local: the KV cache of an interrupted decode loop
+stayed allocated until ``sys.last_*`` and the frames were dropped. :func:`drop_exception`
+does that; :func:`release_memory` then collects and returns cached memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any, Final
+
+import psutil
+
+__all__ = [
+    "ResourceReport",
+    "Snapshot",
+    "drop_exception",
+    "format_exception",
+    "ipython_shell",
+    "kill_new_children",
+    "release_cuda_cache",
+    "release_memory",
+    "take_snapshot",
+]
+
+_MAX_TRACEBACK_CHARS: Final = 64 * 1024
+_MiB: Final = 1024 * 1024
+_PROCESS: psutil.Process | None = None
+
+
+def _process() -> psutil.Process:
+    global _PROCESS
+    if _PROCESS is None or _PROCESS.pid != os.getpid():  # also right after a fork
+        _PROCESS = psutil.Process()
+    return _PROCESS
+
+
+# --------------------------------------------------------------------------- snapshots
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The engine's resources at one moment."""
+
+    rss_bytes: int
+    gpu_allocated_bytes: int
+    gpu_reserved_bytes: int
+    children: frozenset[tuple[int, float]]
+    """Descendant processes as (pid, create time): a reused pid is a different process."""
+
+
+def take_snapshot() -> Snapshot:
+    allocated, reserved = _cuda_memory()
+    return Snapshot(
+        rss_bytes=_process().memory_info().rss,
+        gpu_allocated_bytes=allocated,
+        gpu_reserved_bytes=reserved,
+        children=frozenset(_descendants()),
+    )
+
+
+def _loaded_cuda_torch() -> ModuleType | None:
+    """torch, when the task side already imported it *and* initialised CUDA; never imports."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        return torch if torch.cuda.is_initialized() else None
+    except Exception:
+        return None
+
+
+def _cuda_memory() -> tuple[int, int]:
+    """(allocated, reserved) bytes summed over the visible devices; (0, 0) without CUDA."""
+    torch = _loaded_cuda_torch()
+    if torch is None:
+        return 0, 0
+    allocated = reserved = 0
+    try:
+        for device in range(torch.cuda.device_count()):
+            allocated += int(torch.cuda.memory_allocated(device))
+            reserved += int(torch.cuda.memory_reserved(device))
+    except Exception:
+        return 0, 0
+    return allocated, reserved
+
+
+def _descendants() -> set[tuple[int, float]]:
+    pids = _descendant_pids_from_proc()
+    if pids is None:  # no /proc/<pid>/task/<tid>/children: ask psutil (scans every process)
+        try:
+            pids = [child.pid for child in _process().children(recursive=True)]
+        except psutil.Error:
+            return set()
+    found: set[tuple[int, float]] = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.add((pid, psutil.Process(pid).create_time()))
+    return found
+
+
+def _descendant_pids_from_proc() -> list[int] | None:
+    """Descendants via Linux's per-thread ``children`` files: O(descendants), not O(processes).
+
+    None where the kernel lacks those files (then psutil scans every process instead).
+    """
+    me = os.getpid()
+    if not os.path.exists(f"/proc/{me}/task/{me}/children"):
+        return None
+    found: list[int] = []
+    frontier = [me]
+    while frontier:
+        pid = frontier.pop()
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:  # exited meanwhile
+            continue
+        for tid in threads:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                    words = handle.read().split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            children = [int(word) for word in words]
+            found.extend(children)
+            frontier.extend(children)
+    return found
+
+
+# --------------------------------------------------------------------------- children
+def kill_new_children(before: Snapshot, *, grace: float = 1.0) -> int:
+    """Stop every descendant process that was not there in ``before``; return how many.
+
+    Zombies (already exited, not yet reaped) are reaped but not counted. Live ones get
+    SIGTERM, ``grace`` seconds, then SIGKILL.
+    """
+    alive: list[psutil.Process] = []
+    for pid, created in _descendants() - before.children:
+        try:
+            child = psutil.Process(pid)
+            if child.create_time() != created:
+                continue
+            if child.status() == psutil.STATUS_ZOMBIE:
+                _reap(pid)
+                continue
+            alive.append(child)
+        except psutil.Error:
+            continue
+    if not alive:
+        return 0
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=grace)
+    for child in stubborn:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(stubborn, timeout=grace)
+    for child in alive:
+        _reap(child.pid)
+    return len(alive)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+# --------------------------------------------------------------------------- errors
+def format_exception(exc: BaseException, hidden: frozenset[Any]) -> str:
+    """The traceback text of ``exc`` without the runtime's own frames (code objects in ``hidden``)."""
+    for link in _chain(exc):
+        link.__traceback__ = _strip(link.__traceback__, hidden)
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception as format_error:  # a broken __str__, say
+        text = f"{type(exc).__name__} (traceback unavailable: {format_error!r})\n"
+    if len(text) > _MAX_TRACEBACK_CHARS:
+        half = _MAX_TRACEBACK_CHARS // 2
+        text = text[:half] + "\n... traceback shortened ...\n" + text[-half:]
+    return text
+
+
+def drop_exception(exc: BaseException) -> None:
+    """Let go of every frame ``exc`` keeps alive, and of the interpreter's and kernel's copies.
+
+    Clears the frames of each traceback in the exception chain (their locals go), cuts the
+    chain, and forgets ``sys.last_*`` and IPython's stored traceback, which would otherwise
+    keep an interrupted task's memory (GPU memory included) alive.
+    """
+    for link in _chain(exc):
+        tb = link.__traceback__
+        if tb is not None:
+            traceback.clear_frames(tb)
+        link.__traceback__ = None
+        link.__context__ = None
+        link.__cause__ = None
+    forget_last_exception()
+
+
+def forget_last_exception() -> None:
+    """Drop ``sys.last_*`` and the traceback IPython keeps for ``%debug``."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            with contextlib.suppress(AttributeError):
+                delattr(sys, name)
+    shell = ipython_shell()
+    if shell is None:
+        return
+    for formatter_name in ("InteractiveTB", "SyntaxTB"):
+        formatter = getattr(shell, formatter_name, None)
+        if formatter is not None and getattr(formatter, "tb", None) is not None:
+            with contextlib.suppress(Exception):
+                formatter.tb = None
+    with contextlib.suppress(Exception):
+        if getattr(shell, "_last_traceback", None) is not None:
+            shell._last_traceback = None
+
+
+def ipython_shell() -> Any:
+    """The running IPython shell, found without importing IPython; None outside one."""
+    module = sys.modules.get("IPython.core.interactiveshell")
+    if module is None:
+        return None
+    shell_class = getattr(module, "InteractiveShell", None)
+    try:
+        if shell_class is not None and shell_class.initialized():
+            return shell_class.instance()
+    except Exception:
+        return None
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception reachable through cause, context and groups."""
+    seen: dict[int, BaseException] = {}
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen[id(current)] = current
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        stack.extend(getattr(current, "exceptions", ()) or ())
+    return list(seen.values())
+
+
+def _strip(tb: TracebackType | None, hidden: frozenset[Any]) -> TracebackType | None:
+    """Drop leading and trailing traceback entries whose code is in ``hidden``."""
+    while tb is not None and tb.tb_frame.f_code in hidden:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    last_kept = tb
+    cursor = tb.tb_next
+    while cursor is not None:
+        if cursor.tb_frame.f_code not in hidden:
+            last_kept = cursor
+        cursor = cursor.tb_next
+    last_kept.tb_next = None
+    return tb
+
+
+# --------------------------------------------------------------------------- memory
+def release_memory() -> None:
+    """Collect garbage, give freed heap back to the OS and empty torch's CUDA cache."""
+    gc.collect()
+    _malloc_trim()
+    release_cuda_cache()
+
+
+def release_cuda_cache() -> None:
+    """Hand the blocks torch's caching allocator keeps back to the driver (if CUDA is in use)."""
+    torch = _loaded_cuda_torch()
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+
+
+_LIBC: ctypes.CDLL | None = None
+_LIBC_LOOKED_UP = False
+
+
+def _malloc_trim() -> None:
+    """glibc keeps freed small allocations in its arenas; ``malloc_trim`` hands them back."""
+    global _LIBC, _LIBC_LOOKED_UP
+    if not _LIBC_LOOKED_UP:
+        _LIBC_LOOKED_UP = True
+        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+        if name is not None:
+            with contextlib.suppress(OSError):
+                _LIBC = ctypes.CDLL(name)
+    if _LIBC is not None:
+        with contextlib.suppress(Exception):
+            _LIBC.malloc_trim(0)
+
+
+# --------------------------------------------------------------------------- report
+@dataclass(frozen=True, slots=True)
+class ResourceReport:
+    """Before/after figures for one attempt (the ``resources`` of the outcome)."""
+
+    before: Snapshot
+    after: Snapshot
+    leftover_children: int
+    rss_tolerance_bytes: int
+    gpu_tolerance_bytes: int
+
+    @property
+    def rss_growth(self) -> int:
+        return self.after.rss_bytes - self.before.rss_bytes
+
+    @property
+    def gpu_growth(self) -> int:
+        return self.after.gpu_allocated_bytes - self.before.gpu_allocated_bytes
+
+    @property
+    def memory_reclaimed(self) -> bool:
+        """RSS and CUDA memory grew no more than their tolerances."""
+        return (
+            self.rss_growth <= self.rss_tolerance_bytes
+            and self.gpu_growth <= self.gpu_tolerance_bytes
+        )
+
+    @property
+    def reclaimed(self) -> bool:
+        """Memory came back and no child process was left behind."""
+        return self.memory_reclaimed and self.leftover_children == 0
+
+    def summary(self) -> str:
+        parts = [f"rss {_signed_mib(self.rss_growth)} (tolerance {_mib(self.rss_tolerance_bytes)})"]
+        if self.before.gpu_allocated_bytes or self.after.gpu_allocated_bytes:
+            parts.append(
+                f"gpu allocated {_signed_mib(self.gpu_growth)} "
+                f"(tolerance {_mib(self.gpu_tolerance_bytes)}), "
+                f"reserved {_mib(self.after.gpu_reserved_bytes)}"
+            )
+        parts.append(f"{self.leftover_children} leftover child process(es) killed")
+        verdict = "reclaimed" if self.reclaimed else "NOT reclaimed"
+        return f"{verdict}: " + "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rss_before_bytes": self.before.rss_bytes,
+            "rss_after_bytes": self.after.rss_bytes,
+            "gpu_allocated_before_bytes": self.before.gpu_allocated_bytes,
+            "gpu_allocated_after_bytes": self.after.gpu_allocated_bytes,
+            "gpu_reserved_after_bytes": self.after.gpu_reserved_bytes,
+            "leftover_children": self.leftover_children,
+            "reclaimed": self.reclaimed,
+            "summary": self.summary(),
+        }
+
+
+def _mib(n: int) -> str:
+    return f"{n / _MiB:.1f} MiB"
+
+
+def _signed_mib(n: int) -> str:
+    return f"{n / _MiB:+.1f} MiB"

@@ -1,0 +1,442 @@
+"""The model behind ``llm.generate``: a small decoder-only transformer in plain torch.
+
+Nothing here knows about tasks or contexts; ``tether_server.tasks.llm`` imports this
+module lazily, inside its task functions, so that the controller can import the task
+module (to validate task names) without paying for ``import torch``.
+
+What is here:
+
+- ``ByteTokenizer``: bytes are tokens (ids 0-255) plus a few specials (``BOS_ID``,
+  ``EOS_ID``); ``StreamDecoder`` turns a token stream back into text without ever
+  splitting a multi-byte UTF-8 character across two pieces.
+- ``ModelConfig`` and the named sizes in ``MODEL_CONFIGS``; ``Transformer`` (learned
+  positions, pre-norm blocks of causal multi-head attention and a GELU MLP, final norm,
+  LM head tied to the token embedding) and its ``KVCache``.
+- Weights are *random*, drawn from a generator seeded by ``ModelConfig.weights_seed``
+  directly on the target device, so building even a multi-GiB model takes a moment and
+  needs no download. Operators with real weights for this architecture pass a directory
+  holding ``config.json`` and ``model.pt`` (see ``save_model`` / ``load_model``).
+- ``get_model`` keeps built models in a per-process cache keyed by (model, device), as a
+  serving engine keeps its weights between requests.
+- ``choose_token``: greedy at temperature 0, otherwise sampling from a generator whose
+  seed is derived from (seed, step), so a resumed generation draws exactly what an
+  uninterrupted one would have drawn at the same step.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BYTE_VOCAB = 256
+BOS_ID = 256
+EOS_ID = 257
+# 256 bytes and the specials, padded to a multiple of 8; ids 258-263 are reserved and
+# never sampled.
+VOCAB_SIZE = 264
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens. A prompt is ``[BOS] + bytes``; ``EOS`` ends a generation."""
+
+    @staticmethod
+    def encode(text: str) -> list[int]:
+        """The byte ids of ``text`` (no specials)."""
+        return list(text.encode("utf-8"))
+
+    @staticmethod
+    def decode(ids: list[int]) -> str:
+        """Text of byte ids; specials are skipped and invalid UTF-8 becomes U+FFFD."""
+        return bytes(i for i in ids if i < BYTE_VOCAB).decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces one token at a time.
+
+    A token that ends in the middle of a multi-byte character yields ``""``; the token
+    that completes it yields the whole character. The concatenation of every piece plus
+    ``flush()`` equals ``ByteTokenizer.decode`` of all the ids.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids: list[int]) -> str:
+        """The text completed by these ids (specials are skipped)."""
+        return self._decoder.decode(bytes(i for i in ids if i < BYTE_VOCAB))
+
+    def flush(self) -> str:
+        """What is left at the end: U+FFFD for a trailing incomplete character, else ``""``."""
+        return self._decoder.decode(b"", final=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a model. Saved as ``config.json`` beside a state dict."""
+
+    name: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    vocab_size: int = VOCAB_SIZE
+    weights_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.vocab_size < VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be at least {VOCAB_SIZE}")
+
+    @property
+    def parameter_count(self) -> int:
+        """Number of parameters (the LM head is the token embedding, so it is not counted twice)."""
+        d, f = self.d_model, self.d_ff
+        per_layer = 4 * d * d + 2 * d * f + 2 * d  # qkv + out, MLP in + out, two norms
+        embeddings = (self.vocab_size + self.max_seq_len) * d
+        return embeddings + self.n_layers * per_layer + d + self.vocab_size  # final norm, bias
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise ValueError("model config must be a JSON object")
+        return cls(**fields)
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    # A few ms per token on one CPU core: for tests and demos.
+    "tiny": ModelConfig("tiny", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=2048),
+    # Tens of ms per token on CPU; trivial on a GPU.
+    "small": ModelConfig("small", d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_seq_len=2048),
+    # ~4.9 B parameters, ~9 GiB in bf16: a real load for a GPU engine.
+    "large": ModelConfig(
+        "large", d_model=4096, n_layers=24, n_heads=32, d_ff=16384, max_seq_len=4096
+    ),
+    # ~18 B parameters, ~34 GiB in bf16: fits one H100 with room for KV caches.
+    "xl": ModelConfig("xl", d_model=6144, n_layers=40, n_heads=48, d_ff=24576, max_seq_len=4096),
+}
+
+
+class _Placement(TypedDict):
+    device: torch.device
+    dtype: torch.dtype
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``capacity`` positions."""
+
+    def __init__(
+        self, config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        head_dim = config.d_model // config.n_heads
+        shape = (1, config.n_heads, capacity, head_dim)
+        self.capacity = capacity
+        self.length = 0
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (
+                torch.empty(shape, device=device, dtype=dtype),
+                torch.empty(shape, device=device, dtype=dtype),
+            )
+            for _ in range(config.n_layers)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def release(self) -> None:
+        """Drop the tensors now rather than when the last reference to the cache goes."""
+        self.layers.clear()
+        self.length = 0
+        self.capacity = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, place: _Placement) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        d_model = config.d_model
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False, **place)
+        self.out = nn.Linear(d_model, d_model, bias=False, **place)
+
+    def forward(
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, start: int
+    ) -> torch.Tensor:
+        batch, length, d_model = x.shape
+        head_dim = d_model // self.n_heads
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            cache_k, cache_v = past
+            cache_k[:, :, start : start + length] = k
+            cache_v[:, :, start : start + length] = v
+            k = cache_k[:, :, : start + length]
+            v = cache_v[:, :, : start + length]
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
+        elif length == 1:  # one new token attends to everything before it
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # a chunk after a cached prefix: causal within the chunk
+            mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.tril(diagonal=start))
+        return self.out(y.transpose(1, 2).reshape(batch, length, d_model))  # type: ignore[no-any-return]
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, place: _Placement) -> None:
+        super().__init__()
+        d_model, d_ff = config.d_model, config.d_ff
+        self.attn_norm = nn.RMSNorm(d_model, **place)
+        self.attn = CausalSelfAttention(config, place)
+        self.mlp_norm = nn.RMSNorm(d_model, **place)
+        self.mlp_in = nn.Linear(d_model, d_ff, bias=False, **place)
+        self.mlp_out = nn.Linear(d_ff, d_model, bias=False, **place)
+
+    def forward(
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, start: int
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), past, start)
+        return x + self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x))))  # type: ignore[no-any-return]
+
+
+def _embedding(count: int, dim: int, place: _Placement) -> nn.Embedding:
+    # Skips nn.Embedding's own init: _init_weights or a state dict fills the weight.
+    return nn.Embedding(count, dim, _weight=torch.empty(count, dim, **place))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer over ``ModelConfig``; the LM head is the token embedding.
+
+    Parameters are created directly on ``device`` in ``dtype``; ``_init_weights`` or a
+    state dict then fills them. (Not on "meta" then ``to_empty``: the first meta op in
+    a process imports torch's meta registrations, ~0.6 s, more than torch's own init.)
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        place: _Placement = {"device": device, "dtype": dtype}
+        self.config = config
+        self.tok_emb = _embedding(config.vocab_size, config.d_model, place)
+        self.pos_emb = _embedding(config.max_seq_len, config.d_model, place)
+        self.blocks = nn.ModuleList(Block(config, place) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, **place)
+        # A per-token logit bias. Random weights give it a prior favouring printable
+        # ASCII (see _init_weights), so a random model streams readable gibberish.
+        self.head_bias = nn.Parameter(torch.zeros(config.vocab_size, **place))
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Float32 logits ``[batch, len, vocab]`` of ``ids`` ``[batch, len]``.
+
+        With a cache, ``ids`` continue the cached positions and the cache grows by
+        ``len``; without one, ``ids`` start at position 0.
+        """
+        start = 0 if cache is None else cache.length
+        length = ids.shape[1]
+        if cache is not None and start + length > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions, needs {start + length}")
+        positions = torch.arange(start, start + length, device=ids.device)
+        x = self.tok_emb(ids) + self.pos_emb(positions)
+        for index, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[index], start)
+        if cache is not None:
+            cache.length += length
+        # Logits in float32: sampling and argmax should not depend on bf16 rounding.
+        return F.linear(self.norm(x).float(), self.tok_emb.weight.float(), self.head_bias.float())
+
+
+@dataclass
+class LanguageModel:
+    """A built model on its device, with the helpers a decode loop needs."""
+
+    config: ModelConfig
+    module: Transformer
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.tok_emb.weight.dtype
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.config, capacity, self.device, self.dtype)
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], cache: KVCache) -> torch.Tensor:
+        """Feed ``ids`` into ``cache`` at once; the logits ``[vocab]`` after the last one."""
+        logits: torch.Tensor = self.module(self._ids(ids), cache)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, token: int, cache: KVCache) -> torch.Tensor:
+        """Feed one token into ``cache``; the logits ``[vocab]`` for the next position."""
+        logits: torch.Tensor = self.module(self._ids([token]), cache)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def full_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits ``[len, vocab]`` of a full forward without a cache (the reference)."""
+        logits: torch.Tensor = self.module(self._ids(ids))
+        return logits[0]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but this engine has no CUDA device")
+    return resolved
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    # bf16 on GPUs (fp16 could overflow the residual stream of random weights); fp32 on
+    # CPU, where bf16 matmuls are slow.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _init_weights(module: Transformer, seed: int) -> None:
+    """Seeded random weights, drawn on the module's device.
+
+    Linear layers are variance-preserving (std 1/sqrt(fan_in)); embeddings have std
+    1/sqrt(d_model) so tied logits have a std near 1, which keeps a random model's
+    output varied instead of peaked on one byte.
+    """
+    device = module.tok_emb.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    d_model = module.config.d_model
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name == "head_bias":
+                parameter.copy_(_text_prior(parameter.shape[0]))
+            elif name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            elif name.endswith("_emb.weight"):
+                parameter.normal_(0.0, d_model**-0.5, generator=generator)
+            else:
+                parameter.normal_(0.0, parameter.shape[1] ** -0.5, generator=generator)
+
+
+def _text_prior(vocab_size: int) -> torch.Tensor:
+    """Logit bias of a random model: letters and spaces first, then other printable ASCII."""
+    prior = torch.zeros(vocab_size)
+    for byte in range(BYTE_VOCAB):
+        char = chr(byte)
+        if char.isascii() and (char.isalpha() or char == " "):
+            prior[byte] = 3.0
+        elif char.isascii() and (char.isprintable() or char == "\n"):
+            prior[byte] = 1.5
+    prior[EOS_ID] = -1.0
+    return prior
+
+
+def build_model(config: ModelConfig, device: torch.device) -> LanguageModel:
+    """A model with seeded random weights, created directly on ``device``."""
+    module = Transformer(config, device, _dtype_for(device))
+    _init_weights(module, config.weights_seed)
+    module.eval().requires_grad_(False)
+    return LanguageModel(config, module, device)
+
+
+def save_model(model: LanguageModel, directory: Path) -> None:
+    """Write ``config.json`` and ``model.pt`` (a state dict) for ``load_model``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(model.config.to_json())
+    torch.save(model.module.state_dict(), directory / WEIGHTS_FILE)
+
+
+def load_model(path: Path, device: torch.device) -> LanguageModel:
+    """Load weights saved from this architecture.
+
+    ``path`` is a directory holding ``config.json`` and ``model.pt``, or the state-dict
+    file itself with ``config.json`` beside it.
+    """
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    config_file = weights.parent / CONFIG_FILE
+    if not weights.is_file() or not config_file.is_file():
+        raise ValueError(f"model_path {str(path)!r} needs {WEIGHTS_FILE} and {CONFIG_FILE}")
+    config = ModelConfig.from_json(config_file.read_text())
+    module = Transformer(config, device, _dtype_for(device))
+    state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    module.load_state_dict(state, strict=True)  # copies, casting to this device's dtype
+    module.eval().requires_grad_(False)
+    return LanguageModel(config, module, device)
+
+
+_MODELS: dict[tuple[str, str], LanguageModel] = {}
+
+
+def get_model(name: str, model_path: str, device: torch.device) -> LanguageModel:
+    """The cached model for (name or path, device), built or loaded on first use."""
+    if model_path:
+        key = ("path:" + str(Path(model_path).resolve()), str(device))
+    elif name in MODEL_CONFIGS:
+        key = (name, str(device))
+    else:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_CONFIGS)}")
+    model = _MODELS.get(key)
+    if model is None:
+        if model_path:
+            model = load_model(Path(model_path), device)
+        else:
+            model = build_model(MODEL_CONFIGS[name], device)
+        _MODELS[key] = model
+    return model
+
+
+def cached_models() -> dict[tuple[str, str], LanguageModel]:
+    """A copy of the model cache, e.g. for reporting what an engine keeps loaded."""
+    return dict(_MODELS)
+
+
+def clear_model_cache() -> None:
+    """Forget every cached model (their memory goes when the last reference does)."""
+    _MODELS.clear()
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed for token ``step`` of a generation seeded with ``seed``.
+
+    A hash of (seed, step), so the draw for a step never depends on how many draws came
+    before it in this process: a resumed run samples as the uninterrupted one did.
+    """
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def choose_token(logits: torch.Tensor, temperature: float, seed: int, step: int) -> int:
+    """The next token: argmax at temperature 0, else a seeded draw.
+
+    Only bytes and ``EOS`` can be chosen. The draw runs on the CPU, so it is the same
+    whichever device computed the logits.
+    """
+    scores = logits.detach().to("cpu", torch.float32)[: EOS_ID + 1].clone()
+    scores[BOS_ID] = -math.inf
+    if temperature <= 0.0:
+        return int(scores.argmax())
+    probs = torch.softmax(scores / temperature, dim=-1)
+    generator = torch.Generator().manual_seed(step_seed(seed, step))
+    return int(torch.multinomial(probs, 1, generator=generator))

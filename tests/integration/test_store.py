@@ -1,0 +1,390 @@
+"""SqliteStore against real SQLite files: durability, retention, atomicity, concurrency."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tether_server.core.model import (
+    ErrorReason,
+    GracePeriods,
+    InterruptCause,
+    InterruptRecord,
+    Task,
+    TaskError,
+    TaskState,
+)
+from tether_server.store import (
+    IDEMPOTENCY_TTL_SECONDS,
+    SCHEMA_VERSION,
+    IdempotencyRecord,
+    Loaded,
+    SqliteStore,
+    StoredEvent,
+    StoreError,
+    StoreWriteError,
+    WriteBatch,
+)
+
+DAY = 86400.0
+
+
+def make_task(n: int, **changes: object) -> Task:
+    task = Task(id=f"t{n}", task="demo.sleep", args={"seconds": n}, seq=n, create_time=1000.0 + n)
+    for name, value in changes.items():
+        setattr(task, name, value)
+    return task
+
+
+def make_event(
+    revision: int, task: Task, *, at: float | None = None, chunk: str = ""
+) -> StoredEvent:
+    return StoredEvent(
+        revision=revision,
+        kind=2,
+        task_id=task.id,
+        time=time.time() if at is None else at,
+        chunk=chunk,
+        task=task,
+    )
+
+
+def event_batch(revision: int, *, at: float | None = None) -> WriteBatch:
+    task = make_task(revision, revision=revision)
+    return WriteBatch(tasks=[task], events=[make_event(revision, task, at=at)])
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "tether.db"
+
+
+@contextlib.contextmanager
+def opened(path: Path, **options: Any) -> Iterator[SqliteStore]:
+    store = SqliteStore(path, **options)
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def reload(path: Path, **options: Any) -> Loaded:
+    """What a restarted controller would load from ``path``."""
+    store = SqliteStore(path, **options)
+    try:
+        return store.open()
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """Hold SQLite's write lock from another connection: the store's writer blocks on it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+# --------------------------------------------------------------------------- open / reload
+def test_a_new_file_loads_empty_and_counts_from_one(db_path: Path) -> None:
+    loaded = reload(db_path)
+    assert (loaded.tasks, loaded.events, loaded.idempotency) == ([], [], {})
+    assert (loaded.next_revision, loaded.next_seq) == (1, 1)
+
+
+def test_tasks_events_checkpoints_and_keys_survive_close_and_reopen(db_path: Path) -> None:
+    running = make_task(
+        1,
+        state=TaskState.INTERRUPTED,
+        labels={"team": "llm"},
+        required_tags=("gpu",),
+        timeout=float("inf"),
+        interrupt=InterruptRecord("alice", "stop", 5.0, InterruptCause.USER, GracePeriods(1, 2, 3)),
+        error=TaskError(ErrorReason.INTERRUPTED, "stopped"),
+        revision=2,
+    )
+    pending = make_task(2, revision=3)
+    events = [
+        make_event(1, make_task(1), at=10.0 + time.time()),
+        make_event(2, running, chunk="tokens…"),
+        make_event(3, pending),
+    ]
+    key = IdempotencyRecord("req-1", "SubmitTask", "abc", "t1", time.time())
+    with opened(db_path) as store:
+        store.submit(
+            WriteBatch(
+                tasks=[pending, running],
+                events=events,
+                idempotency=[key],
+                checkpoints=[("t1", '{"step": 7}')],
+            )
+        ).result(timeout=5)
+
+    reopened = SqliteStore(db_path)
+    loaded = reopened.open()
+    try:
+        assert loaded.tasks == [running, pending]
+        assert loaded.events == events
+        assert loaded.idempotency == {"req-1": key}
+        assert reopened.get_checkpoint("t1") == '{"step": 7}'
+        assert reopened.get_checkpoint("t2") is None
+        assert (loaded.next_revision, loaded.next_seq) == (4, 3)
+    finally:
+        reopened.close()
+
+
+def test_a_task_upsert_keeps_only_the_last_version(db_path: Path) -> None:
+    with opened(db_path) as store:
+        store.submit(WriteBatch(tasks=[make_task(1)]))
+        store.submit(WriteBatch(tasks=[make_task(1, state=TaskState.RUNNING, engine_id=0)]))
+    assert reload(db_path).tasks == [make_task(1, state=TaskState.RUNNING, engine_id=0)]
+
+
+def test_the_epoch_is_stable_across_reopen(db_path: Path) -> None:
+    epochs = [reload(db_path).epoch for _ in range(3)]
+    assert len(set(epochs)) == 1
+    assert len(epochs[0]) == 32
+
+
+def test_a_new_file_gets_a_new_epoch(tmp_path: Path) -> None:
+    assert reload(tmp_path / "a.db").epoch != reload(tmp_path / "b.db").epoch
+
+
+def test_the_file_is_in_wal_mode_with_the_current_schema_version(db_path: Path) -> None:
+    with opened(db_path):
+        assert rows(db_path, "PRAGMA journal_mode") == [("wal",)]
+        assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_file_from_a_newer_schema_is_refused(db_path: Path) -> None:
+    with opened(db_path):
+        pass
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="schema version"):
+        SqliteStore(db_path).open()
+
+
+# --------------------------------------------------------------------------- retention
+def test_events_beyond_the_count_limit_are_pruned_while_running(db_path: Path) -> None:
+    with opened(db_path, retain_events=10) as store:
+        for revision in range(1, 26):
+            store.submit(event_batch(revision))
+        store.flush()
+        assert rows(db_path, "SELECT min(revision), count(*) FROM events") == [(16, 10)]
+
+
+def test_events_beyond_the_count_limit_are_pruned_at_open(db_path: Path) -> None:
+    with opened(db_path) as store:
+        for revision in range(1, 26):
+            store.submit(event_batch(revision))
+    loaded = reload(db_path, retain_events=10)
+    assert [e.revision for e in loaded.events] == list(range(16, 26))
+    assert len(loaded.tasks) == 25  # retention applies to the log, never to task records
+
+
+def test_events_older_than_the_age_limit_are_pruned(db_path: Path) -> None:
+    now = time.time()
+    with opened(db_path, retain_seconds=DAY, prune_interval=0) as store:
+        for revision, age in enumerate([3 * DAY, 2 * DAY, DAY + 60, 60, 1], start=1):
+            store.submit(event_batch(revision, at=now - age))
+        store.flush()
+        assert rows(db_path, "SELECT revision FROM events") == [(4,), (5,)]
+
+
+def test_revisions_are_never_reused_after_every_event_was_pruned(db_path: Path) -> None:
+    with opened(db_path) as store:
+        store.submit(
+            WriteBatch(events=[make_event(r, make_task(1), at=0.0) for r in range(1, 8)])
+        ).result(timeout=5)
+    loaded = reload(db_path, retain_seconds=DAY)
+    assert loaded.events == []
+    assert loaded.next_revision == 8
+
+
+def test_idempotency_keys_older_than_a_day_are_dropped(db_path: Path) -> None:
+    now = time.time()
+    fresh = IdempotencyRecord("fresh", "SubmitTask", "f1", "t1", now - 60)
+    stale = IdempotencyRecord("stale", "SubmitTask", "f2", "t2", now - IDEMPOTENCY_TTL_SECONDS - 60)
+    with opened(db_path) as store:
+        store.submit(WriteBatch(idempotency=[fresh, stale])).result(timeout=5)
+    assert reload(db_path).idempotency == {"fresh": fresh}
+
+
+# --------------------------------------------------------------------------- atomicity
+def test_a_failing_batch_is_rolled_back_and_fails_its_future(db_path: Path) -> None:
+    with opened(db_path) as store:
+        store.submit(event_batch(1)).result(timeout=5)
+        # Revision 1 again: the event insert fails after the task upsert succeeded.
+        duplicate = WriteBatch(
+            tasks=[make_task(99)],
+            events=[make_event(1, make_task(99))],
+            checkpoints=[("t99", "{}")],
+        )
+        with pytest.raises(StoreWriteError) as failure:
+            store.submit(duplicate).result(timeout=5)
+        assert isinstance(failure.value.__cause__, sqlite3.IntegrityError)
+
+        store.submit(event_batch(2)).result(timeout=5)
+        assert store.get_checkpoint("t99") is None
+
+    assert rows(db_path, "PRAGMA integrity_check") == [("ok",)]
+    loaded = reload(db_path)
+    assert [t.id for t in loaded.tasks] == ["t1", "t2"]
+    assert [e.revision for e in loaded.events] == [1, 2]
+
+
+def test_a_failing_batch_does_not_fail_the_others_committed_with_it(db_path: Path) -> None:
+    with opened(db_path) as store:
+        store.submit(event_batch(1)).result(timeout=5)
+        with write_lock_held(db_path):  # the batches below queue up into one group
+            good = [store.submit(event_batch(revision)) for revision in range(2, 102)]
+            bad = store.submit(
+                WriteBatch(tasks=[make_task(999)], events=[make_event(1, make_task(999))])
+            )
+            good += [store.submit(event_batch(revision)) for revision in range(102, 202)]
+        for future in good:
+            future.result(timeout=5)
+        with pytest.raises(StoreWriteError):
+            bad.result(timeout=5)
+        assert rows(db_path, "SELECT count(*), max(seq) FROM tasks") == [(201, 201)]
+
+
+def test_the_last_of_many_upserts_of_a_task_in_one_group_wins(db_path: Path) -> None:
+    with opened(db_path) as store:
+        with write_lock_held(db_path):
+            for attempt in range(300):
+                store.submit(WriteBatch(tasks=[make_task(1, attempt=attempt)]))
+        store.flush(timeout=5)
+    assert reload(db_path).tasks == [make_task(1, attempt=299)]
+
+
+def test_a_batch_that_cannot_be_serialized_fails_its_future_and_writes_nothing(
+    db_path: Path,
+) -> None:
+    with opened(db_path) as store:
+        future = store.submit(WriteBatch(tasks=[make_task(1, args={"x": object()})]))
+        with pytest.raises(StoreWriteError, match="serialize"):
+            future.result(timeout=5)
+        store.flush()
+        assert rows(db_path, "SELECT count(*) FROM tasks") == [(0,)]
+
+
+def test_a_submitted_write_cannot_be_cancelled(db_path: Path) -> None:
+    with opened(db_path) as store, write_lock_held(db_path):
+        future = store.submit(event_batch(1))
+        assert not future.cancel()
+    assert future.result(timeout=5) is None
+
+
+# --------------------------------------------------------------------------- concurrency
+def test_concurrent_submits_are_group_committed(db_path: Path) -> None:
+    threads, per_thread = 8, 250
+    futures: list[Future[None]] = []
+    with opened(db_path) as store:
+        commits_before = store.commits
+
+        def submit_many(offset: int) -> None:
+            for i in range(per_thread):
+                futures.append(store.submit(event_batch(offset * per_thread + i + 1)))
+
+        with write_lock_held(db_path):
+            workers = [threading.Thread(target=submit_many, args=(n,)) for n in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        for future in futures:
+            future.result(timeout=10)
+        # At most the one batch the writer was already holding, then everything else at once.
+        assert store.commits - commits_before <= 2
+        assert rows(db_path, "SELECT count(*) FROM events") == [(threads * per_thread,)]
+
+
+def test_close_writes_everything_still_queued(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    store.open()
+    futures = [store.submit(event_batch(revision)) for revision in range(1, 1001)]
+    store.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert rows(db_path, "SELECT count(*) FROM events") == [(1000,)]
+
+
+def test_close_is_idempotent_and_later_submits_are_refused(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    store.open()
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.submit(event_batch(1))
+    with pytest.raises(StoreError, match="closed"):
+        store.get_checkpoint("t1")
+
+
+def test_flush_times_out_while_the_writer_cannot_commit(db_path: Path) -> None:
+    with opened(db_path) as store:
+        with write_lock_held(db_path):
+            store.submit(event_batch(1))
+            with pytest.raises(TimeoutError):
+                store.flush(timeout=0.05)
+        store.flush(timeout=5)
+
+
+def test_get_checkpoint_reads_committed_data_while_a_write_is_in_progress(db_path: Path) -> None:
+    with opened(db_path) as store:
+        store.submit(WriteBatch(checkpoints=[("t1", '{"step": 1}')])).result(timeout=5)
+        with write_lock_held(db_path) as other_writer:
+            other_writer.execute(
+                "UPDATE checkpoints SET data = '{\"step\": 2}' WHERE task_id = 't1'"
+            )
+            started = time.monotonic()
+            assert store.get_checkpoint("t1") == '{"step": 1}'
+            assert time.monotonic() - started < 1.0  # did not wait for the write lock
+
+
+def test_get_checkpoint_reads_while_the_writer_writes(db_path: Path) -> None:
+    steps = 2000
+    seen: list[int] = []
+    with opened(db_path) as store:
+
+        def write_checkpoints() -> None:
+            for step in range(1, steps + 1):
+                store.submit(
+                    WriteBatch(
+                        events=[make_event(step, make_task(1))],
+                        checkpoints=[("t1", json.dumps({"step": step}))],
+                    )
+                )
+
+        def read_checkpoint() -> None:
+            text = store.get_checkpoint("t1")
+            if text is not None:
+                seen.append(json.loads(text)["step"])
+
+        writer = threading.Thread(target=write_checkpoints)
+        writer.start()
+        while writer.is_alive():
+            read_checkpoint()
+        writer.join()
+        store.flush(timeout=10)
+        read_checkpoint()
+    assert seen == sorted(seen)  # each read sees a committed state, never an older one
+    assert seen[-1] == steps
