@@ -13,6 +13,10 @@ mkdir -p "$OUT/tether/v1"
   --python_out="$OUT" --grpc_python_out="$OUT" \
   --mypy_out="$OUT" --mypy_grpc_out="$OUT" \
   protos/tether/v1/*.proto
+# A descriptor set with comments (source info): server reflection serves it, so
+# `grpcurl describe` shows every field's documentation.
+"$PY" -m grpc_tools.protoc -Iprotos --include_imports --include_source_info \
+  --descriptor_set_out="$OUT/tether/v1/descriptor_set.binpb" protos/tether/v1/*.proto
 cat > "$OUT/tether/v1/__init__.py" <<'PYEOF'
 """Generated protobuf and gRPC code for the tether.v1 contract. Do not edit: run `make proto`."""
 PYEOF

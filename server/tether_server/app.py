@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from tether.v1 import cluster_service_pb2, task_service_pb2
 
 from .api import ClusterService, TaskService
+from .api.reflection import documented_pool
 from .config import Limits, ServerConfig
 from .controller import Controller
 from .core.model import GracePeriods
@@ -56,7 +57,7 @@ def default_data_dir() -> Path:
         return Path.home() / ".local" / "state" / "tether"
 
 
-def parse_args(argv: list[str] | None = None) -> ServerConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p = argparse.ArgumentParser(
         prog="tether-server",
         description="gRPC control plane for long-running Python tasks on an ipyparallel cluster.",
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         rss_tolerance_bytes=a.rss_tolerance,
         checkpoint_interval_seconds=a.checkpoint_interval,
         limits=Limits(max_args_bytes=a.max_args_bytes, subscriber_queue=a.subscriber_queue),
-    ), a.log_level
+    ), str(a.log_level)
 
 
 def _passthrough(message: Any) -> bytes:
@@ -107,7 +108,7 @@ def _handlers(tasks: TaskService, cluster: ClusterService) -> list[grpc.GenericR
     s = task_service_pb2
     c = cluster_service_pb2
 
-    def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
+    def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler[Any, Any]:
         return grpc.unary_unary_rpc_method_handler(
             fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
         )
@@ -161,12 +162,16 @@ class TetherServer:
         reflection.enable_server_reflection(
             (TASK_SERVICE, CLUSTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.server,
+            pool=documented_pool(),  # type: ignore[arg-type]
         )
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._set_serving(False)
-        ctl.on_serving_changed = lambda serving: asyncio.ensure_future(self._set_serving(serving))
+        def on_serving_changed(serving: bool) -> None:
+            asyncio.ensure_future(self._set_serving(serving))
+
+        ctl.on_serving_changed = on_serving_changed
         await self.server.start()
         await ctl.start()
         await ctl.ready.wait()

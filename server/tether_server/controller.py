@@ -17,6 +17,8 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -241,7 +243,7 @@ class Controller:
             raise err.TaskNotFound(f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"})
         return task
 
-    def list(self, flt: TaskFilter, after_seq: int, limit: int) -> tuple[list[Task], int | None]:
+    def list_tasks(self, flt: TaskFilter, after_seq: int, limit: int) -> tuple[list[Task], int | None]:
         """Tasks with seq > after_seq matching the filter; returns (page, last seq or None at the end)."""
         tasks = self._core().tasks
         start = bisect.bisect_right(self._order, (after_seq, "\uffff"))
@@ -501,18 +503,26 @@ class Controller:
         self._schedule_flush()
 
     async def _kill(self, engine_id: int, reason: str) -> None:
+        """SIGKILL an engine, and the processes its task started.
+
+        A SIGKILLed engine cannot clean up after itself, so its descendants (but
+        not its nanny, which must report the death to the hub) are listed first
+        and killed right after it. This works for engines on this host; remote
+        engines' children are left to their host.
+        """
         log.info("killing engine %s: %s", engine_id, reason)
         engine = self._core().engines.get(engine_id)
+        orphans = _task_descendants(engine.pid) if engine is not None and engine.pid else []
         try:
             await asyncio.wait_for(self.cluster.signal(engine_id, "SIGKILL"), timeout=2.0)
         except Exception:
             # The nanny is gone or slow: kill the process directly when it is local.
             if engine is not None and engine.pid:
-                import os
-                import signal
-
                 with contextlib.suppress(OSError):
                     os.kill(engine.pid, signal.SIGKILL)
+        for proc in orphans:
+            with contextlib.suppress(Exception):
+                proc.kill()
 
     async def _start_engine(self, replaces: int | None) -> None:
         if not self.cluster.embedded or self._shutting_down:
@@ -632,6 +642,25 @@ class Controller:
             return
         serving = any(e.state in (EngineState.IDLE, EngineState.BUSY) for e in self.core.engines.values())
         self.on_serving_changed(serving)
+
+
+def _task_descendants(pid: int) -> list[Any]:
+    """Processes started under an engine (its task's children), its nanny excluded."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for child in children:
+        try:
+            if "ipyparallel.engine.nanny" in " ".join(child.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        found.append(child)
+    return found
 
 
 def _copy(task: Task) -> Task:

@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from typing import Any, assert_type
 
 import grpc
-
 import tether
 
 
@@ -49,6 +48,7 @@ def sync_client_surface(client: tether.Client) -> None:
     interrupt: tether.InterruptRecord | None = task.interrupt
     if interrupt is not None:
         stage: tether.EscalationStage = interrupt.final_stage
+        del stage
     error: tether.TaskError | None = task.error
 
     for listed in client.list(tether.TaskFilter(states=[tether.TaskState.RUNNING]), page_size=50):
@@ -64,6 +64,7 @@ def sync_client_surface(client: tether.Client) -> None:
     cluster: tether.Cluster = client.cluster()
     for member in cluster.engines:
         engine_state: tether.EngineState = member.state
+        del engine_state
     stopped: tether.Task = client.interrupt("tasks/abc", reason="stop", grace=2)
     other: tether.TaskHandle = client.get_handle("abc")
     del (name, task_id, deduplicated, submitted, value, current, after, chunk, state, terminal)

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from grpc_status import rpc_status
-
 import tether
+from grpc_status import rpc_status
 from tether.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+
 from tests.unit.test_client_core import rich_status
 from tests.unit.test_client_watch import event, listing
 

@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import grpc
 import pytest
-
 import tether
 from tether import _convert, _render, cli
 from tether.v1 import task_pb2

@@ -81,6 +81,16 @@ def generate(ctx: FakeContext | None = None, **kwargs: Any) -> dict[str, Any]:
     return llm.generate(ctx or FakeContext(), **args)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    # The tiny model gains nothing from intra-op threads, and on a busy machine their
+    # spinning makes each test several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny() -> llm_model.LanguageModel:
     return llm_model.get_model("tiny", "", CPU)
@@ -308,7 +318,7 @@ def test_tasks_are_registered_with_their_json_arguments() -> None:
     assert registered.takes_context
     assert registered.argument_names[:3] == ["prompt", "max_tokens", "temperature"]
     assert get_task("llm.stuck_cuda").takes_context
-    assert get_task("llm.hold_memory").argument_names == ["mb", "seconds"]
+    assert get_task("llm.hold_memory").argument_names == ["mb", "seconds", "device"]
 
 
 def test_importing_the_task_module_does_not_import_torch() -> None:
@@ -318,14 +328,14 @@ def test_importing_the_task_module_does_not_import_torch() -> None:
 
 def test_stuck_cuda_without_cuda_is_one_calibrated_c_call() -> None:
     started = time.perf_counter()
-    result = llm.stuck_cuda(FakeContext(), seconds=0.3)
+    result = llm.stuck_cuda(FakeContext(), seconds=0.3, device="cpu")
     elapsed = time.perf_counter() - started
     assert result["device"] == "cpu"
     assert 0.1 < elapsed < 1.5
 
 
 def test_hold_memory_holds_then_frees_and_stops_when_interrupted() -> None:
-    assert llm.hold_memory(FakeContext(), mb=2, seconds=0.1) == {
+    assert llm.hold_memory(FakeContext(), mb=2, seconds=0.1, device="cpu") == {
         "mb": 2,
         "device": "cpu",
         "seconds": 0.1,
@@ -333,4 +343,4 @@ def test_hold_memory_holds_then_frees_and_stops_when_interrupted() -> None:
     ctx = FakeContext()
     ctx.interrupted = True
     with pytest.raises(KeyboardInterrupt):
-        llm.hold_memory(ctx, mb=2, seconds=10)
+        llm.hold_memory(ctx, mb=2, seconds=10, device="cpu")

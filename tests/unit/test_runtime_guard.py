@@ -311,3 +311,22 @@ def test_interrupt_storm_in_process_every_outcome_is_clean(guard: list[int]) -> 
     time.sleep(0.05)  # the last SIGINTs land while idle: ignored
     assert set(statuses) <= {"succeeded", "interrupted"}
     assert statuses["interrupted"] > 0
+
+
+def test_sigint_during_c_work_still_interrupts_the_blocking_call_after_it(
+    guard: list[int],
+) -> None:
+    # demo.hold fills 768 MiB (one C operation, ~0.2-0.7 s, holding the GIL, so the signal
+    # comes from another process) and then sleeps. CPython checks for signals only after
+    # the sleep returns; without a kick the SIGINT would wait the full 10 s.
+    kicks = GUARD.kicks_sent
+    killer = subprocess.Popen(["sh", "-c", f"sleep 0.1; kill -INT {os.getpid()}"])
+    try:
+        started = time.monotonic()
+        outcome = run_task(spec("demo.hold", mb=768, seconds=10))
+        took = time.monotonic() - started
+    finally:
+        killer.wait()
+    assert outcome["status"] == "interrupted"
+    assert took < 5, f"the SIGINT waited for the sleep ({took:.1f} s)"
+    assert GUARD.kicks_sent > kicks

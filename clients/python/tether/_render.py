@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.progress import (
     BarColumn,
@@ -92,7 +94,7 @@ def state_text(state: TaskState) -> Text:
 def _age(moment: datetime | None, now: datetime) -> str:
     if moment is None:
         return "-"
-    return _seconds_text((now - moment).total_seconds()) + " ago"
+    return _seconds_text(max((now - moment).total_seconds(), 0.0))
 
 
 def _seconds_text(seconds: float) -> str:
@@ -129,25 +131,49 @@ def _engine_text(engine_id: int | None) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def task_table(tasks: Iterable[Task], *, title: str | None = None) -> Table:
-    """The table of ``tether ls`` and ``tether watch``."""
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[Task], str | Text]
+    keep: int
+    """Lower goes first when the table is too wide; 0 never goes."""
+    right: bool = False
+
+
+def task_table(tasks: Iterable[Task], *, width: int, title: str | None = None) -> Table:
+    """The table of ``tether ls`` and ``tether watch``, at most ``width`` columns wide.
+
+    Ids, task names and states are never cut. Columns empty in every row are left
+    out, and when the rest does not fit, the least useful go first (labels,
+    priority, progress, run time, age, engine).
+    """
     now = datetime.now(UTC)
-    table = Table(title=title, header_style="bold", expand=False)
-    for column in ("ID", "TASK", "STATE", "ENGINE", "PRI", "CREATED", "RUNTIME", "PROGRESS"):
-        table.add_column(column, no_wrap=column != "PROGRESS")
-    table.add_column("LABELS")
-    for task in tasks:
-        table.add_row(
-            task.id,
-            task.task,
-            state_text(task.state),
-            _engine_text(task.engine_id),
-            str(task.priority),
-            _age(task.create_time, now),
-            _runtime(task, now),
-            _progress_text(task),
-            _labels_text(task.labels),
-        )
+    rows = list(tasks)
+    columns = [
+        _Column("ID", lambda t: t.id, 0),
+        _Column("TASK", lambda t: t.task, 0),
+        _Column("STATE", lambda t: state_text(t.state), 0),
+        _Column("ENG", lambda t: _engine_text(t.engine_id), 6, right=True),
+        _Column("PRI", lambda t: str(t.priority), 2, right=True),
+        _Column("AGE", lambda t: _age(t.create_time, now), 5, right=True),
+        _Column("RUN", lambda t: _runtime(t, now), 4, right=True),
+        _Column("PROGRESS", _progress_text, 3),
+        _Column("LABELS", lambda t: _labels_text(t.labels), 1),
+    ]
+    cells = {column.header: [column.cell(task) for task in rows] for column in columns}
+    sizes = {
+        header: max([len(header)] + [len(str(cell)) for cell in values])
+        for header, values in cells.items()
+    }
+    shown = [c for c in columns if c.keep == 0 or any(str(v) for v in cells[c.header])]
+    shown = [c for c in shown if c.header != "PRI" or any(t.priority for t in rows)]
+    while sum(sizes[c.header] + 3 for c in shown) > width and any(c.keep for c in shown):
+        shown.remove(min((c for c in shown if c.keep), key=lambda c: c.keep))
+    table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    for column in shown:
+        table.add_column(column.header, no_wrap=True, justify="right" if column.right else "left")
+    for index in range(len(rows)):
+        table.add_row(*(cells[column.header][index] for column in shown))
     return table
 
 
@@ -206,7 +232,7 @@ def task_details(task: Task) -> RenderableType:
 def _when(moment: datetime | None, now: datetime) -> str:
     if moment is None:
         return "-"
-    return f"{moment.astimezone().isoformat(timespec='seconds')} ({_age(moment, now)})"
+    return f"{moment.astimezone().isoformat(timespec='seconds')} ({_age(moment, now)} ago)"
 
 
 def _duration(value: timedelta | None) -> str:
@@ -228,7 +254,7 @@ def cluster_view(cluster: Cluster) -> RenderableType:
             str(engine.pid),
             str(engine.tasks_done),
             ",".join(engine.tags) or "-",
-            _age(engine.last_seen, now),
+            _age(engine.last_seen, now) + " ago" if engine.last_seen else "-",
         )
     health = Text("degraded", style="bold red") if cluster.degraded else Text("ok", style="green")
     summary = Text.assemble(
@@ -245,7 +271,7 @@ def cluster_view(cluster: Cluster) -> RenderableType:
 
 
 class WatchTable:
-    """The state of ``tether watch``: the latest version of each task seen, newest last."""
+    """The state of ``tether watch``: the latest version of each task seen, in order of arrival."""
 
     def __init__(self, max_rows: int) -> None:
         self._tasks: dict[str, Task] = {}
@@ -253,17 +279,17 @@ class WatchTable:
         self.events = 0
 
     def apply(self, event: TaskEvent) -> None:
+        # Rows keep the place where their task first appeared: a changing row does not jump.
         self.events += 1
-        self._tasks.pop(event.task.name, None)
         self._tasks[event.task.name] = event.task
 
-    def render(self) -> Table:
+    def render(self, width: int) -> Table:
         rows = list(self._tasks.values())[-self._max_rows :]
         hidden = len(self._tasks) - len(rows)
         title = f"{len(self._tasks)} tasks, {self.events} events"
         if hidden:
             title += f" ({hidden} older not shown)"
-        return task_table(rows, title=title)
+        return task_table(rows, width=width, title=title)
 
 
 class TaskProgress(Progress):
@@ -274,6 +300,7 @@ class TaskProgress(Progress):
     """
 
     def __init__(self, console: Console) -> None:
+        self._partial = ""  # read by get_renderables, which the base __init__ already calls
         super().__init__(
             SpinnerColumn(),
             TextColumn("{task.fields[state]}"),
@@ -283,7 +310,6 @@ class TaskProgress(Progress):
             TextColumn("{task.description}"),
             console=console,
         )
-        self._partial = ""
         self._bar = self.add_task("", total=None, state="PENDING")
 
     def get_renderables(self) -> Iterable[RenderableType]:
@@ -303,8 +329,10 @@ class TaskProgress(Progress):
             fields.update(
                 total=1.0, completed=task.progress.fraction, description=task.progress.message
             )
-        if task.state is TaskState.SUCCEEDED:
-            fields.update(total=1.0, completed=1.0)
+        if task.state.is_terminal:
+            done = task.state is TaskState.SUCCEEDED
+            fraction = task.progress.fraction if task.progress is not None else 0.0
+            fields.update(total=1.0, completed=1.0 if done else fraction)
         self.update(self._bar, **fields)
 
     def _write(self, chunk: str) -> None:

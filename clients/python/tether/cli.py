@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -127,7 +127,11 @@ def error_line(error: BaseException, address: str) -> str:
     """The one line printed on stderr for an error."""
     if isinstance(error, Unavailable) and not error.reason:
         text = f"UNAVAILABLE: cannot reach the tether server at {address}: {error.message}"
-    elif isinstance(error, TaskInterrupted | TaskCancelled) and error.task.interrupt is not None:
+    elif (
+        isinstance(error, TaskInterrupted | TaskCancelled)
+        and error.task.interrupt is not None
+        and not (error.task.error and error.task.error.message)
+    ):
         record = error.task.interrupt
         stage = record.final_stage if record.final_stage.value else record.stage
         text = f"{error} (interrupt by {record.requested_by or '?'}, stage {stage.name}"
@@ -323,7 +327,7 @@ def _cmd_ls(client: Client, args: argparse.Namespace, console: Console) -> int:
     if args.output == "json":
         _print_json(tasks)
     else:
-        console.print(_render.task_table(tasks))
+        console.print(_render.task_table(tasks, width=console.width))
     return EXIT_OK
 
 
@@ -349,11 +353,11 @@ def _cmd_watch(client: Client, args: argparse.Namespace, console: Console) -> in
             for event in events:
                 _print_json(event)
             return EXIT_OK
-        table = _render.WatchTable(max_rows=shutil.get_terminal_size().lines - 8)
-        with Live(table.render(), console=console, refresh_per_second=8) as live:
+        table = _render.WatchTable(max_rows=console.height - 6)
+        with Live(table.render(console.width), console=console, refresh_per_second=8) as live:
             for event in events:
                 table.apply(event)
-                live.update(table.render())
+                live.update(table.render(console.width))
     return EXIT_OK
 
 
@@ -364,6 +368,12 @@ def _cmd_cluster(client: Client, args: argparse.Namespace, console: Console) -> 
     else:
         console.print(_render.cluster_view(cluster))
     return EXIT_OK
+
+
+def _console() -> Console:
+    # Piped text keeps whole table rows (rich would fold them to 80 columns).
+    width = None if sys.stdout.isatty() else 200
+    return Console(highlight=False, width=width)
 
 
 _COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Console], int]] = {
@@ -383,9 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         with Client(args.address or None) as client:
             address = client.address
-            return _COMMANDS[args.command](client, args, Console(highlight=False))
+            return _COMMANDS[args.command](client, args, _console())
     except KeyboardInterrupt:
         return EXIT_CTRL_C
+    except BrokenPipeError:
+        # The reader went away (`tether watch -o json | head`): that is not an error.
+        # Point stdout at devnull so that the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (TetherError, UsageError, ValueError) as error:
         sys.stderr.write(error_line(error, address) + "\n")
         return exit_code_for(error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from tether.v1 import cluster_service_pb2 as cpb
@@ -20,12 +22,12 @@ class ClusterService:
 
     @unary_errors
     async def GetCluster(
-        self, request: cpb.GetClusterRequest, context: grpc.aio.ServicerContext
+        self, request: cpb.GetClusterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cpb.GetClusterResponse:
         ctl = self.controller
         limits = ctl.config.limits
         engines = ctl.engines()
-        usable = sum(1 for e in engines if e.state.name in ("IDLE", "BUSY"))
+        usable = len([e for e in engines if e.state.name in ("IDLE", "BUSY")])
         return cpb.GetClusterResponse(
             engines=[convert.engine_to_pb(e) for e in engines],
             mode=cpb.CLUSTER_MODE_EMBEDDED if ctl.cluster.embedded else cpb.CLUSTER_MODE_ATTACHED,

@@ -20,17 +20,13 @@ BASIC = tpb.TASK_VIEW_BASIC
 FULL = tpb.TASK_VIEW_FULL
 
 
-def timestamp(t: float | None) -> timestamp_pb2.Timestamp | None:
-    if t is None:
-        return None
+def timestamp(t: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(t * 1e9))
     return ts
 
 
-def duration(seconds: float | None) -> duration_pb2.Duration | None:
-    if seconds is None:
-        return None
+def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
@@ -82,7 +78,7 @@ def task_to_pb(task: m.Task, view: int = BASIC) -> tpb.Task:
     pb = tpb.Task(
         name=task.name,
         task=task.task,
-        state=task.state.value,
+        state=tpb.TaskState.ValueType(task.state.value),
         priority=task.priority,
         attempt=task.attempt,
         create_time=timestamp(task.create_time),
@@ -119,9 +115,9 @@ def task_to_pb(task: m.Task, view: int = BASIC) -> tpb.Task:
                 requested_by=i.requested_by,
                 reason=i.reason,
                 request_time=timestamp(i.request_time),
-                cause=i.cause.value,
-                stage=i.stage.value,
-                final_stage=i.final_stage.value,
+                cause=tpb.InterruptCause.ValueType(i.cause.value),
+                stage=tpb.EscalationStage.ValueType(i.stage.value),
+                final_stage=tpb.EscalationStage.ValueType(i.final_stage.value),
                 grace=grace_to_pb(i.grace),
             )
         )
@@ -167,7 +163,7 @@ def event_response(
     return spb.StreamTaskStatusResponse(
         resume_token=encode_token(epoch, revision),
         task_event=spb.TaskEvent(
-            type=kind.value if isinstance(kind, EventKind) else kind,
+            type=spb.TaskEventType.ValueType(kind.value if isinstance(kind, EventKind) else kind),
             task=task_to_pb(task, view),
             event_time=timestamp(time),
             output_chunk=chunk,
@@ -214,7 +210,7 @@ def engine_to_pb(e: m.Engine) -> cpb.Engine:
         id=e.id,
         host=e.host,
         pid=e.pid,
-        state=e.state.value,
+        state=cpb.EngineState.ValueType(e.state.value),
         current_task=f"tasks/{e.current_task}" if e.current_task else "",
         tasks_done=e.tasks_done,
         tags=sorted(e.tags),

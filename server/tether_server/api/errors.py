@@ -42,7 +42,7 @@ _CODES: dict[type[e.TetherError], grpc.StatusCode] = {
 def code_for(err: e.TetherError) -> grpc.StatusCode:
     for cls in type(err).__mro__:
         if cls in _CODES:
-            return _CODES[cls]  # type: ignore[index]
+            return _CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -67,7 +67,8 @@ def to_status(err: e.TetherError) -> grpc.Status:
         packed.Pack(bad)
         details.append(packed)
     status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def internal_status(exc: BaseException) -> grpc.Status:
@@ -79,7 +80,8 @@ def internal_status(exc: BaseException) -> grpc.Status:
     status = status_pb2.Status(
         code=code_pb2.INTERNAL, message=f"internal error: {type(exc).__name__}", details=[packed]
     )
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -89,7 +91,7 @@ def unary_errors(fn: F) -> F:
     """Wrap a unary servicer method: domain errors become rich statuses, bugs INTERNAL."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await fn(self, request, context)
         except e.TetherError as err:
@@ -110,7 +112,7 @@ def stream_errors(fn: G) -> G:
     """Wrap a server-streaming servicer method the same way."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             async for item in fn(self, request, context):
                 yield item

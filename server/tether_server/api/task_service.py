@@ -33,7 +33,7 @@ def fingerprint(request: Message) -> str:
     """A stable digest of a request without its request_id (idempotency payload check)."""
     clone = type(request)()
     clone.CopyFrom(request)
-    clone.ClearField("request_id")  # type: ignore[arg-type]
+    clone.ClearField("request_id")
     return hashlib.sha256(clone.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -46,7 +46,7 @@ class TaskService:
 
     @unary_errors
     async def SubmitTask(
-        self, request: spb.SubmitTaskRequest, context: grpc.aio.ServicerContext
+        self, request: spb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.SubmitTaskResponse:
         v = Violations()
         limits = self.limits
@@ -101,7 +101,7 @@ class TaskService:
 
     @unary_errors
     async def InterruptTask(
-        self, request: spb.InterruptTaskRequest, context: grpc.aio.ServicerContext
+        self, request: spb.InterruptTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.InterruptTaskResponse:
         task_id = parse_task_name(request.name)
         v = Violations()
@@ -124,7 +124,7 @@ class TaskService:
 
     @unary_errors
     async def GetTask(
-        self, request: spb.GetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: spb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.GetTaskResponse:
         task_id = parse_task_name(request.name)
         view = request.view or tpb.TASK_VIEW_FULL
@@ -132,7 +132,7 @@ class TaskService:
 
     @unary_errors
     async def ListTasks(
-        self, request: spb.ListTasksRequest, context: grpc.aio.ServicerContext
+        self, request: spb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.ListTasksResponse:
         v = Violations()
         if request.page_size < 0:
@@ -145,7 +145,7 @@ class TaskService:
         after = decode_page_token(request.page_token, fp) if request.page_token else 0
         # The token is taken before the listing: watching from it cannot miss a change.
         resume_token = encode_token(self.controller.epoch, self.controller.latest_revision)
-        tasks, last = self.controller.list(flt, after, size)
+        tasks, last = self.controller.list_tasks(flt, after, size)
         view = request.view or tpb.TASK_VIEW_BASIC
         return spb.ListTasksResponse(
             tasks=[convert.task_to_pb(t, view) for t in tasks],
@@ -155,7 +155,7 @@ class TaskService:
 
     @stream_errors
     async def StreamTaskStatus(
-        self, request: spb.StreamTaskStatusRequest, context: grpc.aio.ServicerContext
+        self, request: spb.StreamTaskStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         v = Violations()
         task_id: str | None = None

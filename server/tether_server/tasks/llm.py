@@ -24,12 +24,17 @@ ladder, where no Python runs after the signal.
 A checkpoint is ``{"version": 1, "prompt", "seed", "temperature", "model",
 "generated_ids", "text"}``. An attempt started with ``ctx.resume_state`` must have the
 same prompt, seed, temperature and model (else ``ValueError``); ``max_tokens`` may
-differ. It rebuilds the KV cache with one prefill of prompt + generated ids, emits the
-text generated so far as ONE chunk up front, then one chunk per new token. So the
-resumed task's output stream, like its result's ``text``, is the full text, equal to
-that of an uninterrupted run: sampling draws from a generator seeded by (seed, step),
-never from a running RNG. (Equal exactly in float32; in bf16 on a GPU a near-tie
-between two tokens could in principle resolve differently after the prefill.)
+differ. It emits the text generated so far as ONE chunk up front, rebuilds the KV cache,
+then emits one chunk per new token: the resumed task's output, like its result's
+``text``, is the full text, the text of an uninterrupted run. Two things make it so:
+
+- sampling draws from a generator seeded by (seed, step), never from a running RNG;
+- the KV cache is rebuilt as the first attempt built it (one prefill of the prompt,
+  then one decode step per generated token), so every logit is bit for bit the same on
+  the same device. One prefill of prompt + generated ids would be much faster, but other
+  kernel shapes round differently: measured on an H200 in bf16, a sampled continuation
+  then left the uninterrupted text within 30-70 tokens. The price is one decode step per
+  recovered token, about what generating them cost, without the streaming.
 
 Chunks: one ``ctx.emit`` per token, except that a token ending inside a multi-byte UTF-8
 character emits nothing; the token that completes the character emits all of it. No
@@ -190,7 +195,6 @@ def _decode_loop(
 
     if generated:  # a resumed attempt: the old text as one chunk
         emit(decoder.push(generated))
-        ctx.progress(len(generated) / max_tokens, f"resumed at token {len(generated)}")
     finish_reason = "length"
     if len(generated) >= max_tokens:
         emit(decoder.flush())
@@ -198,7 +202,15 @@ def _decode_loop(
     cache = lm.new_cache(len(prompt_ids) + max_tokens)
     logits: torch.Tensor | None = None
     try:
-        logits = lm.prefill(prompt_ids + generated, cache)
+        logits = lm.prefill(prompt_ids, cache)
+        if generated:
+            ctx.progress(0.0, f"resuming: replaying {len(generated)} generated tokens")
+            # One decode step per token, exactly as the first attempt computed them: one
+            # prefill of prompt + generated ids would be faster but not bit-identical (other
+            # kernel shapes), and in bf16 the continuation then drifts within ~100 tokens.
+            for token in generated:
+                logits = lm.decode(token, cache)
+            ctx.progress(len(generated) / max_tokens, f"resumed at token {len(generated)}")
         for step in range(len(generated), max_tokens):
             with ctx.uninterruptible():
                 token = llm_model.choose_token(logits, temperature, seed, step)
@@ -229,21 +241,23 @@ def _decode_loop(
 
 
 @task("llm.stuck_cuda")
-def stuck_cuda(ctx: LLMTaskContext, seconds: float) -> dict[str, Any]:
+def stuck_cuda(ctx: LLMTaskContext, seconds: float, device: str = "auto") -> dict[str, Any]:
     """Occupy the engine for ``seconds`` in ONE call that cannot return early.
 
     With CUDA: one spin kernel (``torch.cuda._sleep``) calibrated to ``seconds``, then
     ``torch.cuda.synchronize()``: the host thread waits in C, so SIGINT waits too and
     SIGTERM's exception with it; only SIGKILL ends it. Without CUDA: one
     ``hashlib.pbkdf2_hmac`` call calibrated the same way, a C call that Python's signal
-    handlers wait for as well.
+    handlers wait for as well. ``device`` is ``auto``, ``cpu`` or ``cuda``.
     """
     import torch
 
+    from tether_server.tasks import llm_model
+
     if not 0.0 < seconds <= MAX_STUCK_SECONDS:
         raise ValueError(f"seconds must be in (0, {MAX_STUCK_SECONDS:g}], got {seconds}")
-    if torch.cuda.is_available():
-        device = "cuda"
+    target = llm_model.resolve_device(device)
+    if target.type == "cuda":
         spin: Callable[[int], None] = torch.cuda._sleep  # untyped in torch's stubs
         cycles = int(seconds * _gpu_cycles_per_second(spin))
         ctx.progress(0.0, f"one GPU kernel of {seconds:g} s; only SIGKILL ends it")
@@ -251,12 +265,11 @@ def stuck_cuda(ctx: LLMTaskContext, seconds: float) -> dict[str, Any]:
         spin(cycles)
         torch.cuda.synchronize()
     else:
-        device = "cpu"
         iterations = max(1, int(seconds * _pbkdf2_iterations_per_second()))
         ctx.progress(0.0, f"one C call of {seconds:g} s; only SIGKILL ends it")
         started = time.perf_counter()
         _pbkdf2(iterations)
-    return {"device": device, "seconds": time.perf_counter() - started}
+    return {"device": target.type, "seconds": time.perf_counter() - started}
 
 
 def _gpu_cycles_per_second(spin: Callable[[int], None]) -> float:
@@ -285,26 +298,32 @@ def _pbkdf2_iterations_per_second() -> float:
 
 
 @task("llm.hold_memory")
-def hold_memory(ctx: LLMTaskContext, mb: int, seconds: float) -> dict[str, Any]:
-    """Hold a ``mb`` MiB buffer (on CUDA when available) for ``seconds``, then free it.
+def hold_memory(
+    ctx: LLMTaskContext, mb: int, seconds: float, device: str = "auto"
+) -> dict[str, Any]:
+    """Hold a ``mb`` MiB buffer for ``seconds``, then free it.
+
+    ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
 
     Interrupted, it deliberately does NOT free the buffer: the frames of the interrupted
     call keep it alive, as they would for any task, and the runtime must give it back.
     """
     import torch
 
+    from tether_server.tasks import llm_model
+
     if mb < 1:
         raise ValueError(f"mb must be at least 1, got {mb}")
     if seconds < 0:
         raise ValueError(f"seconds must be 0 or more, got {seconds}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = llm_model.resolve_device(device)
     # ones, not empty: every page is touched, so RSS (or GPU memory) really holds it.
-    buffer = torch.ones(mb * 2**20, dtype=torch.uint8, device=device)
-    ctx.progress(0.0, f"holding {mb} MiB on {device}")
+    buffer = torch.ones(mb * 2**20, dtype=torch.uint8, device=target)
+    ctx.progress(0.0, f"holding {mb} MiB on {target.type}")
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, 0.25))
         ctx.check()
-        ctx.progress(1.0 - max(left - 0.25, 0.0) / seconds, f"holding {mb} MiB on {device}")
+        ctx.progress(1.0 - max(left - 0.25, 0.0) / seconds, f"holding {mb} MiB on {target.type}")
     del buffer
-    return {"mb": mb, "device": device, "seconds": seconds}
+    return {"mb": mb, "device": target.type, "seconds": seconds}
