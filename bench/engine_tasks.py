@@ -40,3 +40,15 @@ def stamped_publish(n: int, interval: float) -> int:
         time.sleep(interval)
         publish_data({"bench_seq": i, "bench_sent_ns": time.time_ns()})
     return n
+
+
+def blocked_sleep(seconds: float) -> float:
+    """The body of ``demo.c_call``: a sleep with every signal blocked (B2 baseline)."""
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return seconds

@@ -320,8 +320,6 @@ def _assert_same_as_a_fresh_replay(
     assert revisions == sorted(set(revisions)), "events repeated or out of order"
     replayed = [_key(event) for event in _replay(client, task_filter, token, revisions[-1])]
     assert keys == replayed
-    print(f"{len(keys)} events, {len({k[0] for k in keys})} tasks")
-    print(sorted({(k[3]) for k in keys}))
 
 
 def test_a_sync_watch_survives_a_server_restart_and_delivers_every_event_once(

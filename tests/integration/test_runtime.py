@@ -111,8 +111,9 @@ class Harness:
     started_pids: set[int] = field(default_factory=set)
 
     def submit(self, eid: int, task: str, rss_tolerance_mb: int = 64, **args: Any) -> Submitted:
+        task_id = uuid.uuid4().hex
         spec = {
-            "task_id": uuid.uuid4().hex,
+            "task_id": task_id,
             "attempt": 0,
             "task": task,
             "args": args,
@@ -121,7 +122,7 @@ class Harness:
             "rss_tolerance_bytes": rss_tolerance_mb * MiB,
             "gpu_tolerance_bytes": 0,
         }
-        return Submitted(spec["task_id"], self.rc[eid].apply_async(run_task, spec))
+        return Submitted(task_id, self.rc[eid].apply_async(run_task, spec))
 
     def run(self, eid: int, task: str, timeout: float = 30, **args: Any) -> dict[str, Any]:
         outcome: dict[str, Any] = self.submit(eid, task, **args).ar.get(timeout=timeout)

@@ -64,6 +64,9 @@ class ScriptedTaskService(task_service_pb2_grpc.TaskServiceServicer):
             )
         return task_service_pb2.GetTaskResponse(task=self.tasks[request.name])
 
+    async def InterruptTask(self, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     async def ListTasks(self, request: Any, context: Any) -> Any:
         self._record("ListTasks", request)
         return self.pages.pop(0)

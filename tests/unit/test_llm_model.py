@@ -258,6 +258,19 @@ def test_a_resume_state_from_another_generation_is_refused() -> None:
         generate(FakeContext(resume_state=state), prompt="other", max_tokens=8, seed=1)
     with pytest.raises(ValueError, match="checkpoint"):
         generate(FakeContext(resume_state={"version": 99}), max_tokens=8)
+    with pytest.raises(ValueError, match="byte ids"):
+        generate(FakeContext(resume_state={**state, "generated_ids": [300]}), max_tokens=8, seed=1)
+
+
+def test_a_resume_state_that_went_through_protobuf_struct_still_resumes() -> None:
+    first = FakeContext(interrupt_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        generate(first, max_tokens=12, seed=4)
+    state = first.checkpoints[-1]
+    as_struct = {**state, "seed": 4.0, "generated_ids": [float(i) for i in state["generated_ids"]]}
+    assert generate(FakeContext(resume_state=as_struct), max_tokens=12, seed=4) == generate(
+        max_tokens=12, seed=4
+    )
 
 
 def test_generation_stops_at_eos() -> None:

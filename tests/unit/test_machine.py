@@ -651,8 +651,9 @@ def test_run_timeout_interrupts_and_ends_timed_out() -> None:
     assert task.interrupt.reason == "timeout after 5s"
     assert of(SignalEngine, out) == [SignalEngine(0, "SIGINT", "t1", 1)]
     finish(core, status=OutcomeStatus.INTERRUPTED, stage=SIGINT)
-    assert task.state is TaskState.TIMED_OUT
-    assert task.error is not None and task.error.reason is ErrorReason.TIMED_OUT
+    ended = core.tasks["t1"]
+    assert ended.state is TaskState.TIMED_OUT
+    assert ended.error is not None and ended.error.reason is ErrorReason.TIMED_OUT
 
 
 def test_run_timeout_of_a_task_already_interrupting_is_ignored() -> None:
@@ -842,8 +843,9 @@ def test_shutdown_interrupts_running_tasks_and_keeps_pending_ones() -> None:
     assert of(SignalEngine, out) == [SignalEngine(0, "SIGINT", "running", 1)]
     assert core.tasks["waiting"].state is TaskState.PENDING
     finish(core, "running", OutcomeStatus.INTERRUPTED, stage=SIGINT)
-    assert running.state is TaskState.INTERRUPTED
-    assert running.error is not None and running.error.reason is ErrorReason.SHUTDOWN
+    ended = core.tasks["running"]
+    assert ended.state is TaskState.INTERRUPTED
+    assert ended.error is not None and ended.error.reason is ErrorReason.SHUTDOWN
 
 
 def test_no_dispatch_and_no_replacement_after_shutdown() -> None:

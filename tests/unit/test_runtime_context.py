@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from tether_server.runtime import TaskContext, UnknownTaskError, get, task, validate_args
 from tether_server.runtime.jsonvalue import MAX_CHECKPOINT_BYTES, to_json_value
-from tether_server.runtime.registry import bind_args, load_modules, names
+from tether_server.runtime.registry import bind_args, load_modules, names, unregister
 
 load_modules(["tether_server.tasks.demo"])
 
 
-@task("unit.typed")
 def typed(
     ctx: TaskContext,
     count: int,
@@ -27,9 +27,21 @@ def typed(
     """A task with every simple annotation the registry checks."""
 
 
-@task("unit.open")
 def open_ended(first: int, **rest: Any) -> None:
     """A task that takes extra keyword arguments."""
+
+
+_TEST_TASKS: dict[str, Callable[..., Any]] = {"unit.typed": typed, "unit.open": open_ended}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered_test_tasks() -> Iterator[None]:
+    """Register this module's throwaway tasks only while its tests run."""
+    for name, function in _TEST_TASKS.items():
+        task(name)(function)
+    yield
+    for name in _TEST_TASKS:
+        unregister(name)
 
 
 class Recorder:

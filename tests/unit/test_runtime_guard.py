@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -23,7 +23,7 @@ import psutil
 import pytest
 from tether_server.runtime import TaskContext, run_task, task
 from tether_server.runtime.guard import GUARD, TaskSignals, call_task
-from tether_server.runtime.registry import load_modules
+from tether_server.runtime.registry import load_modules, unregister
 
 load_modules(["tether_server.tasks.demo"])
 
@@ -37,24 +37,20 @@ class Payload:
 _payloads: list[weakref.ref[Payload]] = []
 
 
-@task("unit.hold_object")
 def hold_object(seconds: float) -> None:
     payload = Payload()
     _payloads.append(weakref.ref(payload))
     time.sleep(seconds)
 
 
-@task("unit.returns_set")
 def returns_set() -> Any:
     return {1, 2}
 
 
-@task("unit.exits")
 def exits() -> None:
     sys.exit(3)
 
 
-@task("unit.hooks")
 def hooks(ctx: TaskContext, seconds: float, slow_hook: float = 0.0) -> None:
     ctx.on_interrupt(lambda: ctx.emit("[hook] first registered, runs last\n"))
 
@@ -65,6 +61,29 @@ def hooks(ctx: TaskContext, seconds: float, slow_hook: float = 0.0) -> None:
     if slow_hook:
         ctx.on_interrupt(lambda: time.sleep(slow_hook))
     time.sleep(seconds)
+
+
+def replaces_sigint_handler() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_TEST_TASKS: dict[str, Callable[..., Any]] = {
+    "unit.hold_object": hold_object,
+    "unit.returns_set": returns_set,
+    "unit.exits": exits,
+    "unit.hooks": hooks,
+    "unit.replaces_sigint_handler": replaces_sigint_handler,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered_test_tasks() -> Iterator[None]:
+    """Register this module's throwaway tasks only while its tests run."""
+    for name, function in _TEST_TASKS.items():
+        task(name)(function)
+    yield
+    for name in _TEST_TASKS:
+        unregister(name)
 
 
 @pytest.fixture
@@ -330,3 +349,26 @@ def test_sigint_during_c_work_still_interrupts_the_blocking_call_after_it(
     assert outcome["status"] == "interrupted"
     assert took < 5, f"the SIGINT waited for the sleep ({took:.1f} s)"
     assert GUARD.kicks_sent > kicks
+
+
+def test_a_task_that_replaces_the_sigint_handler_does_not_unguard_the_next(
+    guard: list[int],
+) -> None:
+    assert run_task(spec("unit.replaces_sigint_handler"))["status"] == "succeeded"
+    outcome, _ = run_with_signals(spec("demo.sleep", seconds=10), (0.1, signal.SIGINT))
+    assert outcome["status"] == "interrupted"
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # idle again: ignored, not a KeyboardInterrupt here
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_gets_plain_python_signal_handling(guard: list[int]) -> None:
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the guard let go of both signals
+        plain = (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        )
+        os._exit(0 if plain else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

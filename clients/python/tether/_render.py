@@ -242,7 +242,7 @@ def _duration(value: timedelta | None) -> str:
 def cluster_view(cluster: Cluster) -> RenderableType:
     """Engines and their current tasks, for ``tether cluster``."""
     now = datetime.now(UTC)
-    table = Table(header_style="bold")
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
     for column in ("ENGINE", "STATE", "TASK", "HOST", "PID", "DONE", "TAGS", "LAST SEEN"):
         table.add_column(column, no_wrap=True)
     for engine in cluster.engines:

@@ -180,7 +180,9 @@ def _guard_for_this_thread() -> SignalGuard | None:
     """The guard, installed if need be; None off the main thread (no signals there)."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    if not GUARD.installed:
+    if GUARD.installed:
+        GUARD.install()  # cheap: puts our handlers back if an earlier task replaced them
+    else:
         _install_guard()
     return GUARD
 

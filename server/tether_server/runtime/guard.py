@@ -141,6 +141,7 @@ class SignalGuard:
         self._previous_sigterm: SignalHandler = None
         self._handler_runs: dict[int, int] = {signal.SIGINT: 0, signal.SIGTERM: 0}
         self._kicker = SignalKicker(lambda: self._armed, self._handler_runs.__getitem__)
+        self._fork_hook_registered = False
         self.ignored_sigints = 0
         """SIGINTs that arrived while no task was armed (they did nothing)."""
 
@@ -154,16 +155,34 @@ class SignalGuard:
         return self._armed
 
     def install(self) -> None:
-        """Make tether's handlers the process's SIGINT and SIGTERM handlers."""
+        """Make tether's handlers the process's SIGINT and SIGTERM handlers.
+
+        Called again, it puts back a handler that task code replaced (keeping the
+        originals found the first time). Forked children start without the guard.
+        """
         if self._installed:
-            # Someone may have swapped a handler since; put ours back, keep the originals.
-            signal.signal(signal.SIGINT, self._on_sigint)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            if signal.getsignal(signal.SIGINT) != self._on_sigint:
+                signal.signal(signal.SIGINT, self._on_sigint)
+            if signal.getsignal(signal.SIGTERM) != self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._on_sigterm)
             return
         self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._installed = True
         self._kicker.start()
+        if not self._fork_hook_registered:
+            os.register_at_fork(after_in_child=self._forget_in_child)
+            self._fork_hook_registered = True
+
+    def _forget_in_child(self) -> None:
+        """A forked child (multiprocessing) gets plain Python signal behaviour, not the guard."""
+        if not self._installed:
+            return
+        self._armed = None
+        self._installed = False
+        self._kicker.forget_in_child()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     @property
     def kicks_sent(self) -> int:

@@ -107,6 +107,19 @@ class SignalKicker:
             self._reader.close()
         self._thread = self._reader = self._writer = None
 
+    def forget_in_child(self) -> None:
+        """After fork: the watcher thread did not come along; unhook the wakeup fd and SIGURG."""
+        if self._thread is None:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+            signal.signal(KICK_SIGNAL, signal.SIG_DFL)
+        for sock in (self._reader, self._writer):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        self._thread = self._reader = self._writer = None
+
     def _watch(self, reader: socket.socket, main_thread: int, forward_fd: int) -> None:
         follow_ups: dict[int, _FollowUp] = {}
         while True:

@@ -38,6 +38,7 @@ __all__ = [
     "load_modules",
     "names",
     "task",
+    "unregister",
     "validate_args",
 ]
 
@@ -131,6 +132,11 @@ def task(name: str, *, cooperative: bool = False) -> Callable[[F], F]:
         return function
 
     return register
+
+
+def unregister(name: str) -> None:
+    """Forget task ``name`` if it is registered (tests that register throwaway tasks)."""
+    _REGISTRY.pop(name, None)
 
 
 def get(name: str) -> RegisteredTask:

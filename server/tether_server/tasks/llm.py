@@ -138,11 +138,14 @@ def _validate_generate_args(max_tokens: int, temperature: float, checkpoint_ever
 
 
 def _resumed_ids(state: Any, prompt: str, seed: int, temperature: float, model: str) -> list[int]:
-    """The token ids a previous attempt generated, after checking they belong to this task."""
+    """The token ids a previous attempt generated, after checking they belong to this task.
+
+    Ids may come back as integral floats (JSON through ``google.protobuf.Struct``).
+    """
     if state is None:
         return []
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"resume_state is not an llm.generate checkpoint (version 1): {state!r}")
+        raise ValueError("resume_state is not an llm.generate checkpoint of version 1")
     expected = {"prompt": prompt, "seed": seed, "temperature": temperature, "model": model}
     for key, value in expected.items():
         if state.get(key) != value:
@@ -151,11 +154,15 @@ def _resumed_ids(state: Any, prompt: str, seed: int, temperature: float, model: 
                 f"{state.get(key)!r}, this task's is {value!r}"
             )
     ids = state.get("generated_ids")
-    if not isinstance(ids, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 256 for i in ids
-    ):
+    if not isinstance(ids, list) or not all(_is_byte_id(i) for i in ids):
         raise ValueError("resume_state generated_ids must be a list of byte ids (0-255)")
-    return list(ids)
+    return [int(i) for i in ids]
+
+
+def _is_byte_id(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return float(value).is_integer() and 0 <= value < 256
 
 
 def _decode_loop(
@@ -207,7 +214,7 @@ def _decode_loop(
             ctx.progress(0.0, f"resuming: replaying {len(generated)} generated tokens")
             # One decode step per token, exactly as the first attempt computed them: one
             # prefill of prompt + generated ids would be faster but not bit-identical (other
-            # kernel shapes), and in bf16 the continuation then drifts within ~100 tokens.
+            # kernel shapes), and in bf16 the continuation then drifts within tens of tokens.
             for token in generated:
                 logits = lm.decode(token, cache)
             ctx.progress(len(generated) / max_tokens, f"resumed at token {len(generated)}")
