@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
@@ -20,6 +21,8 @@ import traceback
 import uuid
 from pathlib import Path
 from types import ModuleType
+
+import psutil
 
 from . import (
     b1_interrupt,
@@ -54,6 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated ids, e.g. B1,B3")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file (default %(default)s)")
     p.add_argument("--list", action="store_true", help="list the benches and exit")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="sample the tether server with py-spy into DIR and print where it spends its time",
+    )
     args = p.parse_args(argv)
     wanted = [s.strip().upper() for s in args.only.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in BENCHES]
@@ -63,8 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def run_all(ids: list[str], workdir: Path, quick: bool) -> list[BenchResult]:
-    session = Session(workdir, quick=quick)
+async def run_all(
+    ids: list[str], workdir: Path, quick: bool, profile_dir: Path | None
+) -> list[BenchResult]:
+    session = Session(workdir, quick=quick, profile_dir=profile_dir)
     results: list[BenchResult] = []
     try:
         for bench_id in ids:
@@ -104,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     mark_run(nonce)
     workdir = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     try:
-        results = asyncio.run(run_all(args.ids, workdir, args.quick))
+        results = asyncio.run(run_all(args.ids, workdir, args.quick, args.py_spy))
     finally:
         leftovers = leftover_processes(nonce)
         for proc in leftovers:
-            print(f"warning: killing leftover process {proc.pid} {' '.join(proc.cmdline())[:80]}")
-            proc.kill()
+            with contextlib.suppress(psutil.Error):
+                print(
+                    f"warning: killing leftover process {proc.pid} {' '.join(proc.cmdline())[:80]}"
+                )
+                proc.kill()
     env["runtime_seconds"] = round(time.perf_counter() - started, 1)
     print("\n" + format_table(results))
     write_json(args.out, env, args.quick, results)

@@ -136,4 +136,3 @@ async def run(session: Session) -> BenchResult:
         "settle_seconds": SETTLE_S,
     }
     return BenchResult(ID, TITLE, rows, details)
-

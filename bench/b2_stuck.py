@@ -150,7 +150,9 @@ async def _tether_ladder(session: Session, task_name: str, label: str) -> Timeli
             t.stages[f"INTERRUPTED, final stage {final} (stream)"] = (ended.recv_ns - t0) / MS
             t.stages["next task RUNNING (stream)"] = t.total
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(watcher), 5 if task_name == "demo.c_call" else 0.1)
+                await asyncio.wait_for(
+                    asyncio.shield(watcher), 5 if task_name == "demo.c_call" else 0.1
+                )
         finally:
             watcher.cancel()
             await tether.interrupt(blocker.name)
@@ -166,7 +168,9 @@ def _median_stages(timelines: list[Timeline]) -> dict[str, float]:
         keys.extend(k for k in t.stages if k not in keys)
     return {
         k: statistics.median([t.stages[k] for t in timelines if k in t.stages])
-        for k in sorted(keys, key=lambda k: statistics.median([t.stages[k] for t in timelines if k in t.stages]))
+        for k in sorted(
+            keys, key=lambda k: statistics.median([t.stages[k] for t in timelines if k in t.stages])
+        )
     }
 
 
@@ -186,7 +190,9 @@ async def run(session: Session) -> BenchResult:
         async def baseline(i: int) -> None:
             raw_runs.append(await _raw_ladder(session))
 
-        async def with_tether(i: int, task_name: str = task_name, runs: list[Timeline] = runs) -> None:
+        async def with_tether(
+            i: int, task_name: str = task_name, runs: list[Timeline] = runs
+        ) -> None:
             runs.append(await _tether_ladder(session, task_name, label))
 
         await alternate(pairs, baseline, with_tether)
@@ -196,7 +202,9 @@ async def run(session: Session) -> BenchResult:
     engine_start = statistics.median(
         t.stages["engine start (SIGKILL -> first no-op)"] for t in raw_runs
     )
-    say(f"raw ladder (SIGINT, {GRACE_SIGINT}s, SIGTERM, {GRACE_SIGTERM}s, SIGKILL, start_engines), median of {len(raw_runs)}:")
+    say(
+        f"raw ladder (SIGINT, {GRACE_SIGINT}s, SIGTERM, {GRACE_SIGTERM}s, SIGKILL, start_engines), median of {len(raw_runs)}:"
+    )
     for k, v in _median_stages(raw_runs).items():
         say(f"    {v:8.1f} ms  {k}")
     details["raw_ladder_ms"] = _median_stages(raw_runs)
@@ -225,12 +233,27 @@ async def run(session: Session) -> BenchResult:
                 f"{len(raw_runs)}+{len(runs)}",
                 "<= graces + engine start",
                 met,
-                why="" if met else f"{total:.0f} ms > {bound:.0f} ms (graces {graces * 1000:.0f} + engine start {engine_start:.0f})",
+                why=""
+                if met
+                else f"{total:.0f} ms > {bound:.0f} ms (graces {graces * 1000:.0f} + engine start {engine_start:.0f})",
             )
         )
-        details[task_name] = {"stages_ms": stages, "runs_ms": [t.total for t in runs], "bound_ms": bound}
+        details[task_name] = {
+            "stages_ms": stages,
+            "runs_ms": [t.total for t in runs],
+            "bound_ms": bound,
+        }
     rows.append(
-        Row(ID, "engine start (SIGKILL -> replacement usable)", engine_start, _tether_engine_start(tether_runs), "ms", f"{len(raw_runs)}+{len(tether_runs['demo.c_call'])}", "-", None)
+        Row(
+            ID,
+            "engine start (SIGKILL -> replacement usable)",
+            engine_start,
+            _tether_engine_start(tether_runs),
+            "ms",
+            f"{len(raw_runs)}+{len(tether_runs['demo.c_call'])}",
+            "-",
+            None,
+        )
     )
     return BenchResult(ID, TITLE, rows, details)
 

@@ -70,5 +70,9 @@ async def run(session: Session) -> BenchResult:
         ),
         Row(ID, "p99 no-op submit -> SUCCEEDED", base.p99, teth.p99, "ms", samples, "-", None),
     ]
-    details = {"raw_ms": base.as_dict(), "tether_ms": teth.as_dict(), "submit_reply_ms": reply.as_dict()}
+    details = {
+        "raw_ms": base.as_dict(),
+        "tether_ms": teth.as_dict(),
+        "submit_reply_ms": reply.as_dict(),
+    }
     return BenchResult(ID, TITLE, rows, details)

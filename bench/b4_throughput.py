@@ -16,7 +16,17 @@ import statistics
 from tether.v1 import task_pb2 as tpb
 
 from .engine_tasks import noop
-from .harness import BenchResult, LoopLagProbe, Row, Session, Summary, alternate, now_ns, say
+from .harness import (
+    BenchResult,
+    CpuMeter,
+    LoopLagProbe,
+    Row,
+    Session,
+    Summary,
+    alternate,
+    now_ns,
+    say,
+)
 from .tether_client import EventTap, run_label
 
 ID = "B4"
@@ -31,22 +41,25 @@ async def run(session: Session) -> BenchResult:
     reps = session.size(3, 1)
     raw = await session.raw()
     tether = await session.tether()
+    server = await session.server()
     views = [raw.view(0), raw.view(1)]
     raw_rates: list[float] = []
     tether_rates: list[float] = []
     submit_phase: list[float] = []
     client_lag: list[float] = []
+    cpu_shares: list[dict[str, float]] = []
 
     async def baseline(i: int) -> None:
         count = n if i >= 0 else n // 10
-        t0 = now_ns()
-        ars = [views[k % 2].apply_async(noop) for k in range(count)]
-        for ar in ars:
-            ar.get(timeout=60)
-        rate = count / ((now_ns() - t0) / 1e9)
+        with CpuMeter(None, {"raw cluster": raw.processes()}) as cpu:
+            t0 = now_ns()
+            ars = [views[k % 2].apply_async(noop) for k in range(count)]
+            for ar in ars:
+                ar.get(timeout=60)
+            rate = count / ((now_ns() - t0) / 1e9)
         if i >= 0:
             raw_rates.append(rate)
-            say(f"raw rep {i}: {rate:.0f} tasks/s")
+            say(f"raw rep {i}: {rate:.0f} tasks/s; CPU (100% = one core): {cpu.text()}")
 
     async def with_tether(i: int) -> None:
         count = n if i >= 0 else n // 10
@@ -60,7 +73,9 @@ async def run(session: Session) -> BenchResult:
             if succeeded == count:
                 done.set()
 
-        tap = EventTap(tether, {"bench": label}, states=(tpb.TASK_STATE_SUCCEEDED,), exclude_progress=True)
+        tap = EventTap(
+            tether, {"bench": label}, states=(tpb.TASK_STATE_SUCCEEDED,), exclude_progress=True
+        )
         tap.on_event = on_event
         async with tap:
             next_index = 0
@@ -71,7 +86,7 @@ async def run(session: Session) -> BenchResult:
                     next_index += 1
                     await tether.submit("demo.echo", {"value": None}, labels={"bench": label})
 
-            with LoopLagProbe() as probe:
+            with LoopLagProbe() as probe, CpuMeter(server.pid) as cpu:
                 t0 = now_ns()
                 await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
                 t_submitted = now_ns()
@@ -86,6 +101,8 @@ async def run(session: Session) -> BenchResult:
             say(
                 f"tether rep {i}: {rate:.0f} tasks/s (all submitted after {(t_submitted - t0) / 1e9:.2f} s)"
             )
+            say(f"  CPU (100% = one core): {cpu.text()}")
+            cpu_shares.append(cpu.shares)
 
     await alternate(reps, baseline, with_tether, warmup=1)
     base = statistics.median(raw_rates)
@@ -115,5 +132,6 @@ async def run(session: Session) -> BenchResult:
         "tether_rates": tether_rates,
         "tether_submit_phase_s": submit_phase,
         "client_loop_lag_ms": lag.as_dict(),
+        "cpu_percent_of_one_core": cpu_shares,
     }
     return BenchResult(ID, TITLE, rows, details)

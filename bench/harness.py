@@ -33,6 +33,7 @@ import psutil
 
 from tests.support import REPO, ServerProcess
 
+from .profiling import PySpy, summarise
 from .tether_client import Tether
 
 now_ns = time.perf_counter_ns
@@ -280,6 +281,55 @@ class LoopLagProbe:
             self._task.cancel()
 
 
+class CpuMeter:
+    """CPU used over an interval: the tether server, its cluster, this process, the box.
+
+    Shares are of one core (100 % = one core busy); ``box`` is of all cores. On a
+    shared 2-core machine this tells a slow server apart from a starved one.
+    """
+
+    def __init__(
+        self, server_pid: int | None, extra: dict[str, list[psutil.Process]] | None = None
+    ) -> None:
+        self.server_pid = server_pid
+        self.extra = extra or {}
+        self.shares: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def _groups(self) -> dict[str, list[psutil.Process]]:
+        groups: dict[str, list[psutil.Process]] = {"bench client": [psutil.Process()]}
+        if self.server_pid is not None:
+            with contextlib.suppress(psutil.Error):
+                server = psutil.Process(self.server_pid)
+                groups["tether server"] = [server]
+                groups["its cluster"] = server.children(recursive=True)
+        return groups | self.extra
+
+    def __enter__(self) -> CpuMeter:
+        self._t0 = time.monotonic()
+        self._groups0 = self._groups()
+        self._start = {k: self._cpu(v) for k, v in self._groups0.items()}
+        psutil.cpu_percent()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self._t0
+        for name, procs in self._groups0.items():
+            self.shares[name] = 100 * (self._cpu(procs) - self._start[name]) / wall
+        self.shares["box (all cores)"] = psutil.cpu_percent()
+
+    def text(self) -> str:
+        return ", ".join(f"{k} {v:.0f}%" for k, v in self.shares.items())
+
+
 # --------------------------------------------------------------------------- raw cluster
 class RawCluster:
     """A raw ipyparallel cluster, for baselines: 2 local engines, DirectView.
@@ -334,11 +384,19 @@ class RawCluster:
                 for p in [proc, *proc.children(recursive=True)]:
                     self._procs.setdefault(p.pid, p)
 
+    def processes(self) -> list[psutil.Process]:
+        """The cluster's processes (controller, engines, nannies) still running."""
+        self.remember_processes()
+        return [p for p in self._procs.values() if p.is_running()]
+
     def engine_pids(self) -> dict[int, int]:
         """Engine id -> pid, asked of the engines themselves."""
         from .engine_tasks import engine_pid
 
-        return {int(k): int(v) for k, v in self.client[:].apply_async(engine_pid).get_dict(timeout=30).items()}
+        return {
+            int(k): int(v)
+            for k, v in self.client[:].apply_async(engine_pid).get_dict(timeout=30).items()
+        }
 
     def view(self, engine_id: int) -> Any:
         return self.client[engine_id]
@@ -370,7 +428,9 @@ class RawCluster:
 class TetherServer:
     """A tether-server subprocess (``tests.support.ServerProcess``) and a channel to it."""
 
-    def __init__(self, data_dir: Path, engines: int = 2, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, engines: int = 2, extra_args: list[str] | None = None
+    ) -> None:
         # bench.tether_tasks must import on the server and on its engines.
         path = os.environ.get("PYTHONPATH", "")
         if str(REPO) not in path.split(os.pathsep):
@@ -408,11 +468,13 @@ class TetherServer:
 class Session:
     """One ``python -m bench`` run: options, scratch directory and the shared processes."""
 
-    def __init__(self, workdir: Path, *, quick: bool) -> None:
+    def __init__(self, workdir: Path, *, quick: bool, profile_dir: Path | None = None) -> None:
         self.workdir = workdir
         self.quick = quick
+        self.profile_dir = profile_dir
         self._raw: RawCluster | None = None
         self._server: TetherServer | None = None
+        self._profiler: PySpy | None = None
         self._private = 0
 
     def size(self, full: int, quick: int) -> int:
@@ -434,6 +496,9 @@ class Session:
             self._server = server
             await server.start()
             say(f"(tether-server pid {server.pid} started in {(now_ns() - t0) / 1e9:.1f} s)")
+            if self.profile_dir is not None:
+                self._profiler = PySpy(server.pid, self.profile_dir)
+                say(f"(py-spy recording the server into {self._profiler.raw})")
         return self._server
 
     async def tether(self) -> Tether:
@@ -458,6 +523,10 @@ class Session:
                 await self._raw.stop()
         finally:
             self._raw = None
+            if self._profiler is not None:
+                await asyncio.to_thread(self._profiler.stop)
+                print(f"\nserver profile ({self._profiler.raw}):\n{summarise(self._profiler.raw)}")
+                self._profiler = None
             if self._server is not None:
                 await self._server.stop()
             self._server = None
@@ -488,6 +557,7 @@ def leftover_processes(nonce: str) -> list[psutil.Process]:
 __all__ = [
     "MS",
     "BenchResult",
+    "CpuMeter",
     "LoopLagProbe",
     "RawCluster",
     "Row",

@@ -21,10 +21,9 @@ import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
 from tether.v1 import cluster_service_pb2 as cpb
-from tether.v1 import cluster_service_pb2_grpc
+from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
-from tether.v1 import task_service_pb2_grpc
 
 TERMINAL = frozenset(
     {

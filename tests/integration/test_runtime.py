@@ -29,6 +29,7 @@ import pytest
 import zmq
 from ipyparallel.serialize import deserialize_object
 from jupyter_client.session import Session
+
 from tether_server.runtime import run_task, setup_engine
 
 pytestmark = pytest.mark.timeout(300)

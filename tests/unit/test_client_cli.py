@@ -161,3 +161,16 @@ def test_json_output_is_plain_data_with_names_times_and_seconds() -> None:
     assert data["create_time"] == "1970-01-01T00:00:00+00:00"
     assert data["result"] == "hi"
     assert "raw" not in data
+
+
+def test_an_interrupted_task_line_does_not_repeat_what_the_server_already_said() -> None:
+    message = task_pb2.Task(name="tasks/t1", state=task_pb2.TASK_STATE_INTERRUPTED)
+    message.error.reason = "INTERRUPTED"
+    message.error.message = "stopped at stage SIGINT after an interrupt by alice: wrong prompt"
+    message.interrupt.requested_by = "alice"
+    message.interrupt.reason = "wrong prompt"
+    error = tether.TaskInterrupted(_convert.task_from_proto(message))
+    assert cli.error_line(error, "x") == (
+        "error: INTERRUPTED: task tasks/t1 ended INTERRUPTED: "
+        "stopped at stage SIGINT after an interrupt by alice: wrong prompt"
+    )

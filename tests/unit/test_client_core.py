@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -332,13 +333,6 @@ def test_a_status_without_details_maps_by_code() -> None:
     assert str(error) == "UNAVAILABLE: connection refused"
 
 
-def test_rich_status_is_read_from_raw_trailers() -> None:
-    status = rich_status(grpc.StatusCode.NOT_FOUND, "no", "TASK_NOT_FOUND")
-    trailers = (("grpc-status-details-bin", status.SerializeToString()),)
-    assert _core.rich_status_from_trailers(grpc.StatusCode.NOT_FOUND, trailers) == status
-    assert _core.rich_status_from_trailers(grpc.StatusCode.INTERNAL, trailers) is None
-
-
 def _terminal_task(state: int, reason: str) -> tether.Task:
     message = task_pb2.Task(name="tasks/t", state=state)  # type: ignore[arg-type]
     message.error.reason = reason
@@ -376,3 +370,34 @@ def test_a_succeeded_task_returns_its_result() -> None:
 
 def test_deadline_exceeded_is_also_a_builtin_timeout_error() -> None:
     assert issubclass(tether.DeadlineExceeded, TimeoutError)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        tether.TaskNotFound("gone", code=grpc.StatusCode.NOT_FOUND, reason="TASK_NOT_FOUND"),
+        tether.InvalidArgument("bad", violations=[tether.FieldViolation("f", "d")]),
+        tether.DeadlineExceeded("slow", code=grpc.StatusCode.DEADLINE_EXCEEDED),
+        tether.TaskInterrupted(_terminal_task(task_pb2.TASK_STATE_INTERRUPTED, "INTERRUPTED")),
+    ],
+)
+def test_exceptions_survive_pickling_with_every_attribute(error: tether.TetherError) -> None:
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert (copy.code, copy.reason, copy.message, str(copy)) == (
+        error.code,
+        error.reason,
+        error.message,
+        str(error),
+    )
+    assert copy.__dict__.keys() == error.__dict__.keys()
+
+
+def test_a_filter_keeps_its_own_copies_and_can_be_hashed() -> None:
+    states = [tether.TaskState.RUNNING]
+    task_filter = tether.TaskFilter(states=states, tasks=["demo.sleep"])
+    states.append(tether.TaskState.FAILED)
+    assert task_filter.states == (tether.TaskState.RUNNING,)
+    assert hash(task_filter) == hash(
+        tether.TaskFilter(states=[tether.TaskState.RUNNING], tasks=["demo.sleep"])
+    )

@@ -398,3 +398,17 @@ def test_a_handle_watch_ends_after_the_terminal_event(
     ]
     consumer._thread.join(timeout=WAIT)
     assert not consumer._thread.is_alive()
+
+
+def test_closing_a_watch_from_another_thread_ends_its_iteration_quietly(
+    server: ScriptedServer, client: tether.Client
+) -> None:
+    events = client.watch()
+    consumer = Consumer(events)
+    _, rpc = server.stream()
+    rpc.send_response(event("tasks/a", 1))
+    consumer.take(1)
+    events.close()
+    consumer._thread.join(timeout=WAIT)
+    assert not consumer._thread.is_alive()
+    assert consumer.nothing_more()

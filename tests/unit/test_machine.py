@@ -306,7 +306,7 @@ def test_interrupt_of_pending_task_cancels_it_without_touching_engines() -> None
 def test_interrupt_of_an_unknown_task_raises_task_not_found() -> None:
     with pytest.raises(TaskNotFound) as raised:
         interrupt(make_core(), "nope")
-    assert raised.value.metadata == {"taskName": "tasks/nope"}
+    assert raised.value.metadata == {"name": "tasks/nope"}
 
 
 @pytest.mark.parametrize(
@@ -325,7 +325,7 @@ def test_interrupt_of_a_finished_task_raises_already_terminal_before_any_change(
     revision = core.next_revision
     with pytest.raises(TaskAlreadyTerminal) as raised:
         interrupt(core)
-    assert raised.value.metadata == {"taskName": "tasks/t1", "state": f"TASK_STATE_{state.name}"}
+    assert raised.value.metadata == {"name": "tasks/t1", "state": f"TASK_STATE_{state.name}"}
     assert core.next_revision == revision
     assert core.tasks["t1"].interrupt is None
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from tether_server.runtime import TaskContext, UnknownTaskError, get, task, validate_args
 from tether_server.runtime.jsonvalue import MAX_CHECKPOINT_BYTES, to_json_value
 from tether_server.runtime.registry import bind_args, load_modules, names, unregister

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from tether_server.runtime import TaskContext, run_task, task
 from tether_server.runtime.guard import GUARD, TaskSignals, call_task
 from tether_server.runtime.registry import load_modules, unregister

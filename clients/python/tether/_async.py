@@ -7,6 +7,7 @@ same parameters, awaited. Both carry out what ``_core`` and ``_watch`` decide.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar, cast, overload
@@ -294,7 +295,7 @@ class AsyncTaskWatch(Generic[_Item]):
             | None
         ) = None
         self._messages: AsyncIterator[task_service_pb2.StreamTaskStatusResponse] | None = None
-        self._pending: list[TaskEvent] = []
+        self._pending: deque[TaskEvent] = deque()
         self._closed = False
 
     @property
@@ -308,7 +309,7 @@ class AsyncTaskWatch(Generic[_Item]):
     async def __anext__(self) -> _Item:
         while True:
             if self._pending:
-                return cast(_Item, self._pending.pop(0))
+                return cast(_Item, self._pending.popleft())
             if self._closed or self._machine.finished:
                 await self.aclose()
                 raise StopAsyncIteration
@@ -324,7 +325,8 @@ class AsyncTaskWatch(Generic[_Item]):
                 continue
             except grpc.aio.AioRpcError as exc:
                 self._drop_call()
-                await self._act(self._machine.on_error(await _error(call, exc)))
+                if not self._closed:  # else aclose() from another task cancelled the call
+                    await self._act(self._machine.on_error(await _error(call, exc)))
                 continue
             item = self._machine.on_message(message)
             if item is not None:

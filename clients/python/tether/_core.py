@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+
 from tether import _convert
 from tether._convert import Seconds
 from tether._exceptions import (
@@ -296,21 +297,6 @@ def error_from_status(
             message, code=code, reason=reason, metadata=metadata, violations=violations
         )
     return error_type(message, code=code, reason=reason, metadata=metadata)
-
-
-def rich_status_from_trailers(
-    code: grpc.StatusCode, trailers: Sequence[tuple[str, str | bytes]] | None
-) -> status_pb2.Status | None:
-    """The rich status in ``grpc-status-details-bin``, for calls grpc_status cannot read.
-
-    ``grpc_status.rpc_status.from_call`` needs a ``grpc.Call``; this serves the
-    rest (e.g. a stream that failed before its call object existed).
-    """
-    for key, value in trailers or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            return status if status.code == code.value[0] else None
-    return None
 
 
 class UnaryAttempts:

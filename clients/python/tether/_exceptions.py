@@ -41,8 +41,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+
 from tether._models import Task, TaskState
 
 __all__ = [
@@ -116,6 +118,11 @@ class TetherError(Exception):
             f"{type(self).__name__}(code={self.code}, reason={self.reason!r}, "
             f"message={self.message!r})"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as cls(*args) by default, which would lose code, reason and
+        # the rest (and cannot rebuild a TaskOutcomeError): rebuild from the attributes.
+        return (_restore, (type(self), self.args, self.__dict__))
 
 
 class InvalidArgument(TetherError):
@@ -245,6 +252,15 @@ class TaskTimedOut(TaskOutcomeError):
 
 class TaskCancelled(TaskOutcomeError):
     """The task was interrupted before it started; it never ran."""
+
+
+def _restore(
+    error_type: type[TetherError], args: tuple[Any, ...], state: dict[str, Any]
+) -> TetherError:
+    error = error_type.__new__(error_type)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 _OUTCOME_BY_STATE: dict[TaskState, type[TaskOutcomeError]] = {

@@ -353,6 +353,12 @@ class TaskFilter:
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     """Match tasks carrying all of these labels with these values."""
 
+    def __post_init__(self) -> None:
+        # Keep the filter immutable (and hashable) whatever sequences it was given.
+        object.__setattr__(self, "states", tuple(self.states))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "labels", dict(self.labels))
+
 
 @dataclass(frozen=True)
 class Engine:

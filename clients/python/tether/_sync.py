@@ -8,6 +8,7 @@ twin for asyncio; both expose the same methods with the same parameters.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar, cast, overload
@@ -342,7 +343,7 @@ class TaskWatch(Generic[_Item]):
         self._client = client
         self._machine = machine
         self._call: _ResponseStream | None = None
-        self._pending: list[TaskEvent] = []
+        self._pending: deque[TaskEvent] = deque()
         self._closed = False
 
     @property
@@ -356,7 +357,7 @@ class TaskWatch(Generic[_Item]):
     def __next__(self) -> _Item:
         while True:
             if self._pending:
-                return cast(_Item, self._pending.pop(0))
+                return cast(_Item, self._pending.popleft())
             if self._closed or self._machine.finished:
                 self.close()
                 raise StopIteration
@@ -370,7 +371,8 @@ class TaskWatch(Generic[_Item]):
                 continue
             except grpc.RpcError as exc:
                 self._call = None
-                self._act(self._machine.on_error(_error(exc)))
+                if not self._closed:  # else close() from another thread cancelled the call
+                    self._act(self._machine.on_error(_error(exc)))
                 continue
             item = self._machine.on_message(message)
             if item is not None:

@@ -256,11 +256,11 @@ class ControlCore:
         task = self.tasks.get(event.task_id)
         if task is None:
             name = f"tasks/{event.task_id}"
-            raise TaskNotFound(f"task {name} does not exist", metadata={"taskName": name})
+            raise TaskNotFound(f"task {name} does not exist", metadata={"name": name})
         if task.state in ALREADY_ENDED:
             raise TaskAlreadyTerminal(
                 f"task {task.name} already ended {task.state.name}; there is nothing to interrupt",
-                metadata={"taskName": task.name, "state": f"TASK_STATE_{task.state.name}"},
+                metadata={"name": task.name, "state": f"TASK_STATE_{task.state.name}"},
             )
         grace = event.grace or task.grace
         if task.state is TaskState.PENDING:

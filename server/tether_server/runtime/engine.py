@@ -305,12 +305,20 @@ class _Attempt:
         if failed:
             release_cuda_cache()
         report = ResourceReport(
-            before, take_snapshot(), leftover_children, self.rss_tolerance, self.gpu_tolerance
+            before,
+            take_snapshot(children=False),
+            leftover_children,
+            self.rss_tolerance,
+            self.gpu_tolerance,
         )
         if not report.memory_reclaimed:
             release_memory()
             report = ResourceReport(
-                before, take_snapshot(), leftover_children, self.rss_tolerance, self.gpu_tolerance
+                before,
+                take_snapshot(children=False),
+                leftover_children,
+                self.rss_tolerance,
+                self.gpu_tolerance,
             )
         return report
 

@@ -170,7 +170,7 @@ class SignalGuard:
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._installed = True
         self._kicker.start()
-        if not self._fork_hook_registered:
+        if not self._fork_hook_registered and hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._forget_in_child)
             self._fork_hook_registered = True
 

@@ -34,8 +34,9 @@ from typing import Final
 
 __all__ = ["KICK_DELAYS", "KICK_SIGNAL", "SignalKicker"]
 
-KICK_SIGNAL: Final = signal.SIGURG
-"""Ignored by default; given a no-op Python handler so that it interrupts system calls."""
+KICK_SIGNAL: Final[int | None] = getattr(signal, "SIGURG", None)
+"""Ignored by default; given a no-op Python handler so that it interrupts system calls.
+None where the platform has no SIGURG (Windows): there the kicker stays off."""
 
 KICK_DELAYS: Final = (0.02, 0.1, 0.3, 1.0, 3.0)
 """Seconds after the signal at which the main thread is kicked if it has not handled it."""
@@ -66,6 +67,7 @@ class SignalKicker:
         self._writer: socket.socket | None = None
         self._previous_wakeup_fd = -1
         self._previous_kick_handler: signal.Handlers | int | Callable[..., object] | None = None
+        self._kick = 0
         self.kicks_sent = 0
 
     @property
@@ -73,12 +75,14 @@ class SignalKicker:
         return self._thread is not None
 
     def start(self) -> None:
-        if self._thread is not None:
+        kick = KICK_SIGNAL
+        if self._thread is not None or kick is None or not hasattr(signal, "pthread_kill"):
             return
+        self._kick = kick
         reader, writer = socket.socketpair()
         writer.setblocking(False)
         reader.setblocking(False)
-        self._previous_kick_handler = signal.signal(KICK_SIGNAL, _ignore_kick)
+        self._previous_kick_handler = signal.signal(kick, _ignore_kick)
         previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._previous_wakeup_fd = previous
         self._reader, self._writer = reader, writer
@@ -99,7 +103,7 @@ class SignalKicker:
             return
         signal.set_wakeup_fd(self._previous_wakeup_fd)
         previous = self._previous_kick_handler
-        signal.signal(KICK_SIGNAL, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(self._kick, previous if previous is not None else signal.SIG_DFL)
         if self._writer is not None:
             self._writer.close()  # the reader sees EOF and the thread returns
         thread.join(5)
@@ -113,7 +117,7 @@ class SignalKicker:
             return
         with contextlib.suppress(ValueError, OSError):
             signal.set_wakeup_fd(-1)
-            signal.signal(KICK_SIGNAL, signal.SIG_DFL)
+            signal.signal(self._kick, signal.SIG_DFL)
         for sock in (self._reader, self._writer):
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -170,7 +174,7 @@ class SignalKicker:
             if now < follow_up.received_at + KICK_DELAYS[follow_up.kicks_sent]:
                 continue
             with contextlib.suppress(OSError, ValueError):
-                signal.pthread_kill(main_thread, KICK_SIGNAL)
+                signal.pthread_kill(main_thread, self._kick)
                 self.kicks_sent += 1
             follow_up.kicks_sent += 1
             if follow_up.kicks_sent >= len(KICK_DELAYS):

@@ -62,13 +62,14 @@ class Snapshot:
     """Descendant processes as (pid, create time): a reused pid is a different process."""
 
 
-def take_snapshot() -> Snapshot:
+def take_snapshot(*, children: bool = True) -> Snapshot:
+    """Measure now; ``children=False`` skips listing descendant processes (empty set)."""
     allocated, reserved = _cuda_memory()
     return Snapshot(
         rss_bytes=_process().memory_info().rss,
         gpu_allocated_bytes=allocated,
         gpu_reserved_bytes=reserved,
-        children=frozenset(_descendants()),
+        children=frozenset(_descendants()) if children else frozenset(),
     )
 
 
