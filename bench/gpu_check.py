@@ -724,6 +724,8 @@ class Check:
                 if registered_at is None:
                     registered_at = t
                     new_engine = {"id": e.id, "pid": e.pid}
+                elif new_engine is not None and new_engine["id"] == e.id and e.pid:
+                    new_engine["pid"] = e.pid  # 0 until the engine finished its setup
                 if idle_at is None and e.state == cpb.ENGINE_STATE_IDLE:
                     idle_at = t
             gpu_done = not self.gpu or released_at is not None
@@ -778,6 +780,8 @@ def task_summary(task: task_pb2.Task) -> dict[str, Any]:
             "gpu_allocated_before_mib": mib(r.gpu_allocated_before_bytes),
             "gpu_allocated_after_mib": mib(r.gpu_allocated_after_bytes),
             "gpu_reserved_after_mib": mib(r.gpu_reserved_after_bytes),
+            "gpu_growth_mib": mib(r.gpu_allocated_after_bytes - r.gpu_allocated_before_bytes),
+            "rss_growth_mib": mib(r.rss_after_bytes - r.rss_before_bytes),
             "leftover_children": r.leftover_children,
             "reclaimed": r.reclaimed,
             "engine_recycled": r.engine_recycled,
@@ -871,6 +875,12 @@ def report(results: dict[str, Any]) -> str:
                      f"reclaimed={r.get('reclaimed')}, engine_recycled={r.get('engine_recycled')}")  # fmt: skip
         if r.get("summary"):
             lines.append(f"    {r['summary']}")
+        if wr and r:
+            lines.append(f"  growth over the task: gpu {fmt(r.get('gpu_growth_mib'), ' MiB')} "
+                         f"(warm-up {fmt(wr.get('gpu_growth_mib'), ' MiB')}), rss "
+                         f"{fmt(r.get('rss_growth_mib'), ' MiB')} (warm-up "
+                         f"{fmt(wr.get('rss_growth_mib'), ' MiB')}); a fresh engine's first task "
+                         f"counts the model it loads")  # fmt: skip
         for key in (
             "gpu_before",
             "gpu_during",

@@ -162,7 +162,7 @@ class TetherServer:
         reflection.enable_server_reflection(
             (TASK_SERVICE, CLUSTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.server,
-            pool=documented_pool(),  # type: ignore[arg-type]
+            pool=documented_pool(),
         )
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:

@@ -110,7 +110,7 @@ class Controller:
     # ================================================================== lifecycle
     async def start(self) -> None:
         """Load the store, restore the tables, then start or attach to the cluster."""
-        registry.load_modules(["tether_server.tasks.demo", *self.config.task_modules])
+        registry.load_modules(self._task_modules())
         loaded = await asyncio.to_thread(self.store.open)
         self.epoch = loaded.epoch
         first = loaded.events[0].revision if loaded.events else loaded.next_revision
@@ -435,10 +435,24 @@ class Controller:
         self._handle(msg.EngineLost(engine_id, time.time()))
         self._schedule_flush()
 
+    def _task_modules(self) -> list[str]:
+        """Demo tasks always; LLM tasks when torch is installed (the [llm] extra); then the operator's."""
+        import importlib.util
+
+        modules = ["tether_server.tasks.demo"]
+        if importlib.util.find_spec("torch") is not None:
+            modules.append("tether_server.tasks.llm")
+        return [*modules, *self.config.task_modules]
+
     async def _setup_engine(self, engine_id: int) -> None:
+        modules = self._task_modules()
         config = {
-            "task_modules": list(self.config.task_modules),
+            "task_modules": modules,
             "tags": list(self.config.engine_tags),
+            # LLM engines import torch and the model code at start, not in their first task.
+            "preload_modules": ["tether_server.tasks.llm_model"]
+            if "tether_server.tasks.llm" in modules
+            else [],
         }
         try:
             info = await self.cluster.setup_engine(engine_id, config)
@@ -532,6 +546,7 @@ class Controller:
             await self.cluster.start_engines(1)
         except Exception:
             log.exception("could not start a replacement engine")
+            self._handle(msg.EngineStartFailed(time.time()))
 
     def _on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
         now = time.time()

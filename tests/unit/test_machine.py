@@ -1025,3 +1025,15 @@ def test_a_signal_to_an_engine_running_something_else_is_refused() -> None:
     task.attempt = 2  # the engine still runs attempt 1
     with pytest.raises(InvariantViolation):
         core._pool.signal(core.engines[0], task, SIGINT)
+
+
+def test_a_failed_engine_start_lets_a_later_loss_ask_for_a_replacement_again() -> None:
+    from tether_server.core.messages import EngineLost, EngineStartFailed, StartEngine
+
+    core = ControlCore(target_engines=1, replace_lost_engines=True, default_grace=GracePeriods())
+    core.handle(EngineRegistered(0, 0.0))
+    core.handle(EngineReady(0, "h", 1, frozenset(), 0.0))
+    first = core.handle(EngineLost(0, 1.0))
+    assert [i for i in first if isinstance(i, StartEngine)]
+    core.handle(EngineStartFailed(2.0))
+    assert core.requested_engine_starts == 0

@@ -52,6 +52,7 @@ from .messages import (
     CancelTimers,
     Dispatch,
     EngineLost,
+    EngineStartFailed,
     EngineReady,
     EngineRegistered,
     Event,
@@ -179,6 +180,9 @@ class ControlCore:
                 self._pool.register(event.engine_id, event.now)
             case EngineReady():
                 self._on_engine_ready(event, out)
+            case EngineStartFailed():
+                # Forget the start, so a later loss can ask for a replacement again.
+                self._pool.requested_starts = max(0, self._pool.requested_starts - 1)
             case EngineLost():
                 engine = self.engines.get(event.engine_id)
                 if engine is not None:

@@ -58,6 +58,13 @@ class EngineReady:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineStartFailed:
+    """A StartEngine instruction could not be carried out (no engine will register for it)."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class EngineLost:
     """The engine died or unregistered (nanny report, EngineError, or SIGKILL deadline)."""
 
@@ -169,6 +176,7 @@ Event = (
     | InterruptRequested
     | EngineRegistered
     | EngineReady
+    | EngineStartFailed
     | EngineLost
     | TaskStarted
     | TaskProgressed

@@ -25,6 +25,8 @@ The outcome
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import platform
 import shutil
@@ -94,6 +96,11 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
     if DEMO_MODULE not in modules:
         modules.append(DEMO_MODULE)
     registry.load_modules(modules)
+    # Import heavy libraries now, not inside the first task: their memory would
+    # otherwise count against that task (and an interrupt there would recycle the engine).
+    for name in config.get("preload_modules") or []:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(str(name))
     tags: list[str] = []
     for tag in [*(str(t) for t in config.get("tags") or []), *_detected_tags()]:
         if tag not in tags:

@@ -20,6 +20,7 @@ import gc
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Final
@@ -50,6 +51,32 @@ def _process() -> psutil.Process:
     return _PROCESS
 
 
+# --------------------------------------------------------------------------- resident memory
+ResidentProbe = Callable[[], tuple[int, int]]
+_RESIDENT_PROBES: list[ResidentProbe] = []
+
+
+def register_resident_probe(probe: ResidentProbe) -> None:
+    """Declare memory an engine keeps on purpose between tasks (a model cache).
+
+    ``probe()`` returns (host bytes, GPU bytes) held deliberately right now. Growth
+    of that memory during a task is not a leak: a serving engine that loads a
+    model's weights once must not be recycled for it.
+    """
+    if probe not in _RESIDENT_PROBES:
+        _RESIDENT_PROBES.append(probe)
+
+
+def _resident() -> tuple[int, int]:
+    host = gpu = 0
+    for probe in _RESIDENT_PROBES:
+        with contextlib.suppress(Exception):
+            h, g = probe()
+            host += int(h)
+            gpu += int(g)
+    return host, gpu
+
+
 # --------------------------------------------------------------------------- snapshots
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -60,16 +87,22 @@ class Snapshot:
     gpu_reserved_bytes: int
     children: frozenset[tuple[int, float]]
     """Descendant processes as (pid, create time): a reused pid is a different process."""
+    resident_host_bytes: int = 0
+    resident_gpu_bytes: int = 0
+    """Memory declared as kept on purpose (register_resident_probe)."""
 
 
 def take_snapshot(*, children: bool = True) -> Snapshot:
     """Measure now; ``children=False`` skips listing descendant processes (empty set)."""
     allocated, reserved = _cuda_memory()
+    host, gpu = _resident()
     return Snapshot(
         rss_bytes=_process().memory_info().rss,
         gpu_allocated_bytes=allocated,
         gpu_reserved_bytes=reserved,
         children=frozenset(_descendants()) if children else frozenset(),
+        resident_host_bytes=host,
+        resident_gpu_bytes=gpu,
     )
 
 
@@ -322,11 +355,14 @@ class ResourceReport:
 
     @property
     def rss_growth(self) -> int:
-        return self.after.rss_bytes - self.before.rss_bytes
+        """RSS growth, less memory declared resident (a model cache filled by this task)."""
+        resident = self.after.resident_host_bytes - self.before.resident_host_bytes
+        return self.after.rss_bytes - self.before.rss_bytes - max(0, resident)
 
     @property
     def gpu_growth(self) -> int:
-        return self.after.gpu_allocated_bytes - self.before.gpu_allocated_bytes
+        resident = self.after.resident_gpu_bytes - self.before.resident_gpu_bytes
+        return self.after.gpu_allocated_bytes - self.before.gpu_allocated_bytes - max(0, resident)
 
     @property
     def memory_reclaimed(self) -> bool:

@@ -35,6 +35,8 @@ from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
+
+from ..runtime.resources import register_resident_probe
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -417,6 +419,22 @@ def get_model(name: str, model_path: str, device: torch.device) -> LanguageModel
 def cached_models() -> dict[tuple[str, str], LanguageModel]:
     """A copy of the model cache, e.g. for reporting what an engine keeps loaded."""
     return dict(_MODELS)
+
+
+def _resident_bytes() -> tuple[int, int]:
+    """(host, GPU) bytes of cached model weights: kept on purpose, not leaked."""
+    host = gpu = 0
+    for model in list(_MODELS.values()):
+        for tensor in [*model.module.parameters(), *model.module.buffers()]:
+            size = tensor.numel() * tensor.element_size()
+            if tensor.device.type == "cuda":
+                gpu += size
+            else:
+                host += size
+    return host, gpu
+
+
+register_resident_probe(_resident_bytes)
 
 
 def clear_model_cache() -> None:
