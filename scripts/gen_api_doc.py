@@ -8,16 +8,12 @@ test_grpcurl_docs.py runs the same commands again, so the doc cannot go stale.
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.grpcurl_recipes import RECIPES, Recipe, fill, run  # noqa: E402
+from tests.e2e.grpcurl_recipes import RECIPES, fill, run
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -53,7 +49,10 @@ def main() -> int:
         cmd = fill(recipe, address)
         code, out = run(cmd, address)
         if code != recipe.exit_code:
-            print(f"recipe failed ({code} != {recipe.exit_code}): {recipe.command}\n{out}", file=sys.stderr)
+            print(
+                f"recipe failed ({code} != {recipe.exit_code}): {recipe.command}\n{out}",
+                file=sys.stderr,
+            )
             return 1
         shown = abridge(out)
         suffix = f"   # exits {recipe.exit_code}" if recipe.exit_code else ""
@@ -67,7 +66,7 @@ def main() -> int:
 def abridge(out: str, limit: int = 60) -> str:
     lines = out.rstrip().splitlines()
     if len(lines) > limit:
-        lines = lines[: limit - 1] + ["..."]
+        lines = [*lines[:limit - 1], "..."]
     return "\n".join(lines)
 
 

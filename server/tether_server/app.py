@@ -62,21 +62,91 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         prog="tether-server",
         description="gRPC control plane for long-running Python tasks on an ipyparallel cluster.",
     )
-    p.add_argument("--listen", default="127.0.0.1:50051", help="address to listen on (default %(default)s)")
-    p.add_argument("--engines", type=int, default=max(2, os.cpu_count() or 2), help="engines to start (default: cores, at least 2)")
-    p.add_argument("--data-dir", type=Path, default=None, help="where the SQLite store and cluster files live (default: the user's state dir)")
-    p.add_argument("--task-module", action="append", default=[], dest="task_modules", help="import this module on the server and engines to register tasks (repeatable)")
-    p.add_argument("--engine-tag", action="append", default=[], dest="engine_tags", help="tag every engine with this (repeatable); 'gpu' is detected")
-    p.add_argument("--attach", default="", help="attach to an existing ipyparallel cluster (cluster file or client connection file) instead of starting one")
-    p.add_argument("--grace-sigint", type=_duration, default=2.0, help="time after SIGINT before SIGTERM (default 2s)")
-    p.add_argument("--grace-sigterm", type=_duration, default=2.0, help="time after SIGTERM before SIGKILL (default 2s)")
-    p.add_argument("--grace-sigkill", type=_duration, default=5.0, help="time to wait for a killed engine's death (default 5s)")
-    p.add_argument("--default-timeout", type=_duration, default=None, help="timeout of tasks that give none (default: none)")
-    p.add_argument("--memory-limit", type=_bytes, default=0, help="interrupt a task whose engine RSS exceeds this (e.g. 2GiB; default off)")
-    p.add_argument("--rss-tolerance", type=_bytes, default=64 * 1024**2, help="RSS growth after a task that still counts as reclaimed")
-    p.add_argument("--max-args-bytes", type=_bytes, default=64 * 1024, help="largest accepted task arguments")
-    p.add_argument("--checkpoint-interval", type=_duration, default=5.0, help="checkpoint cadence of idle streams")
-    p.add_argument("--subscriber-queue", type=int, default=1024, help="events a subscriber may lag before it is cut off")
+    p.add_argument(
+        "--listen", default="127.0.0.1:50051", help="address to listen on (default %(default)s)"
+    )
+    p.add_argument(
+        "--engines",
+        type=int,
+        default=max(2, os.cpu_count() or 2),
+        help="engines to start (default: cores, at least 2)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the SQLite store and cluster files live (default: the user's state dir)",
+    )
+    p.add_argument(
+        "--task-module",
+        action="append",
+        default=[],
+        dest="task_modules",
+        help="import this module on the server and engines to register tasks (repeatable)",
+    )
+    p.add_argument(
+        "--engine-tag",
+        action="append",
+        default=[],
+        dest="engine_tags",
+        help="tag every engine with this (repeatable); 'gpu' is detected",
+    )
+    p.add_argument(
+        "--attach",
+        default="",
+        help="attach to an existing ipyparallel cluster (cluster file or client connection file) instead of starting one",
+    )
+    p.add_argument(
+        "--grace-sigint",
+        type=_duration,
+        default=2.0,
+        help="time after SIGINT before SIGTERM (default 2s)",
+    )
+    p.add_argument(
+        "--grace-sigterm",
+        type=_duration,
+        default=2.0,
+        help="time after SIGTERM before SIGKILL (default 2s)",
+    )
+    p.add_argument(
+        "--grace-sigkill",
+        type=_duration,
+        default=5.0,
+        help="time to wait for a killed engine's death (default 5s)",
+    )
+    p.add_argument(
+        "--default-timeout",
+        type=_duration,
+        default=None,
+        help="timeout of tasks that give none (default: none)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=_bytes,
+        default=0,
+        help="interrupt a task whose engine RSS exceeds this (e.g. 2GiB; default off)",
+    )
+    p.add_argument(
+        "--rss-tolerance",
+        type=_bytes,
+        default=64 * 1024**2,
+        help="RSS growth after a task that still counts as reclaimed",
+    )
+    p.add_argument(
+        "--max-args-bytes", type=_bytes, default=64 * 1024, help="largest accepted task arguments"
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=_duration,
+        default=5.0,
+        help="checkpoint cadence of idle streams",
+    )
+    p.add_argument(
+        "--subscriber-queue",
+        type=int,
+        default=1024,
+        help="events a subscriber may lag before it is cut off",
+    )
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     a = p.parse_args(argv)
     if a.engines < 1:
@@ -117,7 +187,9 @@ def _handlers(tasks: TaskService, cluster: ClusterService) -> list[grpc.GenericR
         TASK_SERVICE,
         {
             "SubmitTask": unary(tasks.SubmitTask, s.SubmitTaskRequest, s.SubmitTaskResponse),
-            "InterruptTask": unary(tasks.InterruptTask, s.InterruptTaskRequest, s.InterruptTaskResponse),
+            "InterruptTask": unary(
+                tasks.InterruptTask, s.InterruptTaskRequest, s.InterruptTaskResponse
+            ),
             "GetTask": unary(tasks.GetTask, s.GetTaskRequest, s.GetTaskResponse),
             "ListTasks": unary(tasks.ListTasks, s.ListTasksRequest, s.ListTasksResponse),
             "StreamTaskStatus": grpc.unary_stream_rpc_method_handler(
@@ -154,6 +226,7 @@ class TetherServer:
         )
         self.port = 0
         self._serving: bool | None = None
+        self._health_updates: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         ctl = self.controller
@@ -168,8 +241,11 @@ class TetherServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._set_serving(False)
+
         def on_serving_changed(serving: bool) -> None:
-            asyncio.ensure_future(self._set_serving(serving))
+            fut = asyncio.ensure_future(self._set_serving(serving))
+            self._health_updates.add(fut)
+            fut.add_done_callback(self._health_updates.discard)
 
         ctl.on_serving_changed = on_serving_changed
         await self.server.start()
@@ -180,7 +256,11 @@ class TetherServer:
         if serving == self._serving:
             return
         self._serving = serving
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", TASK_SERVICE, CLUSTER_SERVICE):
             await self.health.set(name, status)
 
@@ -201,7 +281,7 @@ def banner(server: TetherServer) -> str:
     n = server.config.engines
     return (
         f"tether-server: serving on {addr} ({n} engines, data in {server.config.data_dir})\n"
-        f"  try: grpcurl -plaintext -d '{{\"task\": \"demo.sleep\", \"args\": {{\"seconds\": 5}}}}' "
+        f'  try: grpcurl -plaintext -d \'{{"task": "demo.sleep", "args": {{"seconds": 5}}}}\' '
         f"{addr} tether.v1.TaskService/SubmitTask"
     )
 
@@ -220,7 +300,9 @@ async def serve(config: ServerConfig) -> int:
         await waiter
     elif starting in done:
         waiter.cancel()
-        print(f"tether-server: failed to start: {starting.exception()}", file=sys.stderr, flush=True)
+        print(
+            f"tether-server: failed to start: {starting.exception()}", file=sys.stderr, flush=True
+        )
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.stop(), timeout=9)
         return 1

@@ -218,7 +218,9 @@ class Controller:
         if dedup is not None:
             return _copy(core.tasks[dedup]), True
         if task_id not in core.tasks:
-            raise err.TaskNotFound(f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"})
+            raise err.TaskNotFound(
+                f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
+            )
         now = time.time()
         self._handle(
             msg.InterruptRequested(
@@ -240,16 +242,20 @@ class Controller:
     def get(self, task_id: str) -> Task:
         task = self._core().tasks.get(task_id)
         if task is None:
-            raise err.TaskNotFound(f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"})
+            raise err.TaskNotFound(
+                f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
+            )
         return task
 
-    def list_tasks(self, flt: TaskFilter, after_seq: int, limit: int) -> tuple[list[Task], int | None]:
+    def list_tasks(
+        self, flt: TaskFilter, after_seq: int, limit: int
+    ) -> tuple[list[Task], int | None]:
         """Tasks with seq > after_seq matching the filter; returns (page, last seq or None at the end)."""
         tasks = self._core().tasks
         start = bisect.bisect_right(self._order, (after_seq, "\uffff"))
         page: list[Task] = []
         for i in range(start, len(self._order)):
-            seq, tid = self._order[i]
+            _seq, tid = self._order[i]
             task = tasks.get(tid)
             if task is None or not flt.matches(task):
                 continue
@@ -282,12 +288,15 @@ class Controller:
             raise err.ShuttingDown("the server is shutting down")
         if len(self._subscribers) >= self.config.limits.max_subscribers:
             raise err.ResourceExhausted(
-                "too many subscribers", metadata={"maxSubscribers": str(self.config.limits.max_subscribers)}
+                "too many subscribers",
+                metadata={"maxSubscribers": str(self.config.limits.max_subscribers)},
             )
         core = self._core()
         eventlog = self._eventlog()
         if task_id is not None and task_id not in core.tasks:
-            raise err.TaskNotFound(f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"})
+            raise err.TaskNotFound(
+                f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
+            )
         options = StreamOptions(task_id, flt, exclude_progress, full_view)
         probe = Subscription(options, 0, [])
         initial: list[Any] = []
@@ -360,7 +369,9 @@ class Controller:
         entry = LogEntry(p.revision, p.kind, p.task, p.time, p.chunk, [None])
         self._eventlog().append(entry)
         batch = self._batch_for_write()
-        batch.events.append(StoredEvent(p.revision, p.kind.value, p.task.id, p.time, p.chunk, p.task))
+        batch.events.append(
+            StoredEvent(p.revision, p.kind.value, p.task.id, p.time, p.chunk, p.task)
+        )
         if p.kind is not msg.EventKind.OUTPUT:
             batch.tasks.append(p.task)
         for sub in tuple(self._subscribers):
@@ -584,7 +595,9 @@ class Controller:
             p = self.config.llm_timeout
             tokens = float(spec.args.get("max_tokens", 64) or 0)
             prompt = len(str(spec.args.get("prompt", "")))
-            return p.base_seconds + p.per_token_seconds * tokens + p.per_prompt_char_seconds * prompt
+            return (
+                p.base_seconds + p.per_token_seconds * tokens + p.per_prompt_char_seconds * prompt
+            )
         return self.config.default_timeout_seconds
 
     async def _resource_policy_loop(self) -> None:
@@ -595,7 +608,11 @@ class Controller:
             await asyncio.sleep(0.25)
             core = self._core()
             for engine in list(core.engines.values()):
-                if engine.state is not EngineState.BUSY or not engine.pid or engine.current_task is None:
+                if (
+                    engine.state is not EngineState.BUSY
+                    or not engine.pid
+                    or engine.current_task is None
+                ):
                     continue
                 try:
                     rss = psutil.Process(engine.pid).memory_info().rss
@@ -655,7 +672,9 @@ class Controller:
     def _update_serving(self) -> None:
         if self._shutting_down or self.core is None:
             return
-        serving = any(e.state in (EngineState.IDLE, EngineState.BUSY) for e in self.core.engines.values())
+        serving = any(
+            e.state in (EngineState.IDLE, EngineState.BUSY) for e in self.core.engines.values()
+        )
         self.on_serving_changed(serving)
 
 

@@ -41,12 +41,23 @@ DOC_COMMANDS = documented_commands((REPO / "docs" / "api.md").read_text())
 
 def test_the_docs_document_every_rpc() -> None:
     text = " ".join(cmd for cmd, _ in DOC_COMMANDS)
-    for rpc in ("SubmitTask", "InterruptTask", "StreamTaskStatus", "GetTask", "ListTasks", "GetCluster", "Health/Check", " list"):
+    for rpc in (
+        "SubmitTask",
+        "InterruptTask",
+        "StreamTaskStatus",
+        "GetTask",
+        "ListTasks",
+        "GetCluster",
+        "Health/Check",
+        " list",
+    ):
         assert rpc in text, rpc
 
 
 @pytest.mark.parametrize(("command", "expected"), DOC_COMMANDS + _readme_commands())
-def test_documented_grpcurl_command_works(server: ServerProcess, command: str, expected: int) -> None:
+def test_documented_grpcurl_command_works(
+    server: ServerProcess, command: str, expected: int
+) -> None:
     code, out = run(fill(command, server.address), server.address)
     assert code == expected, out
     if expected == 0:

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tests.support import ServerProcess
+from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 
 FAST_GRACE = ["--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--grace-sigkill", "5s"]
 

@@ -61,7 +61,9 @@ def wait_state(
         time.sleep(0.02)
 
 
-def wait_terminal(stub: task_service_pb2_grpc.TaskServiceStub, name: str, timeout: float = 30.0) -> tpb.Task:
+def wait_terminal(
+    stub: task_service_pb2_grpc.TaskServiceStub, name: str, timeout: float = 30.0
+) -> tpb.Task:
     return wait_state(stub, name, TERMINAL, timeout)
 
 

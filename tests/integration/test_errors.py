@@ -34,23 +34,35 @@ def test_unknown_task_name_is_invalid_argument_unknown_task(tasks):  # type: ign
 def test_arguments_of_the_wrong_shape_are_invalid_arguments(tasks):  # type: ignore[no-untyped-def]
     req = spb.SubmitTaskRequest(task="demo.sleep", args=struct({"secs": 1}))
     code, reason, _, fields = _refused(tasks.SubmitTask, req)
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENTS", ["args"])
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENTS",
+        ["args"],
+    )
     req = spb.SubmitTaskRequest(task="demo.sleep", args=struct({"seconds": "long"}))
     code, reason, _, fields = _refused(tasks.SubmitTask, req)
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENTS", ["args"])
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENTS",
+        ["args"],
+    )
 
 
 def test_arguments_over_the_size_limit_are_args_too_large(tasks):  # type: ignore[no-untyped-def]
     req = spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": "x" * 100_000}))
-    code, reason, metadata, fields = _refused(tasks.SubmitTask, req)
+    code, reason, _metadata, fields = _refused(tasks.SubmitTask, req)
     assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "ARGS_TOO_LARGE", ["args"])
 
 
 def test_unknown_task_id_is_not_found(tasks):  # type: ignore[no-untyped-def]
-    code, reason, metadata, _ = _refused(tasks.GetTask, spb.GetTaskRequest(name="tasks/doesnotexist"))
+    code, reason, metadata, _ = _refused(
+        tasks.GetTask, spb.GetTaskRequest(name="tasks/doesnotexist")
+    )
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "TASK_NOT_FOUND")
     assert metadata["name"] == "tasks/doesnotexist"
-    code, reason, _, _ = _refused(tasks.InterruptTask, spb.InterruptTaskRequest(name="tasks/doesnotexist"))
+    code, reason, _, _ = _refused(
+        tasks.InterruptTask, spb.InterruptTaskRequest(name="tasks/doesnotexist")
+    )
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "TASK_NOT_FOUND")
 
 
@@ -62,12 +74,20 @@ def test_malformed_task_name_is_invalid_name(tasks):  # type: ignore[no-untyped-
 def test_malformed_resume_token_is_invalid_argument(tasks):  # type: ignore[no-untyped-def]
     req = spb.StreamTaskStatusRequest(resume_token="garbage!")
     code, reason, _, fields = _refused(tasks.StreamTaskStatus, req)
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN", ["resume_token"])
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_RESUME_TOKEN",
+        ["resume_token"],
+    )
 
 
 def test_bad_page_token_is_invalid_page_token(tasks):  # type: ignore[no-untyped-def]
     code, reason, _, fields = _refused(tasks.ListTasks, spb.ListTasksRequest(page_token="nope"))
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", ["page_token"])
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_TOKEN",
+        ["page_token"],
+    )
 
 
 def test_page_token_with_another_filter_is_refused(tasks):  # type: ignore[no-untyped-def]
@@ -75,28 +95,42 @@ def test_page_token_with_another_filter_is_refused(tasks):  # type: ignore[no-un
         submit(tasks, "demo.echo", args={"value": 1})
     page = tasks.ListTasks(spb.ListTasksRequest(page_size=1), timeout=10)
     assert page.next_page_token
-    req = spb.ListTasksRequest(page_size=1, page_token=page.next_page_token, filter=spb.TaskFilter(tasks=["demo.echo"]))
+    req = spb.ListTasksRequest(
+        page_size=1, page_token=page.next_page_token, filter=spb.TaskFilter(tasks=["demo.echo"])
+    )
     code, reason, _, _ = _refused(tasks.ListTasks, req)
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
 
 
 def test_negative_page_size_is_invalid_page_size(tasks):  # type: ignore[no-untyped-def]
     code, reason, _, fields = _refused(tasks.ListTasks, spb.ListTasksRequest(page_size=-1))
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", ["page_size"])
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PAGE_SIZE",
+        ["page_size"],
+    )
 
 
 def test_interrupt_of_a_finished_task_is_failed_precondition(tasks):  # type: ignore[no-untyped-def]
     task = submit(tasks, "demo.echo", args={"value": 1})
     assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
-    code, reason, metadata, _ = _refused(tasks.InterruptTask, spb.InterruptTaskRequest(name=task.name))
+    code, reason, metadata, _ = _refused(
+        tasks.InterruptTask, spb.InterruptTaskRequest(name=task.name)
+    )
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "TASK_ALREADY_TERMINAL")
     assert metadata.get("state") == "TASK_STATE_SUCCEEDED"
 
 
 def test_reused_request_id_with_another_payload_is_already_exists(tasks):  # type: ignore[no-untyped-def]
     rid = str(uuid.uuid4())
-    first = tasks.SubmitTask(spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": 1}), request_id=rid), timeout=10)
-    again = tasks.SubmitTask(spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": 1}), request_id=rid), timeout=10)
+    first = tasks.SubmitTask(
+        spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": 1}), request_id=rid),
+        timeout=10,
+    )
+    again = tasks.SubmitTask(
+        spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": 1}), request_id=rid),
+        timeout=10,
+    )
     assert (again.task.name, again.deduplicated) == (first.task.name, True)
     req = spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": 2}), request_id=rid)
     code, reason, _, _ = _refused(tasks.SubmitTask, req)
@@ -104,9 +138,15 @@ def test_reused_request_id_with_another_payload_is_already_exists(tasks):  # typ
 
 
 def test_grace_over_the_server_limit_is_invalid_grace(tasks):  # type: ignore[no-untyped-def]
-    req = spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": 1}), grace=tpb.GracePeriods(sigint=seconds(10_000)))
+    req = spb.SubmitTaskRequest(
+        task="demo.echo", args=struct({"value": 1}), grace=tpb.GracePeriods(sigint=seconds(10_000))
+    )
     code, reason, _, fields = _refused(tasks.SubmitTask, req)
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_GRACE", ["grace.sigint"])
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_GRACE",
+        ["grace.sigint"],
+    )
 
 
 def test_server_keeps_serving_after_bad_input(tasks):  # type: ignore[no-untyped-def]

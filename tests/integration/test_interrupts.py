@@ -23,7 +23,9 @@ def _wait_pool_full(cluster, size: int = 2, timeout: float = 60.0) -> list[cpb.E
     return wait_for(lambda: (e := _usable_engines(cluster)) and len(e) >= size and e, timeout)
 
 
-def test_interrupted_sleep_ends_interrupted_within_a_second_runs_its_hook_and_keeps_its_engine(tasks, cluster):  # type: ignore[no-untyped-def]
+def test_interrupted_sleep_ends_interrupted_within_a_second_runs_its_hook_and_keeps_its_engine(
+    tasks, cluster
+):  # type: ignore[no-untyped-def]
     _wait_pool_full(cluster)
     task = submit(tasks, "demo.sleep", args={"seconds": 60})
     running = wait_state(tasks, task.name, {tpb.TASK_STATE_RUNNING})
@@ -122,7 +124,9 @@ def test_interrupt_is_idempotent_while_interrupting_and_refused_after_success(ta
     wait_state(tasks, task.name, {tpb.TASK_STATE_RUNNING})
     time.sleep(0.3)
     grace = tpb.GracePeriods(sigint=seconds(2), sigterm=seconds(2))
-    first = tasks.InterruptTask(spb.InterruptTaskRequest(name=task.name, grace=grace), timeout=10).task
+    first = tasks.InterruptTask(
+        spb.InterruptTaskRequest(name=task.name, grace=grace), timeout=10
+    ).task
     assert first.state == tpb.TASK_STATE_INTERRUPTING
     again = tasks.InterruptTask(spb.InterruptTaskRequest(name=task.name), timeout=10).task
     assert again.state == tpb.TASK_STATE_INTERRUPTING

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import grpc
 
+from tests.support import ServerProcess, ipyparallel_processes_of, pid_alive
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 from tether.v1 import task_service_pb2_grpc
-from tests.support import ServerProcess, ipyparallel_processes_of, pid_alive
 
 from .helpers import TERMINAL, get, submit, wait_state, wait_terminal
 
 
-def test_killed_server_restarts_with_its_records_and_tokens_and_fails_running_tasks(tmp_path: Path) -> None:
+def test_killed_server_restarts_with_its_records_and_tokens_and_fails_running_tasks(
+    tmp_path: Path,
+) -> None:
     data = tmp_path / "data"
     first = ServerProcess(data, engines=2)
     try:
@@ -30,27 +32,31 @@ def test_killed_server_restarts_with_its_records_and_tokens_and_fails_running_ta
             before = [r.task_event.revision for r in _drain(stub, token)]
         first.kill()  # SIGKILL: no shutdown code runs
         second = ServerProcess(data, port=first.port, engines=2)
-        with second:
-            with grpc.insecure_channel(second.address) as ch:
-                stub = task_service_pb2_grpc.TaskServiceStub(ch)
-                kept = get(stub, done.name)
-                assert (kept.state, kept.output) == (tpb.TASK_STATE_SUCCEEDED, kept.output)
-                assert stub.GetTask(spb.GetTaskRequest(name=done.name), timeout=10).task.result.string_value == "kept"
-                failed = get(stub, running.name)
-                assert failed.state == tpb.TASK_STATE_FAILED
-                assert failed.error.reason == "CONTROLLER_RESTARTED"
-                # A token issued before the restart still resumes, and the stream shows the failure.
-                after = _drain(stub, token)
-                revisions = [r.task_event.revision for r in after]
-                assert revisions[: len(before)] == before
-                assert any(
-                    r.task_event.task.name == running.name
-                    and r.task_event.task.state == tpb.TASK_STATE_FAILED
-                    for r in after
-                )
-                # And it still runs new work.
-                new = submit(stub, "demo.echo", args={"value": 2})
-                assert wait_terminal(stub, new.name).state == tpb.TASK_STATE_SUCCEEDED
+        with second, grpc.insecure_channel(second.address) as ch:
+            stub = task_service_pb2_grpc.TaskServiceStub(ch)
+            kept = get(stub, done.name)
+            assert (kept.state, kept.output) == (tpb.TASK_STATE_SUCCEEDED, kept.output)
+            assert (
+                stub.GetTask(
+                    spb.GetTaskRequest(name=done.name), timeout=10
+                ).task.result.string_value
+                == "kept"
+            )
+            failed = get(stub, running.name)
+            assert failed.state == tpb.TASK_STATE_FAILED
+            assert failed.error.reason == "CONTROLLER_RESTARTED"
+            # A token issued before the restart still resumes, and the stream shows the failure.
+            after = _drain(stub, token)
+            revisions = [r.task_event.revision for r in after]
+            assert revisions[: len(before)] == before
+            assert any(
+                r.task_event.task.name == running.name
+                and r.task_event.task.state == tpb.TASK_STATE_FAILED
+                for r in after
+            )
+            # And it still runs new work.
+            new = submit(stub, "demo.echo", args={"value": 2})
+            assert wait_terminal(stub, new.name).state == tpb.TASK_STATE_SUCCEEDED
     finally:
         first.kill_leftovers()
 
@@ -75,7 +81,9 @@ def _sec(x: float):  # type: ignore[no-untyped-def]
     return seconds(x)
 
 
-def test_sigterm_shuts_down_gracefully_within_ten_seconds_and_leaves_no_process(tmp_path: Path) -> None:
+def test_sigterm_shuts_down_gracefully_within_ten_seconds_and_leaves_no_process(
+    tmp_path: Path,
+) -> None:
     data = tmp_path / "data"
     server = ServerProcess(data, engines=2)
     server.start()

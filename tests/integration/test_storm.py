@@ -39,9 +39,11 @@ def test_interrupt_storm_loses_nothing_kills_no_engine_and_hits_only_its_targets
         )
         try:
             for resp in call:
-                if resp.HasField("task_event") and resp.task_event.type == spb.TASK_EVENT_TYPE_STATE_CHANGED:
-                    if resp.task_event.task.state in TERMINAL:
-                        terminal_events[resp.task_event.task.name] += 1
+                if (
+                    resp.HasField("task_event")
+                    and resp.task_event.type == spb.TASK_EVENT_TYPE_STATE_CHANGED
+                ) and resp.task_event.task.state in TERMINAL:
+                    terminal_events[resp.task_event.task.name] += 1
                 if stop.is_set():
                     call.cancel()
         except grpc.RpcError as exc:
@@ -63,7 +65,9 @@ def test_interrupt_storm_loses_nothing_kills_no_engine_and_hits_only_its_targets
             time.sleep(rng.random() * 0.02)
             targets.add(resp.task.name)
             try:
-                tasks.InterruptTask(spb.InterruptTaskRequest(name=resp.task.name, reason="storm"), timeout=30)
+                tasks.InterruptTask(
+                    spb.InterruptTaskRequest(name=resp.task.name, reason="storm"), timeout=30
+                )
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION  # it already finished
 
@@ -97,6 +101,10 @@ def test_interrupt_storm_loses_nothing_kills_no_engine_and_hits_only_its_targets
         if e.state in (cpb.ENGINE_STATE_IDLE, cpb.ENGINE_STATE_BUSY)
     }
     assert engines_after == engines_before
-    lost = [e for e in cluster.GetCluster(cpb.GetClusterRequest(), timeout=10).engines if e.state == cpb.ENGINE_STATE_LOST]
+    lost = [
+        e
+        for e in cluster.GetCluster(cpb.GetClusterRequest(), timeout=10).engines
+        if e.state == cpb.ENGINE_STATE_LOST
+    ]
     assert not [e for e in lost if e.id in engines_before]
     assert get(tasks, names[0]).state in TERMINAL

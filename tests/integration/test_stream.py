@@ -26,11 +26,16 @@ def _replay(stub, token: str, run: str, until_terminal: int) -> list[int]:  # ty
     """All event revisions for the run after ``token``, read in one go."""
     revisions: list[int] = []
     terminal = 0
-    call = stub.StreamTaskStatus(spb.StreamTaskStatusRequest(filter=_filter(run), resume_token=token))
+    call = stub.StreamTaskStatus(
+        spb.StreamTaskStatusRequest(filter=_filter(run), resume_token=token)
+    )
     for resp in call:
         if resp.HasField("task_event"):
             revisions.append(resp.task_event.revision)
-            if resp.task_event.type == spb.TASK_EVENT_TYPE_STATE_CHANGED and resp.task_event.task.state in TERMINAL:
+            if (
+                resp.task_event.type == spb.TASK_EVENT_TYPE_STATE_CHANGED
+                and resp.task_event.task.state in TERMINAL
+            ):
                 terminal += 1
                 if terminal == until_terminal:
                     call.cancel()
@@ -46,9 +51,13 @@ def test_single_task_stream_sends_state_changes_and_ends_ok_after_the_terminal_e
     assert kinds[0] == spb.TASK_EVENT_TYPE_SNAPSHOT
     assert states[-1] == tpb.TASK_STATE_SUCCEEDED
     assert kinds.count(spb.TASK_EVENT_TYPE_OUTPUT) == 5
-    chunks = [e.task_event.output_chunk for e in events if e.task_event.type == spb.TASK_EVENT_TYPE_OUTPUT]
+    chunks = [
+        e.task_event.output_chunk for e in events if e.task_event.type == spb.TASK_EVENT_TYPE_OUTPUT
+    ]
     assert chunks == [f"step {i}\n" for i in range(5)] or len(chunks) == 5
-    revs = [e.task_event.revision for e in events if e.task_event.type != spb.TASK_EVENT_TYPE_SNAPSHOT]
+    revs = [
+        e.task_event.revision for e in events if e.task_event.type != spb.TASK_EVENT_TYPE_SNAPSHOT
+    ]
     assert revs == sorted(set(revs))
 
 
@@ -72,7 +81,11 @@ def test_subscriber_disconnected_at_random_moments_gets_every_event_exactly_once
     reconnects = 0
     while terminal < n_tasks:
         budget = rng.randint(1, 60)
-        call = tasks.StreamTaskStatus(spb.StreamTaskStatusRequest(filter=_filter(run), resume_token=token, checkpoint_interval=_sec(0.2)))
+        call = tasks.StreamTaskStatus(
+            spb.StreamTaskStatusRequest(
+                filter=_filter(run), resume_token=token, checkpoint_interval=_sec(0.2)
+            )
+        )
         try:
             for resp in call:
                 token = resp.resume_token
@@ -113,12 +126,17 @@ def test_two_hundred_concurrent_subscribers_see_identical_sequences(server, task
             async def subscriber() -> list[int]:
                 seen: list[int] = []
                 terminal = 0
-                call = stub.StreamTaskStatus(spb.StreamTaskStatusRequest(filter=_filter(run), resume_token=token))
+                call = stub.StreamTaskStatus(
+                    spb.StreamTaskStatusRequest(filter=_filter(run), resume_token=token)
+                )
                 async for resp in call:
                     if resp.HasField("task_event"):
                         seen.append(resp.task_event.revision)
                         ev = resp.task_event
-                        if ev.type == spb.TASK_EVENT_TYPE_STATE_CHANGED and ev.task.state in TERMINAL:
+                        if (
+                            ev.type == spb.TASK_EVENT_TYPE_STATE_CHANGED
+                            and ev.task.state in TERMINAL
+                        ):
                             terminal += 1
                             if terminal == n_tasks:
                                 call.cancel()
@@ -130,7 +148,9 @@ def test_two_hundred_concurrent_subscribers_see_identical_sequences(server, task
             await asyncio.sleep(0.5)
             for i in range(n_tasks):
                 await stub.SubmitTask(
-                    spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": i}), labels={"run": run})
+                    spb.SubmitTaskRequest(
+                        task="demo.echo", args=struct({"value": i}), labels={"run": run}
+                    )
                 )
             return await asyncio.wait_for(asyncio.gather(*subs), timeout=120)
 
@@ -150,7 +170,7 @@ def test_slow_subscriber_is_cut_off_as_lagging_while_others_keep_pace(tasks, ser
     first = next(iter(slow))  # opened; now stop reading
     fast_count = 0
     task = submit(tasks, "demo.count", args={"n": 2000, "interval": 0.002})
-    for resp in tasks.StreamTaskStatus(spb.StreamTaskStatusRequest(name=task.name), timeout=120):
+    for _resp in tasks.StreamTaskStatus(spb.StreamTaskStatusRequest(name=task.name), timeout=120):
         fast_count += 1
     assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
     assert fast_count > 4000
@@ -166,7 +186,9 @@ def test_slow_subscriber_is_cut_off_as_lagging_while_others_keep_pace(tasks, ser
 def test_idle_stream_gets_checkpoints_that_advance_the_token(tasks):  # type: ignore[no-untyped-def]
     run = uuid.uuid4().hex[:12]
     call = tasks.StreamTaskStatus(
-        spb.StreamTaskStatusRequest(filter=_filter(run), checkpoint_interval=_sec(0.2), send_initial_state=True)
+        spb.StreamTaskStatusRequest(
+            filter=_filter(run), checkpoint_interval=_sec(0.2), send_initial_state=True
+        )
     )
     seen = []
     t0 = time.monotonic()
@@ -187,12 +209,20 @@ def test_expired_and_foreign_tokens_are_refused_with_out_of_range(tasks):  # typ
     foreign = base64.urlsafe_b64encode(b"t1|" + b"0" * 32 + b"|5").decode().rstrip("=")
     with pytest.raises(grpc.RpcError) as caught:
         list(tasks.StreamTaskStatus(spb.StreamTaskStatusRequest(resume_token=foreign), timeout=5))
-    code, reason, metadata, _ = error_info(caught.value)
+    code, reason, _metadata, _ = error_info(caught.value)
     assert (code, reason) == (grpc.StatusCode.OUT_OF_RANGE, "RESUME_TOKEN_EXPIRED")
     with pytest.raises(grpc.RpcError) as caught:
-        list(tasks.StreamTaskStatus(spb.StreamTaskStatusRequest(resume_token="%%%not-a-token"), timeout=5))
+        list(
+            tasks.StreamTaskStatus(
+                spb.StreamTaskStatusRequest(resume_token="%%%not-a-token"), timeout=5
+            )
+        )
     code, reason, _, fields = error_info(caught.value)
-    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN", ["resume_token"])
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_RESUME_TOKEN",
+        ["resume_token"],
+    )
 
 
 def test_client_disconnect_never_touches_the_task(tasks):  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tether_server.core.errors import InvalidRequest, ResumeTokenExpired
 from tether_server.core.eventlog import (
     EventLog,

@@ -6,6 +6,7 @@ import itertools
 from typing import Any, TypeVar
 
 import pytest
+
 from tether_server.core.errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
 from tether_server.core.machine import ControlCore
 from tether_server.core.messages import (

@@ -29,6 +29,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+
 from tether_server.core.errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
 from tether_server.core.machine import ALREADY_ENDED, ControlCore
 from tether_server.core.messages import (

@@ -18,7 +18,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 class _DocumentedFile:
     """A FileDescriptor look-alike whose CopyToProto keeps comments."""
 
-    def __init__(self, descriptor: Any, documented: dict[str, descriptor_pb2.FileDescriptorProto]) -> None:
+    def __init__(
+        self, descriptor: Any, documented: dict[str, descriptor_pb2.FileDescriptorProto]
+    ) -> None:
         self._descriptor = descriptor
         self._documented = documented
 
@@ -30,7 +32,7 @@ class _DocumentedFile:
     def dependencies(self) -> list[_DocumentedFile]:
         return [_DocumentedFile(d, self._documented) for d in self._descriptor.dependencies]
 
-    def CopyToProto(self, proto: descriptor_pb2.FileDescriptorProto) -> None:  # noqa: N802 - protobuf's name
+    def CopyToProto(self, proto: descriptor_pb2.FileDescriptorProto) -> None:
         documented = self._documented.get(self.name)
         if documented is not None:
             proto.CopyFrom(documented)
@@ -41,14 +43,18 @@ class _DocumentedFile:
 class DocumentedPool:
     """Delegates to a DescriptorPool; file lookups come back with their comments."""
 
-    def __init__(self, pool: descriptor_pool.DescriptorPool, documented: dict[str, descriptor_pb2.FileDescriptorProto]) -> None:
+    def __init__(
+        self,
+        pool: descriptor_pool.DescriptorPool,
+        documented: dict[str, descriptor_pb2.FileDescriptorProto],
+    ) -> None:
         self._pool = pool
         self._documented = documented
 
-    def FindFileByName(self, name: str) -> _DocumentedFile:  # noqa: N802
+    def FindFileByName(self, name: str) -> _DocumentedFile:
         return _DocumentedFile(self._pool.FindFileByName(name), self._documented)
 
-    def FindFileContainingSymbol(self, symbol: str) -> _DocumentedFile:  # noqa: N802
+    def FindFileContainingSymbol(self, symbol: str) -> _DocumentedFile:
         return _DocumentedFile(self._pool.FindFileContainingSymbol(symbol), self._documented)
 
     def __getattr__(self, name: str) -> Any:
@@ -61,5 +67,9 @@ def documented_pool() -> DocumentedPool:
     from tether.v1 import cluster_service_pb2, task_service_pb2  # noqa: F401 - register them
 
     data = (Path(tether.v1.__file__).parent / "descriptor_set.binpb").read_bytes()
-    documented = {f.name: f for f in descriptor_pb2.FileDescriptorSet.FromString(data).file if f.name.startswith("tether/")}
+    documented = {
+        f.name: f
+        for f in descriptor_pb2.FileDescriptorSet.FromString(data).file
+        if f.name.startswith("tether/")
+    }
     return DocumentedPool(descriptor_pool.Default(), documented)

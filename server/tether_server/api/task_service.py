@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from tether.v1 import task_service_pb2 as spb
 from tether.v1 import task_pb2 as tpb
+from tether.v1 import task_service_pb2 as spb
 
 from ..controller import Controller, SubmitSpec
 from ..core.eventlog import decode_page_token, encode_page_token, encode_token
@@ -69,7 +69,11 @@ class TaskService:
         queue_timeout = None
         if request.HasField("queue_timeout"):
             queue_timeout = check_duration(
-                v, request.queue_timeout, "queue_timeout", "INVALID_TIMEOUT", limits.max_timeout_seconds
+                v,
+                request.queue_timeout,
+                "queue_timeout",
+                "INVALID_TIMEOUT",
+                limits.max_timeout_seconds,
             )
         grace = None
         if request.HasField("grace"):
@@ -97,7 +101,9 @@ class TaskService:
             required_tags=tuple(request.required_tags),
         )
         task, dedup = await self.controller.submit(spec)
-        return spb.SubmitTaskResponse(task=convert.task_to_pb(task, convert.BASIC), deduplicated=dedup)
+        return spb.SubmitTaskResponse(
+            task=convert.task_to_pb(task, convert.BASIC), deduplicated=dedup
+        )
 
     @unary_errors
     async def InterruptTask(
@@ -120,7 +126,9 @@ class TaskService:
             request_id=request.request_id,
             fingerprint=fingerprint(request),
         )
-        return spb.InterruptTaskResponse(task=convert.task_to_pb(task, convert.BASIC), deduplicated=dedup)
+        return spb.InterruptTaskResponse(
+            task=convert.task_to_pb(task, convert.BASIC), deduplicated=dedup
+        )
 
     @unary_errors
     async def GetTask(
@@ -136,7 +144,9 @@ class TaskService:
     ) -> spb.ListTasksResponse:
         v = Violations()
         if request.page_size < 0:
-            v.add("INVALID_PAGE_SIZE", "page_size", f"must not be negative, got {request.page_size}")
+            v.add(
+                "INVALID_PAGE_SIZE", "page_size", f"must not be negative, got {request.page_size}"
+            )
         check_filter(v, request.filter)
         v.raise_if_any()
         size = min(request.page_size or self.limits.default_page_size, self.limits.max_page_size)
@@ -166,7 +176,13 @@ class TaskService:
         check_filter(v, request.filter)
         interval = self.controller.config.checkpoint_interval_seconds
         if request.HasField("checkpoint_interval"):
-            interval = check_duration(v, request.checkpoint_interval, "checkpoint_interval", "INVALID_CHECKPOINT_INTERVAL", 3600)
+            interval = check_duration(
+                v,
+                request.checkpoint_interval,
+                "checkpoint_interval",
+                "INVALID_CHECKPOINT_INTERVAL",
+                3600,
+            )
             interval = max(interval, 0.05)
         v.raise_if_any()
         full = request.view == tpb.TASK_VIEW_FULL
@@ -211,11 +227,22 @@ class TaskService:
         """The serialized message of a log entry; BASIC is serialized once for all subscribers."""
         if full:
             return convert.event_response(
-                self.controller.epoch, entry.revision, entry.kind, entry.task, entry.time, entry.chunk, tpb.TASK_VIEW_FULL
+                self.controller.epoch,
+                entry.revision,
+                entry.kind,
+                entry.task,
+                entry.time,
+                entry.chunk,
+                tpb.TASK_VIEW_FULL,
             ).SerializeToString()
         cell = entry.payload
         if cell[0] is None:
             cell[0] = convert.event_response(
-                self.controller.epoch, entry.revision, entry.kind, entry.task, entry.time, entry.chunk
+                self.controller.epoch,
+                entry.revision,
+                entry.kind,
+                entry.task,
+                entry.time,
+                entry.chunk,
             ).SerializeToString()
         return bytes(cell[0])

@@ -35,10 +35,10 @@ from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
-
-from ..runtime.resources import register_resident_probe
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..runtime.resources import register_resident_probe
 
 BYTE_VOCAB = 256
 BOS_ID = 256
