@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from typing import Any
 
 from tether.v1 import task_pb2 as tpb
 
@@ -44,6 +45,7 @@ async def run(session: Session) -> BenchResult:
     server = await session.server()
     views = [raw.view(0), raw.view(1)]
     raw_rates: list[float] = []
+    depth1_rates: list[float] = []
     tether_rates: list[float] = []
     submit_phase: list[float] = []
     client_lag: list[float] = []
@@ -60,6 +62,21 @@ async def run(session: Session) -> BenchResult:
         if i >= 0:
             raw_rates.append(rate)
             say(f"raw rep {i}: {rate:.0f} tasks/s; CPU (100% = one core): {cpu.text()}")
+        # The same engines, one task in flight per engine, as tether dispatches.
+        t0 = now_ns()
+        next_index = 0
+
+        async def worker(view: Any) -> None:
+            nonlocal next_index
+            while next_index < count:
+                next_index += 1
+                await asyncio.wrap_future(view.apply_async(noop))
+
+        await asyncio.gather(*(worker(v) for v in views))
+        rate = count / ((now_ns() - t0) / 1e9)
+        if i >= 0:
+            depth1_rates.append(rate)
+            say(f"raw rep {i}, one task in flight per engine: {rate:.0f} tasks/s")
 
     async def with_tether(i: int) -> None:
         count = n if i >= 0 else n // 10
@@ -126,7 +143,21 @@ async def run(session: Session) -> BenchResult:
             why="" if met else f"ratio {ratio:.2f} < {TARGET_RATIO}",
         )
     ]
+    depth1 = statistics.median(depth1_rates)
+    rows.append(
+        Row(
+            ID,
+            "  same, raw with 1 task in flight per engine",
+            depth1,
+            teth,
+            "tasks/s",
+            f"{len(depth1_rates)}+{len(tether_rates)} runs",
+            "-",
+            None,
+        )
+    )
     details = {
+        "raw_one_in_flight_rates": depth1_rates,
         "tasks": n,
         "raw_rates": raw_rates,
         "tether_rates": tether_rates,
