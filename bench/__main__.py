@@ -18,7 +18,6 @@ import shutil
 import tempfile
 import time
 import traceback
-import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"tether benchmarks{' (quick)' if args.quick else ''}: {', '.join(args.ids)}")
     print(f"environment: {format_environment(env)}", flush=True)
-    nonce = uuid.uuid4().hex
-    mark_run(nonce)
+    nonce = mark_run()
     workdir = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     try:
         results = asyncio.run(run_all(args.ids, workdir, args.quick, args.py_spy))

@@ -20,6 +20,13 @@ ID = "B3"
 TITLE = "dispatch latency, sequential no-op"
 TARGET_RATIO = 1.5
 
+LEGS = (
+    "client send -> PENDING (server accepted)",
+    "PENDING -> RUNNING (dispatched)",
+    "RUNNING -> SUCCEEDED (engine round trip)",
+    "SUCCEEDED -> received by the subscriber",
+)
+
 
 async def run(session: Session) -> BenchResult:
     pairs = session.size(400, 60)
@@ -87,14 +94,6 @@ async def run(session: Session) -> BenchResult:
         "legs_ms": {leg: v.as_dict() for leg, v in leg_summaries.items()},
     }
     return BenchResult(ID, TITLE, rows, details)
-
-
-LEGS = (
-    "client send -> PENDING (server accepted)",
-    "PENDING -> RUNNING (dispatched)",
-    "RUNNING -> SUCCEEDED (engine round trip)",
-    "SUCCEEDED -> received by the subscriber",
-)
 
 
 def _legs(events: list[Seen], wall0: int, legs: dict[str, list[int]]) -> None:

@@ -19,8 +19,6 @@ from tether.v1 import task_pb2 as tpb
 from .engine_tasks import noop
 from .harness import (
     BenchResult,
-    CpuMeter,
-    LoopLagProbe,
     Row,
     Session,
     Summary,
@@ -28,6 +26,7 @@ from .harness import (
     now_ns,
     say,
 )
+from .probes import CpuMeter, LoopLagProbe
 from .tether_client import EventTap, run_label
 
 ID = "B4"

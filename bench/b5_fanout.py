@@ -34,10 +34,10 @@ import grpc
 import psutil
 
 from tests.support import REPO, free_port
-from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
-from .harness import MS, BenchResult, CpuMeter, LoopLagProbe, Row, Session, Summary, now_ns, say
+from .harness import MS, BenchResult, Row, Session, Summary, now_ns, say
+from .probes import CpuMeter, LoopLagProbe
 from .tether_client import STREAM_METHOD, TERMINAL, Tether, run_label
 
 ID = "B5"
@@ -307,11 +307,17 @@ async def _raw(n_subs: int, seconds: float) -> Outcome:
         )
         rate = RATE_TASKS * EVENTS_PER_TASK
         start = channels[0].unary_unary("/bench.Fanout/Start")
-        await start(f"{rate} {seconds} {shards}".encode())
         total = int(rate * seconds)
-        await asyncio.sleep(seconds)
-        await _wait_until(lambda: sum(len(s.messages) for s in subs) >= total * PER_SHARD, 15)
+        server = {"raw grpc.aio server": [psutil.Process(proc.pid)]}
+        with LoopLagProbe() as client_lag, CpuMeter(None, server) as cpu:
+            await start(f"{rate} {seconds} {shards}".encode())
+            await asyncio.sleep(seconds)
+            await _wait_until(lambda: sum(len(s.messages) for s in subs) >= total * PER_SHARD, 15)
         await _close(subs, [])
+        say(f"raw: CPU during the load (100% = one core): {cpu.text()}")
+        say(
+            f"raw: bench client's own loop lag during the load: {Summary.of(client_lag.lags_ms).text()}"
+        )
         lags: list[float] = []
         lost = duplicated = reordered = delivered = expected_n = 0
         for sub in subs:
@@ -413,6 +419,3 @@ def _outcome_dict(o: Outcome) -> dict[str, Any]:
         "expected": o.expected,
         "notes": o.notes,
     }
-
-
-_ = tpb

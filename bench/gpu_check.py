@@ -83,7 +83,7 @@ DEVICE_COMMAND = (
     "--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/server:$PWD/clients/python "
     "PYTHONUNBUFFERED=1 || exit; "
     "nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv; "
-    "set -o pipefail; timeout 400 python3 bench/gpu_check.py --device cuda "
+    "set -o pipefail; timeout 300 python3 bench/gpu_check.py --device cuda "
     "--out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log"
 )
 DEVICE_CARRY = [".whl"]
@@ -102,15 +102,15 @@ def mib(n: int | float | None) -> float | None:
     return None if n is None else round(n / MiB, 1)
 
 
-def state_name(state: int) -> str:
+def state_name(state: Any) -> str:
     return task_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")
 
 
-def stage_name(stage: int) -> str:
+def stage_name(stage: Any) -> str:
     return task_pb2.EscalationStage.Name(stage).removeprefix("ESCALATION_STAGE_")
 
 
-def engine_state_name(state: int) -> str:
+def engine_state_name(state: Any) -> str:
     return cpb.EngineState.Name(state).removeprefix("ENGINE_STATE_")
 
 
@@ -147,6 +147,14 @@ class Budget:
         if left <= 0:
             raise TimeoutError("the run's time budget (--budget) is spent")
         return min(seconds, left)
+
+
+def process_alive(pid: int) -> bool:
+    """False once ``pid`` exited, a zombie (killed, not yet reaped) included."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 # --------------------------------------------------------------------------- nvidia-smi
@@ -706,7 +714,7 @@ class Check:
         deadline = now() + self.budget.cap(60)
         while now() < deadline:
             t = now()
-            if pid is not None and pid_gone_at is None and not psutil.pid_exists(pid):
+            if pid is not None and pid_gone_at is None and not process_alive(pid):
                 pid_gone_at = t
             if self.gpu and released_at is None:
                 s = gpu_sample(pid)
@@ -715,9 +723,12 @@ class Check:
                     if pid_listed:
                         if not s["engine_listed"]:
                             released_at = t
-                    elif during_used is not None and s["used_mib"] is not None:
-                        if s["used_mib"] <= during_used - self.args.release_mib:
-                            released_at = t
+                    elif (
+                        during_used is not None
+                        and s["used_mib"] is not None
+                        and s["used_mib"] <= during_used - self.args.release_mib
+                    ):
+                        released_at = t
             for e in self.engines():
                 if e.id in old_ids:
                     continue
@@ -976,7 +987,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=256.0,
         help="drop of total GPU memory that counts as released when nvidia-smi lists no pids",
     )
-    p.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--only", choices=["generate", "stuck"], default=None, help="run one scenario")
     p.add_argument(

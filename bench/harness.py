@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import psutil
 
 from tests.support import REPO, ServerProcess
 
-from .profiling import PySpy, summarise
+from .probes import PySpy, summarise
 from .tether_client import Tether
 
 now_ns = time.perf_counter_ns
@@ -257,79 +258,6 @@ def write_json(path: Path, env: dict[str, Any], quick: bool, results: list[Bench
     path.write_text(json.dumps(clean(document), indent=2) + "\n")
 
 
-# --------------------------------------------------------------------------- probes
-class LoopLagProbe:
-    """How late this process's event loop wakes up from a 5 ms sleep (ms)."""
-
-    def __init__(self, period: float = 0.005) -> None:
-        self.period = period
-        self.lags_ms: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            start = now_ns()
-            await asyncio.sleep(self.period)
-            self.lags_ms.append(max(0.0, (now_ns() - start) / MS - self.period * 1000))
-
-    def __enter__(self) -> LoopLagProbe:
-        self._task = asyncio.ensure_future(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-
-class CpuMeter:
-    """CPU used over an interval: the tether server, its cluster, this process, the box.
-
-    Shares are of one core (100 % = one core busy); ``box`` is of all cores. On a
-    shared 2-core machine this tells a slow server apart from a starved one.
-    """
-
-    def __init__(
-        self, server_pid: int | None, extra: dict[str, list[psutil.Process]] | None = None
-    ) -> None:
-        self.server_pid = server_pid
-        self.extra = extra or {}
-        self.shares: dict[str, float] = {}
-
-    @staticmethod
-    def _cpu(procs: list[psutil.Process]) -> float:
-        total = 0.0
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                total += t.user + t.system
-        return total
-
-    def _groups(self) -> dict[str, list[psutil.Process]]:
-        groups: dict[str, list[psutil.Process]] = {"bench client": [psutil.Process()]}
-        if self.server_pid is not None:
-            with contextlib.suppress(psutil.Error):
-                server = psutil.Process(self.server_pid)
-                groups["tether server"] = [server]
-                groups["its cluster"] = server.children(recursive=True)
-        return groups | self.extra
-
-    def __enter__(self) -> CpuMeter:
-        self._t0 = time.monotonic()
-        self._groups0 = self._groups()
-        self._start = {k: self._cpu(v) for k, v in self._groups0.items()}
-        psutil.cpu_percent()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall = time.monotonic() - self._t0
-        for name, procs in self._groups0.items():
-            self.shares[name] = 100 * (self._cpu(procs) - self._start[name]) / wall
-        self.shares["box (all cores)"] = psutil.cpu_percent()
-
-    def text(self) -> str:
-        return ", ".join(f"{k} {v:.0f}%" for k, v in self.shares.items())
-
-
 # --------------------------------------------------------------------------- raw cluster
 class RawCluster:
     """A raw ipyparallel cluster, for baselines: 2 local engines, DirectView.
@@ -536,8 +464,11 @@ RUN_MARKER = "TETHER_BENCH_RUN"
 """Environment variable set for the run; every process it starts inherits it."""
 
 
-def mark_run(nonce: str) -> None:
+def mark_run() -> str:
+    """Mark this run's processes; a marker set by a caller (a test) is kept."""
+    nonce = os.environ.get(RUN_MARKER) or uuid.uuid4().hex
     os.environ[RUN_MARKER] = nonce
+    return nonce
 
 
 def leftover_processes(nonce: str) -> list[psutil.Process]:
@@ -557,8 +488,6 @@ def leftover_processes(nonce: str) -> list[psutil.Process]:
 __all__ = [
     "MS",
     "BenchResult",
-    "CpuMeter",
-    "LoopLagProbe",
     "RawCluster",
     "Row",
     "Session",

@@ -21,7 +21,7 @@ from tether.v1 import cluster_service_pb2, task_service_pb2
 
 from .api import ClusterService, TaskService
 from .api.reflection import documented_pool
-from .config import Limits, ServerConfig
+from .config import Limits, LlmTimeoutPolicy, ServerConfig
 from .controller import Controller
 from .core.model import GracePeriods
 
@@ -55,6 +55,10 @@ def default_data_dir() -> Path:
         return Path(user_state_dir("tether"))
     except ImportError:  # pragma: no cover
         return Path.home() / ".local" / "state" / "tether"
+
+
+_LLM_TIMEOUT = LlmTimeoutPolicy()
+"""Defaults of the --llm-timeout-* flags."""
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
@@ -121,6 +125,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="timeout of tasks that give none (default: none)",
     )
     p.add_argument(
+        "--llm-timeout-base",
+        type=_duration,
+        default=_LLM_TIMEOUT.base_seconds,
+        help="policy timeout of an llm.generate that gives none: fixed part (default 30s)",
+    )
+    p.add_argument(
+        "--llm-timeout-per-token",
+        type=_duration,
+        default=_LLM_TIMEOUT.per_token_seconds,
+        help="policy timeout of an llm.generate that gives none: per max_tokens (default 0.5s)",
+    )
+    p.add_argument(
+        "--llm-timeout-per-prompt-char",
+        type=_duration,
+        default=_LLM_TIMEOUT.per_prompt_char_seconds,
+        help="policy timeout of an llm.generate that gives none: per prompt char (default 10ms)",
+    )
+    p.add_argument(
         "--memory-limit",
         type=_bytes,
         default=0,
@@ -160,6 +182,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         attach=a.attach,
         grace=GracePeriods(a.grace_sigint, a.grace_sigterm, a.grace_sigkill),
         default_timeout_seconds=a.default_timeout,
+        llm_timeout=LlmTimeoutPolicy(
+            base_seconds=a.llm_timeout_base,
+            per_token_seconds=a.llm_timeout_per_token,
+            per_prompt_char_seconds=a.llm_timeout_per_prompt_char,
+        ),
         memory_limit_bytes=a.memory_limit,
         rss_tolerance_bytes=a.rss_tolerance,
         checkpoint_interval_seconds=a.checkpoint_interval,

@@ -461,7 +461,7 @@ class Controller:
             "task_modules": modules,
             "tags": list(self.config.engine_tags),
             # LLM engines import torch and the model code at start, not in their first task.
-            "preload_modules": ["tether_server.tasks.llm_model"]
+            "preload_modules": ["tether_server.tasks.llm_model:warm_up"]
             if "tether_server.tasks.llm" in modules
             else [],
         }

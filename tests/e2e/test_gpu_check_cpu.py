@@ -9,7 +9,6 @@ fast anything was.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import signal
 import subprocess
@@ -30,7 +29,7 @@ RUN_TIMEOUT = 150
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
 
 @pytest.fixture(scope="module")

@@ -301,6 +301,7 @@ class TaskProgress(Progress):
 
     def __init__(self, console: Console) -> None:
         self._partial = ""  # read by get_renderables, which the base __init__ already calls
+        self._written = 0  # characters of the task's output shown so far
         super().__init__(
             SpinnerColumn(),
             TextColumn("{task.fields[state]}"),
@@ -321,8 +322,11 @@ class TaskProgress(Progress):
         task = event.task
         if event.type is TaskEventType.OUTPUT:
             self._write(event.output_chunk)
-        elif event.type is TaskEventType.SNAPSHOT and task.output:
-            self._write(task.output)
+        elif task.output and not task.output_truncated and len(task.output) > self._written:
+            # Snapshots and state changes carry the whole output so far. Print what the
+            # OUTPUT events have not: everything, on a snapshot; on the final state, a
+            # last chunk the task emitted as it ended, which may come without its event.
+            self._write(task.output[self._written :])
         state = Text(task.state.name, style=STATE_STYLES.get(task.state, "")).markup
         fields: dict[str, Any] = {"state": state}
         if task.progress is not None:
@@ -336,6 +340,7 @@ class TaskProgress(Progress):
         self.update(self._bar, **fields)
 
     def _write(self, chunk: str) -> None:
+        self._written += len(chunk)
         lines = (self._partial + chunk).split("\n")
         self._partial = lines.pop()
         for line in lines:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import platform
 import shutil
 import signal
@@ -98,9 +99,15 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
     registry.load_modules(modules)
     # Import heavy libraries now, not inside the first task: their memory would
     # otherwise count against that task (and an interrupt there would recycle the engine).
-    for name in config.get("preload_modules") or []:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(str(name))
+    # An entry "module:function" also calls that function (e.g. to create a CUDA context).
+    for entry in config.get("preload_modules") or []:
+        module_name, _, function = str(entry).partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            if function:
+                getattr(module, function)()
+        except Exception as exc:  # a failed warm-up must not keep the engine from serving
+            print(f"tether: preload {entry} failed: {exc!r}", file=sys.stderr, flush=True)
     tags: list[str] = []
     for tag in [*(str(t) for t in config.get("tags") or []), *_detected_tags()]:
         if tag not in tags:

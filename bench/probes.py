@@ -1,4 +1,9 @@
-"""``--py-spy DIR``: sample the tether server while the benches run, then summarise.
+"""What the processes were doing while a bench ran: loop lag, CPU shares, py-spy samples.
+
+:class:`LoopLagProbe` times this process's event loop; :class:`CpuMeter` splits the CPU
+used over an interval between the tether server, its cluster, the bench and the box.
+
+``--py-spy DIR``: sample the tether server while the benches run, then summarise.
 
 py-spy (``pip install py-spy``) records the server process from outside, GIL holder or
 not (``--idle`` off: only frames on CPU count), without pausing it (``--nonblocking``).
@@ -9,13 +14,93 @@ inclusive and self.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+
+MS = 1e6
+
+
+class LoopLagProbe:
+    """How late this process's event loop wakes up from a 5 ms sleep (ms)."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period = period
+        self.lags_ms: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            start = time.perf_counter_ns()
+            await asyncio.sleep(self.period)
+            self.lags_ms.append(
+                max(0.0, (time.perf_counter_ns() - start) / MS - self.period * 1000)
+            )
+
+    def __enter__(self) -> LoopLagProbe:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class CpuMeter:
+    """CPU used over an interval: the tether server, its cluster, this process, the box.
+
+    Shares are of one core (100 % = one core busy); ``box`` is of all cores. On a
+    shared 2-core machine this tells a slow server apart from a starved one.
+    """
+
+    def __init__(
+        self, server_pid: int | None, extra: dict[str, list[psutil.Process]] | None = None
+    ) -> None:
+        self.server_pid = server_pid
+        self.extra = extra or {}
+        self.shares: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def _groups(self) -> dict[str, list[psutil.Process]]:
+        groups: dict[str, list[psutil.Process]] = {"bench client": [psutil.Process()]}
+        if self.server_pid is not None:
+            with contextlib.suppress(psutil.Error):
+                server = psutil.Process(self.server_pid)
+                groups["tether server"] = [server]
+                groups["its cluster"] = server.children(recursive=True)
+        return groups | self.extra
+
+    def __enter__(self) -> CpuMeter:
+        self._t0 = time.monotonic()
+        self._groups0 = self._groups()
+        self._start = {k: self._cpu(v) for k, v in self._groups0.items()}
+        psutil.cpu_percent()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.monotonic() - self._t0
+        for name, procs in self._groups0.items():
+            self.shares[name] = 100 * (self._cpu(procs) - self._start[name]) / wall
+        self.shares["box (all cores)"] = psutil.cpu_percent()
+
+    def text(self) -> str:
+        return ", ".join(f"{k} {v:.0f}%" for k, v in self.shares.items())
 
 
 def py_spy_binary() -> str | None:
