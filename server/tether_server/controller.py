@@ -102,7 +102,8 @@ class Controller:
         self._seq = itertools.count(1)
         self._checkpoints: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._background: set[asyncio.Future[Any]] = set()
-        self._engine_started_at: dict[int, float] = {}
+        self._received: dict[tuple[str, int], int] = {}
+        self._message_waiters: dict[tuple[str, int], tuple[int, asyncio.Future[None]]] = {}
         self._shutting_down = False
         self.ready = asyncio.Event()
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
@@ -516,8 +517,30 @@ class Controller:
                 )
                 self._handle(msg.TaskFinished(task_id, attempt, outcome, time.time()))
         else:
+            # The reply and the IOPub messages travel on different sockets: wait (briefly)
+            # for the task's last progress/output messages so none lands after the end.
+            await self._messages_seen((task_id, attempt), int(raw.get("published", 0) or 0))
             self._handle(msg.TaskFinished(task_id, attempt, _outcome(raw), time.time()))
+        self._received.pop((task_id, attempt), None)
         self._schedule_flush()
+
+    async def _messages_seen(self, key: tuple[str, int], expected: int) -> None:
+        if self._received.get(key, 0) >= expected:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._message_waiters[key] = (expected, fut)
+        try:
+            await asyncio.wait_for(fut, timeout=0.5)
+        except TimeoutError:
+            log.warning(
+                "task %s attempt %s: %d of %d messages arrived before its result",
+                key[0],
+                key[1],
+                self._received.get(key, 0),
+                expected,
+            )
+        finally:
+            self._message_waiters.pop(key, None)
 
     async def _signal(self, engine_id: int, sig: str) -> None:
         try:
@@ -560,6 +583,11 @@ class Controller:
             self._handle(msg.EngineStartFailed(time.time()))
 
     def _on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
+        key = (task_id, attempt)
+        count = self._received[key] = self._received.get(key, 0) + 1
+        waiter = self._message_waiters.get(key)
+        if waiter is not None and count >= waiter[0] and not waiter[1].done():
+            waiter[1].set_result(None)
         now = time.time()
         if kind == "started":
             self._handle(msg.TaskStarted(task_id, attempt, now))

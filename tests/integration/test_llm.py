@@ -202,7 +202,6 @@ def test_generate_interrupted_keeps_its_partial_text_a_prefix_of_the_full_run(ge
 def test_generate_interrupted_gives_its_memory_back_and_keeps_its_engine(generations):  # type: ignore[no-untyped-def]
     run = generations.interrupted(0.0)
     resources = run.task.resources
-    print("DIAG", run.seconds_to_terminal, len(run.task.output), resources)
     assert resources.reclaimed, resources.summary
     assert resources.rss_before_bytes > 0
     assert resources.rss_after_bytes - resources.rss_before_bytes <= RSS_TOLERANCE

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import tether
 
+import tether
 from tests.support import ServerProcess
 
 SERVER_ARGS = [

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, assert_type
 
 import grpc
+
 import tether
 
 

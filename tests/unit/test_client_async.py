@@ -16,12 +16,12 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-import tether
 from grpc_status import rpc_status
-from tether.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
+import tether
 from tests.unit.test_client_core import rich_status
 from tests.unit.test_client_watch import event, listing
+from tether.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 FAST = tether.RetryPolicy(initial_backoff=0.001, max_backoff=0.01, jitter=0)
 SNAPSHOT = task_service_pb2.TASK_EVENT_TYPE_SNAPSHOT

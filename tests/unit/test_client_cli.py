@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
+
 import tether
 from tether import _convert, _render, cli
 from tether.v1 import task_pb2

@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-import tether
 from google.protobuf import any_pb2, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
+
+import tether
 from tether import _convert, _core
 from tether.v1 import task_pb2, task_service_pb2
 

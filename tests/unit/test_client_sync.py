@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 import grpc
 import grpc_testing
 import pytest
-import tether
 from google.protobuf import message as protobuf_message
 from grpc_status import rpc_status
-from tether.v1 import cluster_service_pb2, task_pb2, task_service_pb2
 
+import tether
 from tests.unit.test_client_core import rich_status
 from tests.unit.test_client_watch import checkpoint, event, listing
+from tether.v1 import cluster_service_pb2, task_pb2, task_service_pb2
 
 TASK_SERVICE = task_service_pb2.DESCRIPTOR.services_by_name["TaskService"]
 CLUSTER_SERVICE = cluster_service_pb2.DESCRIPTOR.services_by_name["ClusterService"]

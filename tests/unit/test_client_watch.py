@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 import tether
 from tether import _watch
 from tether.v1 import task_pb2, task_service_pb2

@@ -85,6 +85,8 @@ class TaskContext:
         self._closed = False
         self.publish_failures = 0
         """Messages the sink refused (counted, never raised into the task)."""
+        self.published = 0
+        """Messages handed to the sink; the controller waits for this many before the outcome."""
 
     # ------------------------------------------------------------------ identity
     @property
@@ -230,5 +232,6 @@ class TaskContext:
         with critical(self._signals):
             try:
                 sink(message)
+                self.published += 1
             except Exception:
                 self.publish_failures += 1

@@ -246,6 +246,7 @@ class _Attempt:
             "output_truncated": self.ctx.output_truncated,
             "resources": report.as_dict(),
             "hooks_run": self.hooks_run,
+            "published": self.ctx.published,
         }
 
     def _call(self) -> bool:

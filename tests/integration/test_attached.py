@@ -1,0 +1,112 @@
+"""Attached mode: tether drives a cluster it did not start, and leaves it running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from tether.v1 import cluster_service_pb2 as cpb
+from tether.v1 import cluster_service_pb2_grpc
+from tether.v1 import task_pb2 as tpb
+from tether.v1 import task_service_pb2_grpc
+from tests.support import ServerProcess, pid_alive
+
+from .conftest import wait_for
+from .helpers import submit, wait_terminal
+
+_START = """
+import logging, sys, ipyparallel as ipp
+c = ipp.Cluster(n=2, profile_dir=sys.argv[1], cluster_id="external", controller_ip="127.0.0.1",
+                controller_args=["--HeartMonitor.period=500"], delay=0, shutdown_atexit=False,
+                log_level=logging.WARNING)
+c.start_cluster_sync()
+print(c.cluster_file, flush=True)
+"""
+
+_STOP = """
+import sys, ipyparallel as ipp
+ipp.Cluster.from_file(sys.argv[1]).stop_cluster_sync()
+"""
+
+
+def _pids(cluster_file: Path) -> list[int]:
+    found: list[int] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pid" and isinstance(value, int) and value > 0:
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(cluster_file.read_text()))
+    return found
+
+
+@pytest.fixture()
+def external_cluster(tmp_path: Path) -> Iterator[Path]:
+    profile = tmp_path / "external-profile"
+    out = subprocess.run(
+        [sys.executable, "-c", _START, str(profile)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    cluster_file = Path(out.stdout.strip().splitlines()[-1])
+    pids = _pids(cluster_file)
+    try:
+        yield cluster_file
+    finally:
+        with contextlib.suppress(Exception):
+            subprocess.run([sys.executable, "-c", _STOP, str(cluster_file)], timeout=60, check=False)
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                for child in proc.children(recursive=True):
+                    child.kill()
+                proc.kill()
+
+
+def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves_the_cluster_running(
+    external_cluster: Path, tmp_path: Path
+) -> None:
+    server = ServerProcess(tmp_path / "data", engines=2, extra_args=["--attach", str(external_cluster)])
+    with server, grpc.insecure_channel(server.address) as ch:
+        tasks = task_service_pb2_grpc.TaskServiceStub(ch)
+        cluster = cluster_service_pb2_grpc.ClusterServiceStub(ch)
+        task = submit(tasks, "demo.echo", args={"value": "attached"})
+        assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
+        info = wait_for(
+            lambda: (
+                r := cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)
+            ).mode == cpb.CLUSTER_MODE_ATTACHED
+            and len([e for e in r.engines if e.state == cpb.ENGINE_STATE_IDLE]) == 2
+            and r
+        )
+        victim, survivor = info.engines[0], info.engines[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        degraded = wait_for(
+            lambda: (r := cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)).degraded and r
+        )
+        states = {e.id: e.state for e in degraded.engines}
+        assert states[victim.id] == cpb.ENGINE_STATE_LOST
+        assert len(degraded.engines) == 2  # no replacement in attached mode
+        task = submit(tasks, "demo.echo", args={"value": "still works"})
+        assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
+    # The server is gone; the cluster it attached to is not.
+    assert pid_alive(survivor.pid)
