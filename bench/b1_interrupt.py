@@ -16,7 +16,7 @@ from tether.v1 import task_pb2 as tpb
 
 from .engine_tasks import long_sleep
 from .harness import BenchResult, Row, Session, Summary, alternate, now_ns, say
-from .tether_client import TERMINAL, EventTap, in_state, run_label
+from .tether_client import TERMINAL, EventTap, in_state, run_label, state_name
 
 ID = "B1"
 TITLE = "interrupt latency, cooperative task"
@@ -82,7 +82,7 @@ async def run(session: Session) -> BenchResult:
             t_reply = now_ns()
             ended = await tap.wait(task.name, in_state(*TERMINAL), timeout=30)
             if ended.state != tpb.TASK_STATE_INTERRUPTED:
-                raise RuntimeError(f"{task.name} ended {tpb.TaskState.Name(ended.state)}")
+                raise RuntimeError(f"{task.name} ended {state_name(ended.state)}")
             stage_sigint += ended.stage == tpb.ESCALATION_STAGE_SIGINT
             tap.forget(task.name)
             if i >= 0:

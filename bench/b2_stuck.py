@@ -32,7 +32,16 @@ from tether.v1 import task_pb2 as tpb
 
 from .engine_tasks import blocked_sleep, noop
 from .harness import MS, BenchResult, Row, Session, alternate, now_ns, say
-from .tether_client import TERMINAL, EventTap, Tether, grace, in_state, run_label
+from .tether_client import (
+    TERMINAL,
+    EventTap,
+    Tether,
+    grace,
+    in_state,
+    run_label,
+    stage_name,
+    state_name,
+)
 
 ID = "B2"
 TITLE = "interrupt of a task stuck in C code / ignoring SIGINT"
@@ -104,15 +113,14 @@ async def _raw_ladder(session: Session) -> Timeline:
 
 # --------------------------------------------------------------------------- tether
 async def _watch_cluster(tether: Tether, before: set[int], t0: int, t: Timeline) -> None:
-    """Note when a new engine shows up in GetCluster, and when it becomes usable."""
+    """Note when a replacement engine shows up in GetCluster, and when it becomes usable."""
     while True:
-        engines = await tether.engines()
-        for e in engines:
+        for e in await tether.engines():
             if e.id in before:
                 continue
-            t.stages.setdefault(f"engine {e.id} registered (GetCluster)", (now_ns() - t0) / MS)
+            t.stages.setdefault("replacement registered (GetCluster)", (now_ns() - t0) / MS)
             if e.state in (cpb.ENGINE_STATE_IDLE, cpb.ENGINE_STATE_BUSY):
-                t.stages.setdefault(f"engine {e.id} ready (GetCluster)", (now_ns() - t0) / MS)
+                t.stages.setdefault("replacement ready (GetCluster)", (now_ns() - t0) / MS)
                 return
         await asyncio.sleep(0.02)
 
@@ -143,12 +151,12 @@ async def _tether_ladder(session: Session, task_name: str, label: str) -> Timeli
             t.total = (running.recv_ns - t0) / MS
             ended = await tap.wait(victim.name, in_state(*TERMINAL), timeout=10)
             if ended.state != tpb.TASK_STATE_INTERRUPTED:
-                raise RuntimeError(f"{task_name} ended {tpb.TaskState.Name(ended.state)}")
+                raise RuntimeError(f"{task_name} ended {state_name(ended.state)}")
             for seen in tap.seen.get(victim.name, []):
-                name = tpb.EscalationStage.Name(seen.stage).removeprefix("ESCALATION_STAGE_")
+                name = stage_name(seen.stage)
                 if seen.stage and seen.state == tpb.TASK_STATE_INTERRUPTING:
                     t.stages.setdefault(f"stage {name} (stream)", (seen.recv_ns - t0) / MS)
-            final = tpb.EscalationStage.Name(ended.stage).removeprefix("ESCALATION_STAGE_")
+            final = stage_name(ended.stage)
             t.stages[f"INTERRUPTED, final stage {final} (stream)"] = (ended.recv_ns - t0) / MS
             t.stages["next task RUNNING (stream)"] = t.total
             with contextlib.suppress(TimeoutError):

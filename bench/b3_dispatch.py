@@ -98,7 +98,7 @@ async def run(session: Session) -> BenchResult:
 
 def _legs(events: list[Seen], wall0: int, legs: dict[str, list[int]]) -> None:
     """Split one task's path at its events' ``event_time`` (same clock as ``wall0``)."""
-    times = {}
+    times: dict[int, Seen] = {}
     for seen in events:
         if seen.type == spb.TASK_EVENT_TYPE_STATE_CHANGED:
             times.setdefault(seen.state, seen)

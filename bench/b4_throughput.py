@@ -146,7 +146,7 @@ async def run(session: Session) -> BenchResult:
     rows.append(
         Row(
             ID,
-            "  same, raw with 1 task in flight per engine",
+            "same, baseline: raw with 1 task in flight per engine",
             depth1,
             teth,
             "tasks/s",

@@ -99,7 +99,7 @@ async def _open(
 ) -> list[Subscriber]:
     subs = []
     for i, (shard, request) in enumerate(requests):
-        stream = channels[i % len(channels)].unary_stream(method)
+        stream: Any = channels[i % len(channels)].unary_stream(method)
         sub = Subscriber(shard, call=stream(request))
         sub.task = asyncio.ensure_future(_read(sub, is_ready))
         subs.append(sub)
@@ -306,7 +306,7 @@ async def _raw(n_subs: int, seconds: float) -> Outcome:
             f"raw: {n_subs} idle streams open; server RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB"
         )
         rate = RATE_TASKS * EVENTS_PER_TASK
-        start = channels[0].unary_unary("/bench.Fanout/Start")
+        start: Any = channels[0].unary_unary("/bench.Fanout/Start")
         total = int(rate * seconds)
         server = {"raw grpc.aio server": [psutil.Process(proc.pid)]}
         with LoopLagProbe() as client_lag, CpuMeter(None, server) as cpu:

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -42,6 +42,8 @@ now_ns = time.perf_counter_ns
 
 MS = 1e6
 """Nanoseconds per millisecond."""
+
+_N = TypeVar("_N", int, float)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -405,7 +407,8 @@ class Session:
         self._profiler: PySpy | None = None
         self._private = 0
 
-    def size(self, full: int, quick: int) -> int:
+    def size(self, full: _N, quick: _N) -> _N:
+        """``quick`` under ``--quick``, else ``full``."""
         return quick if self.quick else full
 
     async def raw(self) -> RawCluster:

@@ -166,7 +166,9 @@ class EventTap:
 
     async def __aenter__(self) -> EventTap:
         request = spb.StreamTaskStatusRequest(
-            filter=spb.TaskFilter(labels=self.labels, states=list(self.states)),
+            filter=spb.TaskFilter(
+                labels=self.labels, states=[tpb.TaskState.ValueType(s) for s in self.states]
+            ),
             send_initial_state=True,
             exclude_progress=self.exclude_progress,
         )

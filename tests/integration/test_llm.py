@@ -176,12 +176,11 @@ def test_generate_streams_one_output_event_per_token_while_it_runs(tasks, genera
     assert all(event.task.state == tpb.TASK_STATE_RUNNING for _, event in outputs)
     revisions = [event.revision for _, event in outputs]
     assert revisions == sorted(set(revisions)) and revisions[-1] < terminal.revision
-    # Streamed as produced, not delivered in a burst at the end: the first token reached
-    # the subscriber while most of the generation was still to come.
-    first_arrived, _ = outputs[0]
-    last_arrived, _ = outputs[-1]
-    assert last_arrived - first_arrived > 0.5 * (terminal_arrived - first_arrived)
-    assert terminal_arrived - first_arrived > 0.2
+    # Streamed as produced, not delivered in a burst at the end: 400 tokens take half a
+    # second or more on a CPU, and the chunks reached the subscriber over that time.
+    first_arrived, last_arrived = outputs[0][0], outputs[-1][0]
+    assert last_arrived - first_arrived > 0.2
+    assert last_arrived <= terminal_arrived
 
 
 def test_generate_interrupted_mid_generation_ends_interrupted_within_a_second(generations):  # type: ignore[no-untyped-def]

@@ -95,6 +95,10 @@ class IpyparallelCluster:
         if self.embedded:
             self._cleanup_stale_cluster()
             self.config.profile_dir.mkdir(parents=True, exist_ok=True)
+            # Engines inherit this process's environment: share the cores between them
+            # rather than let every engine's BLAS/torch use all of them.
+            threads = max(1, (os.cpu_count() or 1) // max(1, self.config.engines))
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
             self._cluster = ipp.Cluster(
                 n=self.config.engines,
                 profile_dir=str(self.config.profile_dir),

@@ -375,7 +375,12 @@ class ResourceReport:
     @property
     def reclaimed(self) -> bool:
         """Memory came back and no child process was left behind."""
-        return self.memory_reclaimed and self.leftover_children == 0
+        return self.memory_reclaimed and self.surviving_children == 0
+
+    @property
+    def surviving_children(self) -> int:
+        """Processes the task started that are alive even after they were killed."""
+        return len(self.after.children - self.before.children)
 
     def summary(self) -> str:
         parts = [f"rss {_signed_mib(self.rss_growth)} (tolerance {_mib(self.rss_tolerance_bytes)})"]
@@ -386,6 +391,8 @@ class ResourceReport:
                 f"reserved {_mib(self.after.gpu_reserved_bytes)}"
             )
         parts.append(f"{self.leftover_children} leftover child process(es) killed")
+        if self.surviving_children:
+            parts.append(f"{self.surviving_children} survived SIGKILL")
         verdict = "reclaimed" if self.reclaimed else "NOT reclaimed"
         return f"{verdict}: " + "; ".join(parts)
 
