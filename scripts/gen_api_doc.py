@@ -66,7 +66,7 @@ def main() -> int:
 def abridge(out: str, limit: int = 60) -> str:
     lines = out.rstrip().splitlines()
     if len(lines) > limit:
-        lines = [*lines[:limit - 1], "..."]
+        lines = [*lines[: limit - 1], "..."]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import grpc
@@ -56,7 +57,7 @@ def get(stub: task_service_pb2_grpc.TaskServiceStub, name: str) -> tpb.Task:
 def wait_state(
     stub: task_service_pb2_grpc.TaskServiceStub,
     name: str,
-    states: set[int],
+    states: AbstractSet[int],
     timeout: float = 30.0,
 ) -> tpb.Task:
     deadline = time.monotonic() + timeout
@@ -77,7 +78,7 @@ def wait_terminal(
 
 def error_info(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str], list[str]]:
     """(code, ErrorInfo.reason, ErrorInfo.metadata, BadRequest fields) of a failed call."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     reason, metadata, fields = "", {}, []
     assert status is not None, f"no rich status on {exc}"
     for detail in status.details:

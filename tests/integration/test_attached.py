@@ -15,11 +15,10 @@ import grpc
 import psutil
 import pytest
 
-from tether.v1 import cluster_service_pb2 as cpb
-from tether.v1 import cluster_service_pb2_grpc
-from tether.v1 import task_pb2 as tpb
-from tether.v1 import task_service_pb2_grpc
 from tests.support import ServerProcess, pid_alive
+from tether.v1 import cluster_service_pb2 as cpb
+from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
+from tether.v1 import task_pb2 as tpb
 
 from .conftest import wait_for
 from .helpers import submit, wait_terminal
@@ -73,7 +72,9 @@ def external_cluster(tmp_path: Path) -> Iterator[Path]:
         yield cluster_file
     finally:
         with contextlib.suppress(Exception):
-            subprocess.run([sys.executable, "-c", _STOP, str(cluster_file)], timeout=60, check=False)
+            subprocess.run(
+                [sys.executable, "-c", _STOP, str(cluster_file)], timeout=60, check=False
+            )
         for pid in pids:
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(pid)
@@ -85,7 +86,9 @@ def external_cluster(tmp_path: Path) -> Iterator[Path]:
 def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves_the_cluster_running(
     external_cluster: Path, tmp_path: Path
 ) -> None:
-    server = ServerProcess(tmp_path / "data", engines=2, extra_args=["--attach", str(external_cluster)])
+    server = ServerProcess(
+        tmp_path / "data", engines=2, extra_args=["--attach", str(external_cluster)]
+    )
     with server, grpc.insecure_channel(server.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)
         cluster = cluster_service_pb2_grpc.ClusterServiceStub(ch)
@@ -93,10 +96,11 @@ def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves
         assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
         info = wait_for(
             lambda: (
-                r := cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)
-            ).mode == cpb.CLUSTER_MODE_ATTACHED
-            and len([e for e in r.engines if e.state == cpb.ENGINE_STATE_IDLE]) == 2
-            and r
+                (r := cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)).mode
+                == cpb.CLUSTER_MODE_ATTACHED
+                and len([e for e in r.engines if e.state == cpb.ENGINE_STATE_IDLE]) == 2
+                and r
+            )
         )
         victim, survivor = info.engines[0], info.engines[1]
         os.kill(victim.pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tether_server.core.model import (
     ErrorReason,
     GracePeriods,

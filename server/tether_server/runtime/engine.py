@@ -25,14 +25,13 @@ The outcome
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-import sys
 import platform
 import shutil
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Final
