@@ -31,11 +31,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(address: str, timeout: float = 90.0) -> None:
+def open_channel(address: str, root_cert: bytes | None = None) -> grpc.Channel:
+    """A channel to a test server: plaintext, or TLS trusting ``root_cert``."""
+    if root_cert is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_cert))
+
+
+def wait_serving(address: str, timeout: float = 90.0, root_cert: bytes | None = None) -> None:
     """Block until grpc.health.v1 says SERVING (the cluster has at least one engine)."""
     deadline = time.monotonic() + timeout
     last: object = None
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, root_cert) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -78,7 +85,9 @@ class ServerProcess:
         port: int | None = None,
         engines: int = 2,
         extra_args: list[str] | None = None,
+        root_cert: bytes | None = None,
     ) -> None:
+        self.root_cert = root_cert
         self.data_dir = data_dir
         self.port = port or free_port()
         self.engines = engines
@@ -108,7 +117,7 @@ class ServerProcess:
             cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True
         )
         try:
-            wait_serving(self.address, timeout)
+            wait_serving(self.address, timeout, self.root_cert)
         except BaseException:
             self.kill()
             raise

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from tether.v1 import cluster_service_pb2, task_service_pb2
 
 from .api import ClusterService, TaskService
+from .api.auth import Authenticator
 from .api.reflection import documented_pool
 from .config import Limits, LlmTimeoutPolicy, ServerConfig
 from .controller import Controller
@@ -169,10 +170,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         default=1024,
         help="events a subscriber may lag before it is cut off",
     )
+    p.add_argument(
+        "--auth-tokens",
+        type=Path,
+        default=os.environ.get("TETHER_AUTH_TOKENS_FILE") or None,
+        help="bearer tokens file, 'TOKEN PRINCIPAL [admin]' per line (default $TETHER_AUTH_TOKENS_FILE; none: auth off)",
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, default=None, help="serve TLS with this certificate chain (PEM)"
+    )
+    p.add_argument("--tls-key", type=Path, default=None, help="private key of --tls-cert (PEM)")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     a = p.parse_args(argv)
     if a.engines < 1:
         p.error("--engines must be at least 1")
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if a.tls_client_ca and not a.tls_cert:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key")
     return ServerConfig(
         listen=a.listen,
         engines=a.engines,
@@ -191,6 +212,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         rss_tolerance_bytes=a.rss_tolerance,
         checkpoint_interval_seconds=a.checkpoint_interval,
         limits=Limits(max_args_bytes=a.max_args_bytes, subscriber_queue=a.subscriber_queue),
+        auth_tokens_file=a.auth_tokens,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        tls_client_ca=a.tls_client_ca,
     ), str(a.log_level)
 
 
@@ -257,14 +282,21 @@ class TetherServer:
 
     async def start(self) -> None:
         ctl = self.controller
-        self.server.add_generic_rpc_handlers(_handlers(TaskService(ctl), ClusterService(ctl)))
+        auth = (
+            Authenticator.from_file(self.config.auth_tokens_file)
+            if self.config.auth_tokens_file
+            else Authenticator()
+        )
+        self.server.add_generic_rpc_handlers(
+            _handlers(TaskService(ctl, auth), ClusterService(ctl, auth))
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (TASK_SERVICE, CLUSTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.server,
             pool=documented_pool(),
         )
-        self.port = self.server.add_insecure_port(self.config.listen)
+        self.port = self._bind()
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._set_serving(False)
@@ -278,6 +310,17 @@ class TetherServer:
         await self.server.start()
         await ctl.start()
         await ctl.ready.wait()
+
+    def _bind(self) -> int:
+        c = self.config
+        if c.tls_cert is None or c.tls_key is None:
+            return self.server.add_insecure_port(c.listen)
+        credentials = grpc.ssl_server_credentials(
+            [(c.tls_key.read_bytes(), c.tls_cert.read_bytes())],
+            root_certificates=c.tls_client_ca.read_bytes() if c.tls_client_ca else None,
+            require_client_auth=c.tls_client_ca is not None,
+        )
+        return self.server.add_secure_port(c.listen, credentials)
 
     async def _set_serving(self, serving: bool) -> None:
         if serving == self._serving:
@@ -306,10 +349,13 @@ class TetherServer:
 def banner(server: TetherServer) -> str:
     addr = server.address
     n = server.config.engines
+    flags = "-insecure" if server.config.tls_cert else "-plaintext"
+    if server.config.auth_tokens_file:
+        flags += " -H 'authorization: Bearer <token>'"
+    payload = '{"task": "demo.sleep", "args": {"seconds": 5}}'
     return (
         f"tether-server: serving on {addr} ({n} engines, data in {server.config.data_dir})\n"
-        f'  try: grpcurl -plaintext -d \'{{"task": "demo.sleep", "args": {{"seconds": 5}}}}\' '
-        f"{addr} tether.v1.TaskService/SubmitTask"
+        f"  try: grpcurl {flags} -d '{payload}' {addr} tether.v1.TaskService/SubmitTask"
     )
 
 

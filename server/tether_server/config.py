@@ -59,3 +59,9 @@ class ServerConfig:
     retain_seconds: float = 7 * 86400.0
     heartbeat_ms: int = 500
     limits: Limits = field(default_factory=Limits)
+    auth_tokens_file: Path | None = None
+    """Bearer tokens (``TOKEN PRINCIPAL [admin]`` per line); None: auth off."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """With TLS: require client certificates signed by this CA (mutual TLS)."""

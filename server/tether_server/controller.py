@@ -213,6 +213,7 @@ class Controller:
         request_id: str = "",
         fingerprint: str = "",
         principal: str = "anonymous",
+        admin: bool = True,
     ) -> tuple[Task, bool]:
         core = self._core()
         dedup = self._check_idempotency(request_id, "InterruptTask", fingerprint)
@@ -221,6 +222,12 @@ class Controller:
         if task_id not in core.tasks:
             raise err.TaskNotFound(
                 f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
+            )
+        owner = core.tasks[task_id].owner
+        if not admin and owner != principal:
+            raise err.PermissionDenied(
+                f"{principal} may not interrupt tasks/{task_id}, owned by {owner}",
+                metadata={"name": f"tasks/{task_id}", "principal": principal, "owner": owner},
             )
         now = time.time()
         self._handle(

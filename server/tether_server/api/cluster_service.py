@@ -11,19 +11,22 @@ from tether.v1 import cluster_service_pb2 as cpb
 from ..controller import Controller
 from ..runtime import registry
 from . import convert
+from .auth import Authenticator
 from .errors import unary_errors
 
 
 class ClusterService:
     """Servicer of tether.v1.ClusterService (registered by app.py)."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, auth: Authenticator | None = None) -> None:
         self.controller = controller
+        self.auth = auth or Authenticator()
 
     @unary_errors
     async def GetCluster(
         self, request: cpb.GetClusterRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cpb.GetClusterResponse:
+        self.auth.authenticate(context)
         ctl = self.controller
         limits = ctl.config.limits
         engines = ctl.engines()

@@ -17,6 +17,7 @@ from ..controller import Controller, SubmitSpec
 from ..core.eventlog import decode_page_token, encode_page_token, encode_token
 from ..core.filters import TaskFilter
 from . import convert
+from .auth import Authenticator
 from .errors import stream_errors, unary_errors
 from .validation import (
     Violations,
@@ -40,14 +41,16 @@ def fingerprint(request: Message) -> str:
 class TaskService:
     """Servicer of tether.v1.TaskService (registered by app.py)."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, auth: Authenticator | None = None) -> None:
         self.controller = controller
         self.limits = controller.config.limits
+        self.auth = auth or Authenticator()
 
     @unary_errors
     async def SubmitTask(
         self, request: spb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.SubmitTaskResponse:
+        principal = self.auth.authenticate(context)
         v = Violations()
         limits = self.limits
         if not request.task:
@@ -99,6 +102,7 @@ class TaskService:
             fingerprint=fingerprint(request),
             resume_from=request.resume_from,
             required_tags=tuple(request.required_tags),
+            owner=principal.name,
         )
         task, dedup = await self.controller.submit(spec)
         return spb.SubmitTaskResponse(
@@ -109,6 +113,7 @@ class TaskService:
     async def InterruptTask(
         self, request: spb.InterruptTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.InterruptTaskResponse:
+        principal = self.auth.authenticate(context)
         task_id = parse_task_name(request.name)
         v = Violations()
         check_request_id(v, request.request_id, self.limits)
@@ -125,6 +130,8 @@ class TaskService:
             grace=grace,
             request_id=request.request_id,
             fingerprint=fingerprint(request),
+            principal=principal.name,
+            admin=principal.admin,
         )
         return spb.InterruptTaskResponse(
             task=convert.task_to_pb(task, convert.BASIC), deduplicated=dedup
@@ -134,6 +141,7 @@ class TaskService:
     async def GetTask(
         self, request: spb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.GetTaskResponse:
+        self.auth.authenticate(context)
         task_id = parse_task_name(request.name)
         view = request.view or tpb.TASK_VIEW_FULL
         return spb.GetTaskResponse(task=convert.task_to_pb(self.controller.get(task_id), view))
@@ -142,6 +150,7 @@ class TaskService:
     async def ListTasks(
         self, request: spb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> spb.ListTasksResponse:
+        self.auth.authenticate(context)
         v = Violations()
         if request.page_size < 0:
             v.add(
@@ -167,6 +176,7 @@ class TaskService:
     async def StreamTaskStatus(
         self, request: spb.StreamTaskStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        self.auth.authenticate(context)
         v = Violations()
         task_id: str | None = None
         if request.name:
