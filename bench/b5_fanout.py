@@ -37,7 +37,7 @@ from tests.support import REPO, free_port
 from tether.v1 import task_service_pb2 as spb
 
 from .harness import MS, BenchResult, Row, Session, Summary, now_ns, say
-from .probes import CpuMeter, LoopLagProbe
+from .probes import CpuMeter, LoopLagProbe, quiet_gc
 from .tether_client import STREAM_METHOD, TERMINAL, Tether, run_label
 
 ID = "B5"
@@ -181,7 +181,7 @@ async def _tether(session: Session, n_subs: int, seconds: float) -> Outcome:
     total = int(RATE_TASKS * seconds)
     rtts: list[float] = []
     notes: list[str] = []
-    with LoopLagProbe() as client_lag, CpuMeter(server.pid) as cpu:
+    with quiet_gc(), LoopLagProbe() as client_lag, CpuMeter(server.pid) as cpu:
         probe = asyncio.ensure_future(_probe_server(tether, rtts))
         pending: set[asyncio.Future[Any]] = set()
         t0 = time.monotonic()
@@ -309,7 +309,7 @@ async def _raw(n_subs: int, seconds: float) -> Outcome:
         start: Any = channels[0].unary_unary("/bench.Fanout/Start")
         total = int(rate * seconds)
         server = {"raw grpc.aio server": [psutil.Process(proc.pid)]}
-        with LoopLagProbe() as client_lag, CpuMeter(None, server) as cpu:
+        with quiet_gc(), LoopLagProbe() as client_lag, CpuMeter(None, server) as cpu:
             await start(f"{rate} {seconds} {shards}".encode())
             await asyncio.sleep(seconds)
             await _wait_until(lambda: sum(len(s.messages) for s in subs) >= total * PER_SHARD, 15)

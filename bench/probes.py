@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -101,6 +103,20 @@ class CpuMeter:
 
     def text(self) -> str:
         return ", ".join(f"{k} {v:.0f}%" for k, v in self.shares.items())
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    """No cyclic GC pauses in this process while measuring (a full collection over the
+    received messages would show up as delivery lag that is the bench's own)."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def py_spy_binary() -> str | None:

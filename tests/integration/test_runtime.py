@@ -165,17 +165,20 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     watcher: IOPubWatcher | None = None
     harness: Harness | None = None
     mine: set[int] = set()
+    # Other fixtures' processes (a session server, its cluster) are descendants of
+    # this test process too: only what appears from here on belongs to this cluster.
+    others = _descendants()
     try:
         rc = cluster.start_and_connect_sync(n=2)
         rc.wait_for_engines(2, timeout=60)
-        mine |= _descendants()
+        mine |= _descendants() - others
         info = rc[:].apply_sync(setup_engine, ENGINE_CONFIG)
         watcher = IOPubWatcher(rc)
         harness = Harness(cluster, rc, watcher, dict(zip(rc.ids, info, strict=True)))
         _wait_for_watcher(harness)
         yield harness
     finally:
-        mine |= _descendants()
+        mine |= _descendants() - others
         if harness is not None:
             mine |= harness.started_pids
         if watcher is not None:
