@@ -42,7 +42,7 @@ from .core.model import (
 )
 from .runtime import registry
 from .store import IdempotencyRecord, SqliteStore, StoredEvent, WriteBatch
-from .subscriptions import StreamOptions, Subscription
+from .subscriptions import StreamOptions, SubscriberIndex, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Controller:
                 task_message=self._on_task_message,
             ),
         )
-        self._subscribers: set[Subscription] = set()
+        self._subscribers = SubscriberIndex()
         self._timers: dict[str, list[asyncio.TimerHandle]] = collections.defaultdict(list)
         self._batch: WriteBatch | None = None
         self._batch_future: asyncio.Future[None] | None = None
@@ -150,7 +150,7 @@ class Controller:
         deadline = time.monotonic() + 3.0
         while core.running_count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for sub in list(self._subscribers):
+        for sub in self._subscribers:
             sub.shutdown()
         for handles in self._timers.values():
             for h in handles:
@@ -382,9 +382,7 @@ class Controller:
         )
         if p.kind is not msg.EventKind.OUTPUT:
             batch.tasks.append(p.task)
-        for sub in tuple(self._subscribers):
-            if sub.wants(entry):
-                sub.push(entry)
+        self._subscribers.deliver(entry)
 
     def _start_timer(self, key: msg.TimerKey, delay: float) -> None:
         loop = asyncio.get_running_loop()

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .core.errors import ShuttingDown, SubscriberLagging, TetherError
 from .core.filters import TaskFilter
 from .core.messages import EventKind
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +86,63 @@ class Subscription:
                 if self._error is not None:
                     raise self._error from None
                 return None
+
+
+class SubscriberIndex:
+    """The open subscriptions, indexed so one event costs one check per distinct filter.
+
+    Fan-out runs on the controller's loop for every event; testing each of a thousand
+    subscribers' filters one by one made it the server's hottest path (B5). Single-task
+    streams are looked up by task id; filter streams are grouped by (filter,
+    exclude_progress), so subscribers that share a filter share its evaluation.
+    """
+
+    def __init__(self) -> None:
+        self._by_task: dict[str, set[Subscription]] = {}
+        self._by_filter: dict[tuple[TaskFilter, bool], set[Subscription]] = {}
+        self._all: set[Subscription] = set()
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(tuple(self._all))
+
+    def add(self, sub: Subscription) -> None:
+        self._all.add(sub)
+        o = sub.options
+        if o.task_id is not None:
+            self._by_task.setdefault(o.task_id, set()).add(sub)
+        else:
+            self._by_filter.setdefault((o.filter, o.exclude_progress), set()).add(sub)
+
+    def discard(self, sub: Subscription) -> None:
+        if sub not in self._all:
+            return
+        self._all.discard(sub)
+        o = sub.options
+        if o.task_id is not None:
+            _remove(self._by_task, o.task_id, sub)
+        else:
+            _remove(self._by_filter, (o.filter, o.exclude_progress), sub)
+
+    def deliver(self, entry: Any) -> None:
+        """Push one log entry to every subscription that wants it."""
+        progress = entry.kind in (EventKind.PROGRESS, EventKind.OUTPUT)
+        for sub in tuple(self._by_task.get(entry.task.id, ())):
+            if not (progress and sub.options.exclude_progress):
+                sub.push(entry)
+        for (flt, exclude_progress), group in tuple(self._by_filter.items()):
+            if progress and exclude_progress:
+                continue
+            if flt.matches(entry.task):
+                for sub in tuple(group):
+                    sub.push(entry)
+
+
+def _remove(index: dict[K, set[Subscription]], key: K, sub: Subscription) -> None:
+    group = index.get(key)
+    if group is not None:
+        group.discard(sub)
+        if not group:
+            del index[key]

@@ -241,7 +241,9 @@ class IpyparallelCluster:
         )
         self._zmq_context = zmq.asyncio.Context.instance()
         sock = self._zmq_context.socket(zmq.SUB)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        # Only data messages (publish_data's topic): every request also publishes two
+        # status messages per engine, which would cost a decode and an HMAC check each.
+        sock.setsockopt(zmq.SUBSCRIBE, b"datapub")
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(cfg["iopub"])
         self._iopub_socket = sock
