@@ -34,7 +34,7 @@ test-py: $(STAMP)
 
 test-ts: $(STAMP)
 	@if [ -f $(TS_DIR)/package.json ]; then \
-	  cd $(TS_DIR) && npm ci --no-audit --no-fund --loglevel=error && npm test; \
+	  cd $(TS_DIR) && npm ci --no-audit --no-fund --loglevel=error && npm run gen:check && npm test; \
 	fi
 
 proto: $(STAMP)

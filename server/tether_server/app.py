@@ -186,6 +186,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         default=None,
         help="require client certificates signed by this CA (mutual TLS)",
     )
+    p.add_argument(
+        "--heartbeat",
+        type=_duration,
+        default=0.5,
+        help="ipyparallel heartbeat period: engine registration and host-loss detection scale with it (default 500ms)",
+    )
+    p.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="do not import torch and create the CUDA context on engines at start (faster engine start; an LLM engine's first task then counts that memory)",
+    )
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     a = p.parse_args(argv)
     if a.engines < 1:
@@ -213,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         checkpoint_interval_seconds=a.checkpoint_interval,
         limits=Limits(max_args_bytes=a.max_args_bytes, subscriber_queue=a.subscriber_queue),
         auth_tokens_file=a.auth_tokens,
+        heartbeat_ms=max(50, int(a.heartbeat * 1000)),
+        warm_up=not a.no_warm_up,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_client_ca=a.tls_client_ca,

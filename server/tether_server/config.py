@@ -58,6 +58,8 @@ class ServerConfig:
     retain_events: int = 50_000
     retain_seconds: float = 7 * 86400.0
     heartbeat_ms: int = 500
+    warm_up: bool = True
+    """LLM engines import torch and create their CUDA context at start."""
     limits: Limits = field(default_factory=Limits)
     auth_tokens_file: Path | None = None
     """Bearer tokens (``TOKEN PRINCIPAL [admin]`` per line); None: auth off."""

@@ -468,7 +468,7 @@ class Controller:
             "tags": list(self.config.engine_tags),
             # LLM engines import torch and the model code at start, not in their first task.
             "preload_modules": ["tether_server.tasks.llm_model:warm_up"]
-            if "tether_server.tasks.llm" in modules
+            if "tether_server.tasks.llm" in modules and self.config.warm_up
             else [],
         }
         try:
