@@ -150,6 +150,15 @@ class Controller:
         deadline = time.monotonic() + 3.0
         while core.running_count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        # Tasks that ignored SIGINT would hold their engines past the exit deadline
+        # (ipyparallel's stop waits 5 s per busy engine): kill those engines now, so
+        # their tasks end (INTERRUPTED, stage SIGKILL) before the streams close.
+        for engine in list(core.engines.values()):
+            if engine.current_task is not None and engine.pid:
+                with contextlib.suppress(OSError):
+                    os.kill(engine.pid, signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    self._handle(msg.EngineLost(engine.id, time.time()))
         for sub in self._subscribers:
             sub.shutdown()
         for handles in self._timers.values():

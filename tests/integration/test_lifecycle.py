@@ -134,3 +134,36 @@ def test_pending_tasks_survive_a_restart_and_run(tmp_path: Path) -> None:
     finally:
         server.stop()
         server.kill_leftovers()
+
+
+def test_shutdown_with_a_task_that_ignores_signals_still_exits_within_ten_seconds(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    server = ServerProcess(data, engines=1)
+    try:
+        server.start()
+        pids = [p.pid for p in server.children]
+        with grpc.insecure_channel(server.address) as ch:
+            stub = task_service_pb2_grpc.TaskServiceStub(ch)
+            task = submit(stub, "demo.c_call", args={"seconds": 60})
+            wait_state(stub, task.name, {tpb.TASK_STATE_RUNNING})
+            time.sleep(0.3)
+        t0 = time.monotonic()
+        assert server.stop(timeout=15) == 0
+        assert time.monotonic() - t0 < 10
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+            time.sleep(0.1)
+        assert [p for p in pids if pid_alive(p)] == []
+        # The record says what happened: interrupted by the shutdown, not lost in a crash.
+        server = ServerProcess(data, port=server.port, engines=1)
+        server.start()
+        with grpc.insecure_channel(server.address) as ch:
+            ended = get(task_service_pb2_grpc.TaskServiceStub(ch), task.name)
+        assert ended.state == tpb.TASK_STATE_INTERRUPTED
+        assert ended.interrupt.cause == tpb.INTERRUPT_CAUSE_SHUTDOWN
+        assert ended.interrupt.final_stage == tpb.ESCALATION_STAGE_SIGKILL
+    finally:
+        server.stop()
+        server.kill_leftovers()
