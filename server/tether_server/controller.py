@@ -597,11 +597,12 @@ class Controller:
             self._handle(msg.EngineStartFailed(time.time()))
 
     def _on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
-        key = (task_id, attempt)
-        count = self._received[key] = self._received.get(key, 0) + 1
-        waiter = self._message_waiters.get(key)
-        if waiter is not None and count >= waiter[0] and not waiter[1].done():
-            waiter[1].set_result(None)
+        if kind != "started":  # the runtime counts reports only (see _messages_seen)
+            key = (task_id, attempt)
+            count = self._received[key] = self._received.get(key, 0) + 1
+            waiter = self._message_waiters.get(key)
+            if waiter is not None and count >= waiter[0] and not waiter[1].done():
+                waiter[1].set_result(None)
         now = time.time()
         if kind == "started":
             self._handle(msg.TaskStarted(task_id, attempt, now))

@@ -86,7 +86,8 @@ class TaskContext:
         self.publish_failures = 0
         """Messages the sink refused (counted, never raised into the task)."""
         self.published = 0
-        """Messages handed to the sink; the controller waits for this many before the outcome."""
+        """Reports (progress, output, checkpoints) handed to the sink; the controller waits
+        for this many before it takes the outcome, so none lands after the task's end."""
 
     # ------------------------------------------------------------------ identity
     @property
@@ -232,6 +233,7 @@ class TaskContext:
         with critical(self._signals):
             try:
                 sink(message)
-                self.published += 1
+                if kind != "started":
+                    self.published += 1
             except Exception:
                 self.publish_failures += 1
