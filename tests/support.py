@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -193,3 +194,21 @@ def pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+FAST_SERVER_ARGS = [
+    "--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--grace-sigkill", "5s",
+    "--checkpoint-interval", "0.5s",
+]  # fmt: skip
+"""Short graces and checkpoints, so tests of the ladder and of idle streams run quickly."""
+
+
+def serve_for_tests(
+    tmp_path_factory: Any, name: str, *, engines: int = 2, extra_args: list[str] | None = None
+) -> Iterator[ServerProcess]:
+    """A fixture body: a server with FAST_SERVER_ARGS in its own data dir, stopped after."""
+    data = tmp_path_factory.mktemp(name) / "data"
+    with ServerProcess(
+        data, engines=engines, extra_args=[*FAST_SERVER_ARGS, *(extra_args or [])]
+    ) as proc:
+        yield proc

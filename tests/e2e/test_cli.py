@@ -19,27 +19,16 @@ from typing import Any
 import pexpect
 import pytest
 
-from tests.support import ServerProcess, free_port
+from tests.support import ServerProcess, free_port, serve_for_tests
 
 TETHER = str(Path(sys.executable).parent / "tether")
-SERVER_ARGS = ["--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--checkpoint-interval", "0.5s"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 WAIT = 60
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(
-        tmp_path_factory.mktemp("cli") / "data", engines=2, extra_args=SERVER_ARGS
-    )
-    try:
-        process.start(timeout=60)
-        yield process
-    finally:
-        try:
-            process.stop(timeout=15)
-        finally:
-            process.kill_leftovers()
+    yield from serve_for_tests(tmp_path_factory, "cli")
 
 
 @pytest.fixture(scope="module")

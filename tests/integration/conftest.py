@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.support import ServerProcess
+from tests.support import ServerProcess, serve_for_tests
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 
 FAST_GRACE = ["--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--grace-sigkill", "5s"]
@@ -18,10 +18,7 @@ FAST_GRACE = ["--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--grace-sigk
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    data = tmp_path_factory.mktemp("shared-server") / "data"
-    proc = ServerProcess(data, engines=2, extra_args=[*FAST_GRACE, "--checkpoint-interval", "0.5s"])
-    with proc:
-        yield proc
+    yield from serve_for_tests(tmp_path_factory, "shared-server")
 
 
 @pytest.fixture(scope="session")

@@ -17,28 +17,14 @@ from typing import Any
 import pytest
 
 import tether
-from tests.support import ServerProcess
+from tests.support import ServerProcess, serve_for_tests
 
-SERVER_ARGS = [
-    "--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--grace-sigkill", "5s",
-    "--checkpoint-interval", "0.5s",
-]  # fmt: skip
 WAIT = 60.0
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = ServerProcess(
-        tmp_path_factory.mktemp("python-client") / "data", engines=2, extra_args=SERVER_ARGS
-    )
-    try:
-        process.start(timeout=60)
-        yield process
-    finally:
-        try:
-            process.stop(timeout=15)
-        finally:
-            process.kill_leftovers()
+    yield from serve_for_tests(tmp_path_factory, "python-client")
 
 
 @pytest.fixture(scope="module")
