@@ -486,7 +486,10 @@ class Controller:
             self._handle(msg.EngineLost(engine_id, time.time()))
             return
         except Exception:
-            log.exception("engine %s could not be set up", engine_id)
+            # An engine that cannot run the runtime would sit STARTING forever and shrink
+            # the pool: kill it; its loss brings a replacement (embedded mode).
+            log.exception("engine %s could not be set up; killing it", engine_id)
+            await self._kill(engine_id, "setup failed")
             return
         self._handle(
             msg.EngineReady(
