@@ -286,14 +286,15 @@ def call_hooks(
             del exc
 
 
-class critical:
-    """Defer SIGINT *and* SIGTERM for a short section of runtime code inside a task.
+class _DeferredSection:
+    """A ``with`` block in the task's main thread during which some signals wait.
 
-    Used around IOPub publishing so an exception never lands half-way through a message.
-    A signal owed on exit is raised then (if the caller may raise it at all).
+    Subclasses name the depth counter of TaskSignals they raise; a signal owed when
+    the outermost block exits is raised then (if the block itself did not fail).
     """
 
     __slots__ = ("_active", "_signals")
+    _depth: str
 
     def __init__(self, signals: TaskSignals | None) -> None:
         self._signals = signals
@@ -302,7 +303,7 @@ class critical:
     def __enter__(self) -> None:
         signals = self._signals
         if signals is not None and threading.current_thread() is threading.main_thread():
-            signals.critical_depth += 1
+            setattr(signals, self._depth, getattr(signals, self._depth) + 1)
             self._active = True
 
     def __exit__(
@@ -316,12 +317,24 @@ class critical:
         signals = self._signals
         assert signals is not None
         self._active = False
-        signals.critical_depth -= 1
-        if exc_type is None and signals.critical_depth == 0:
+        depth = getattr(signals, self._depth) - 1
+        setattr(signals, self._depth, depth)
+        if exc_type is None and depth == 0:
             _raise_owed_here(signals)
 
 
-class uninterruptible:
+class critical(_DeferredSection):
+    """Defer SIGINT *and* SIGTERM for a short section of runtime code inside a task.
+
+    Used around IOPub publishing so an exception never lands half-way through a message.
+    A signal owed on exit is raised then (if the caller may raise it at all).
+    """
+
+    __slots__ = ()
+    _depth = "critical_depth"
+
+
+class uninterruptible(_DeferredSection):
     """``with ctx.uninterruptible():`` -- SIGINT waits until the outermost block exits.
 
     Nested blocks are fine. SIGTERM is not deferred. When the block exits with an exception
@@ -329,32 +342,8 @@ class uninterruptible:
     ``ctx.interrupted``).
     """
 
-    __slots__ = ("_active", "_signals")
-
-    def __init__(self, signals: TaskSignals | None) -> None:
-        self._signals = signals
-        self._active = False
-
-    def __enter__(self) -> None:
-        signals = self._signals
-        if signals is not None and threading.current_thread() is threading.main_thread():
-            signals.uninterruptible_depth += 1
-            self._active = True
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self._active:
-            return
-        signals = self._signals
-        assert signals is not None
-        self._active = False
-        signals.uninterruptible_depth -= 1
-        if exc_type is None and signals.uninterruptible_depth == 0:
-            _raise_owed_here(signals)
+    __slots__ = ()
+    _depth = "uninterruptible_depth"
 
 
 def _raise_owed_here(signals: TaskSignals) -> None:
