@@ -165,6 +165,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="checkpoint cadence of idle streams",
     )
     p.add_argument(
+        "--max-streams-per-principal",
+        type=int,
+        default=2000,
+        help="open StreamTaskStatus calls one principal may hold (default %(default)s)",
+    )
+    p.add_argument(
         "--subscriber-queue",
         type=int,
         default=1024,
@@ -222,7 +228,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         memory_limit_bytes=a.memory_limit,
         rss_tolerance_bytes=a.rss_tolerance,
         checkpoint_interval_seconds=a.checkpoint_interval,
-        limits=Limits(max_args_bytes=a.max_args_bytes, subscriber_queue=a.subscriber_queue),
+        limits=Limits(
+            max_args_bytes=a.max_args_bytes,
+            subscriber_queue=a.subscriber_queue,
+            max_subscribers_per_principal=a.max_streams_per_principal,
+        ),
         auth_tokens_file=a.auth_tokens,
         heartbeat_ms=max(50, int(a.heartbeat * 1000)),
         warm_up=not a.no_warm_up,

@@ -25,6 +25,7 @@ class Limits:
     max_request_id_chars: int = 128
     max_reason_chars: int = 1024
     max_subscribers: int = 10_000
+    max_subscribers_per_principal: int = 2_000
     subscriber_queue: int = 1024
     """Events a subscriber may have waiting before it is cut off as lagging."""
 

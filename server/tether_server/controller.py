@@ -294,6 +294,7 @@ class Controller:
         send_initial_state: bool,
         exclude_progress: bool,
         full_view: bool,
+        principal: str = "anonymous",
     ) -> Subscription:
         """Open a subscription with no gap and no duplicate.
 
@@ -303,10 +304,19 @@ class Controller:
         """
         if self._shutting_down:
             raise err.ShuttingDown("the server is shutting down")
-        if len(self._subscribers) >= self.config.limits.max_subscribers:
+        limits = self.config.limits
+        if len(self._subscribers) >= limits.max_subscribers:
             raise err.ResourceExhausted(
                 "too many subscribers",
-                metadata={"maxSubscribers": str(self.config.limits.max_subscribers)},
+                metadata={"maxSubscribers": str(limits.max_subscribers)},
+            )
+        if self._subscribers.count_of(principal) >= limits.max_subscribers_per_principal:
+            raise err.ResourceExhausted(
+                f"{principal} has {limits.max_subscribers_per_principal} open streams already",
+                metadata={
+                    "principal": principal,
+                    "maxSubscribersPerPrincipal": str(limits.max_subscribers_per_principal),
+                },
             )
         core = self._core()
         eventlog = self._eventlog()
@@ -331,7 +341,7 @@ class Controller:
                     if tid in core.tasks and flt.matches(core.tasks[tid])
                 )
                 initial.append(("initial_done", None, snapshot_rev))
-        sub = Subscription(options, self.config.limits.subscriber_queue, initial)
+        sub = Subscription(options, self.config.limits.subscriber_queue, initial, principal)
         self._subscribers.add(sub)
         return sub
 

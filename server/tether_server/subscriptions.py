@@ -31,8 +31,15 @@ class StreamOptions:
 class Subscription:
     """One open StreamTaskStatus call."""
 
-    def __init__(self, options: StreamOptions, maxsize: int, initial: Iterable[Any]) -> None:
+    def __init__(
+        self,
+        options: StreamOptions,
+        maxsize: int,
+        initial: Iterable[Any],
+        principal: str = "anonymous",
+    ) -> None:
         self.options = options
+        self.principal = principal
         self.maxsize = maxsize
         self.initial = list(initial)
         self._queue: collections.deque[Any] = collections.deque()
@@ -101,6 +108,11 @@ class SubscriberIndex:
         self._by_task: dict[str, set[Subscription]] = {}
         self._by_filter: dict[tuple[TaskFilter, bool], set[Subscription]] = {}
         self._all: set[Subscription] = set()
+        self._per_principal: dict[str, int] = {}
+
+    def count_of(self, principal: str) -> int:
+        """Open subscriptions of one principal (DESIGN §10: limits per principal)."""
+        return self._per_principal.get(principal, 0)
 
     def __len__(self) -> int:
         return len(self._all)
@@ -109,7 +121,10 @@ class SubscriberIndex:
         return iter(tuple(self._all))
 
     def add(self, sub: Subscription) -> None:
+        if sub in self._all:
+            return
         self._all.add(sub)
+        self._per_principal[sub.principal] = self.count_of(sub.principal) + 1
         o = sub.options
         if o.task_id is not None:
             self._by_task.setdefault(o.task_id, set()).add(sub)
@@ -120,6 +135,11 @@ class SubscriberIndex:
         if sub not in self._all:
             return
         self._all.discard(sub)
+        remaining = self.count_of(sub.principal) - 1
+        if remaining:
+            self._per_principal[sub.principal] = remaining
+        else:
+            self._per_principal.pop(sub.principal, None)
         o = sub.options
         if o.task_id is not None:
             _remove(self._by_task, o.task_id, sub)

@@ -119,3 +119,29 @@ def test_tls_server_serves_tls_clients_and_refuses_plaintext(tmp_path: Path) -> 
             task_service_pb2_grpc.TaskServiceStub(plain).ListTasks(
                 spb.ListTasksRequest(), timeout=5
             )
+
+
+def test_streams_per_principal_are_limited_with_resource_exhausted(tmp_path: Path) -> None:
+    extra = ["--max-streams-per-principal", "2"]
+    server = ServerProcess(tmp_path / "data", engines=1, extra_args=extra)
+    with server, grpc.insecure_channel(server.address) as ch:
+        stub = task_service_pb2_grpc.TaskServiceStub(ch)
+        open_streams = [
+            stub.StreamTaskStatus(spb.StreamTaskStatusRequest(send_initial_state=True))
+            for _ in range(2)
+        ]
+        for call in open_streams:
+            next(iter(call))  # each is registered once its first message arrives
+        with pytest.raises(grpc.RpcError) as caught:
+            next(
+                iter(
+                    stub.StreamTaskStatus(
+                        spb.StreamTaskStatusRequest(send_initial_state=True), timeout=10
+                    )
+                )
+            )
+        code, reason, metadata, _ = error_info(caught.value)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED")
+        assert metadata["principal"] == "anonymous"
+        for call in open_streams:
+            call.cancel()

@@ -59,3 +59,18 @@ def test_discarded_subscriptions_get_nothing_and_empty_groups_go_away() -> None:
     assert len(index) == 0
     assert _queued(one) == _queued(two) == []
     assert not index._by_task and not index._by_filter
+
+
+def test_index_counts_open_subscriptions_per_principal() -> None:
+    index = SubscriberIndex()
+    a1, a2 = (
+        Subscription(StreamOptions(None, TaskFilter(), False, False), 10, [], "alice")
+        for _ in range(2)
+    )
+    b1 = Subscription(StreamOptions("t", TaskFilter(), False, False), 10, [], "bob")
+    for sub in (a1, a2, b1, a1):
+        index.add(sub)
+    assert (index.count_of("alice"), index.count_of("bob"), index.count_of("carol")) == (2, 1, 0)
+    index.discard(a1)
+    index.discard(b1)
+    assert (index.count_of("alice"), index.count_of("bob")) == (1, 0)

@@ -176,7 +176,7 @@ class TaskService:
     async def StreamTaskStatus(
         self, request: spb.StreamTaskStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        self.auth.authenticate(context)
+        principal = self.auth.authenticate(context)
         v = Violations()
         task_id: str | None = None
         if request.name:
@@ -205,6 +205,7 @@ class TaskService:
             send_initial_state=request.send_initial_state,
             exclude_progress=request.exclude_progress,
             full_view=full,
+            principal=principal.name,
         )
         epoch = ctl.epoch
         view = tpb.TASK_VIEW_FULL if full else tpb.TASK_VIEW_BASIC
