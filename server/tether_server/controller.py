@@ -497,9 +497,15 @@ class Controller:
             return
         except Exception:
             # An engine that cannot run the runtime would sit STARTING forever and shrink
-            # the pool: kill it; its loss brings a replacement (embedded mode).
-            log.exception("engine %s could not be set up; killing it", engine_id)
-            await self._kill(engine_id, "setup failed")
+            # the pool. Embedded: kill it; its loss brings a replacement. Attached: the
+            # engine may be busy with work of a previous controller (setup queues behind
+            # it), and it is not ours to kill; it stays STARTING and the pool degraded.
+            if self.cluster.embedded:
+                log.exception("engine %s could not be set up; killing it", engine_id)
+                await self._kill(engine_id, "setup failed")
+            else:
+                log.exception("engine %s could not be set up; trying again in 30 s", engine_id)
+                self._spawn(self._setup_engine_later(engine_id, 30.0))
             return
         self._handle(
             msg.EngineReady(
@@ -511,6 +517,12 @@ class Controller:
             )
         )
         self.ready.set()
+
+    async def _setup_engine_later(self, engine_id: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        engine = self._core().engines.get(engine_id)
+        if engine is not None and engine.state is EngineState.STARTING and not self._shutting_down:
+            await self._setup_engine(engine_id)
 
     async def _run_task(self, task_id: str, attempt: int, engine_id: int) -> None:
         task = self._core().tasks[task_id]

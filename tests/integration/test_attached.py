@@ -21,7 +21,7 @@ from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 
 from .conftest import wait_for
-from .helpers import submit, wait_terminal
+from .helpers import submit, wait_state, wait_terminal
 
 _START = """
 import logging, sys, ipyparallel as ipp
@@ -114,3 +114,36 @@ def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves
         assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
     # The server is gone; the cluster it attached to is not.
     assert pid_alive(survivor.pid)
+
+
+def test_after_a_restart_an_engine_still_busy_with_old_work_gets_nothing_until_it_is_free(
+    external_cluster: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = ServerProcess(data, engines=2, extra_args=["--attach", str(external_cluster)])
+    first.start()
+    with grpc.insecure_channel(first.address) as ch:
+        tasks = task_service_pb2_grpc.TaskServiceStub(ch)
+        old = submit(tasks, "demo.sleep", args={"seconds": 8})
+        busy_engine = wait_state(tasks, old.name, {tpb.TASK_STATE_RUNNING}).engine_id
+    first.kill()  # the cluster (and the old task on its engine) lives on
+    second = ServerProcess(
+        data, port=first.port, engines=2, extra_args=["--attach", str(external_cluster)]
+    )
+    with second, grpc.insecure_channel(second.address) as ch:
+        tasks = task_service_pb2_grpc.TaskServiceStub(ch)
+        assert wait_terminal(tasks, old.name).error.reason == "CONTROLLER_RESTARTED"
+        new = [submit(tasks, "demo.echo", args={"value": i}) for i in range(4)]
+        ran_on = {wait_terminal(tasks, t.name, timeout=60).engine_id for t in new}
+        # Nothing was queued behind the old task: the busy engine took no new work while
+        # it was busy (the echoes finished long before its 8 s were up).
+        assert busy_engine not in ran_on
+        # Once the old task is done, the engine joins the pool again.
+        cluster = cluster_service_pb2_grpc.ClusterServiceStub(ch)
+        wait_for(
+            lambda: any(
+                e.id == busy_engine and e.state == cpb.ENGINE_STATE_IDLE
+                for e in cluster.GetCluster(cpb.GetClusterRequest(), timeout=10).engines
+            ),
+            timeout=60,
+        )
