@@ -40,6 +40,7 @@ from .core.model import (
     Task,
     TaskState,
 )
+from .core.records import snapshot
 from .runtime import registry
 from .store import IdempotencyRecord, SqliteStore, StoredEvent, WriteBatch
 from .subscriptions import StreamOptions, SubscriberIndex, Subscription
@@ -179,7 +180,7 @@ class Controller:
             raise err.ShuttingDown("the server is shutting down")
         dedup = self._check_idempotency(spec.request_id, "SubmitTask", spec.fingerprint)
         if dedup is not None:
-            return _copy(core.tasks[dedup]), True
+            return _public_copy(core.tasks[dedup]), True
         self._validate_task_args(spec)
         if spec.resume_from:
             await self._check_resume_source(spec.resume_from)
@@ -208,7 +209,7 @@ class Controller:
             rec = IdempotencyRecord(spec.request_id, "SubmitTask", spec.fingerprint, task.id, now)
             self._idempotency[spec.request_id] = rec
             self._batch_for_write().idempotency.append(rec)
-        snapshot = _copy(task)
+        snapshot = _public_copy(task)
         self._handle(msg.TaskSubmitted(task, now))
         await self._flush_soon()
         return snapshot, False
@@ -227,7 +228,7 @@ class Controller:
         core = self._core()
         dedup = self._check_idempotency(request_id, "InterruptTask", fingerprint)
         if dedup is not None:
-            return _copy(core.tasks[dedup]), True
+            return _public_copy(core.tasks[dedup]), True
         if task_id not in core.tasks:
             raise err.TaskNotFound(
                 f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
@@ -254,7 +255,7 @@ class Controller:
             self._idempotency[request_id] = rec
             self._batch_for_write().idempotency.append(rec)
         await self._flush_soon()
-        return _copy(core.tasks[task_id]), False
+        return _public_copy(core.tasks[task_id]), False
 
     def get(self, task_id: str) -> Task:
         task = self._core().tasks.get(task_id)
@@ -333,10 +334,10 @@ class Controller:
         elif send_initial_state or task_id is not None:
             snapshot_rev = self.latest_revision
             if task_id is not None:
-                initial.append(("snapshot", _copy(core.tasks[task_id]), snapshot_rev))
+                initial.append(("snapshot", _public_copy(core.tasks[task_id]), snapshot_rev))
             else:
                 initial.extend(
-                    ("snapshot", _copy(core.tasks[tid]), snapshot_rev)
+                    ("snapshot", _public_copy(core.tasks[tid]), snapshot_rev)
                     for _, tid in self._order
                     if tid in core.tasks and flt.matches(core.tasks[tid])
                 )
@@ -713,19 +714,27 @@ class Controller:
         return rec.task_id
 
     def _validate_task_args(self, spec: SubmitSpec) -> None:
-        from .api.validation import Violations
-
-        v = Violations()
+        """The task name is registered and the arguments fit its signature."""
         try:
             registry.get(spec.task)
         except KeyError:
-            v.add("UNKNOWN_TASK", "task", f"no task named {spec.task!r} is registered")
-            v.raise_if_any()
+            raise err.InvalidRequest(
+                "UNKNOWN_TASK",
+                f"task: no task named {spec.task!r} is registered",
+                violations=[
+                    err.FieldViolation("task", f"no task named {spec.task!r} is registered")
+                ],
+                metadata={"field": "task"},
+            ) from None
         try:
             registry.validate_args(spec.task, spec.args)
         except TypeError as exc:
-            v.add("INVALID_ARGUMENTS", "args", str(exc))
-        v.raise_if_any()
+            raise err.InvalidRequest(
+                "INVALID_ARGUMENTS",
+                f"args: {exc}",
+                violations=[err.FieldViolation("args", str(exc))],
+                metadata={"field": "args"},
+            ) from None
 
     async def _check_resume_source(self, name: str) -> None:
         source_id = name.removeprefix("tasks/")
@@ -765,10 +774,9 @@ def _task_descendants(pid: int) -> list[Any]:
     return found
 
 
-def _copy(task: Task) -> Task:
-    import copy
-
-    return copy.copy(task)
+def _public_copy(task: Task) -> Task:
+    """The task as handed to the API: a snapshot later changes cannot alter."""
+    return snapshot(task, keep_output=True)
 
 
 def _transfer(src: asyncio.Future[Any], dst: asyncio.Future[None]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from tests.support import ServerProcess, pid_alive
 from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
+from tether_server.cluster.ipp import pids_in_cluster_file
 
 from .conftest import wait_for
 from .helpers import submit, wait_state, wait_terminal
@@ -38,24 +38,6 @@ ipp.Cluster.from_file(sys.argv[1]).stop_cluster_sync()
 """
 
 
-def _pids(cluster_file: Path) -> list[int]:
-    found: list[int] = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "pid" and isinstance(value, int) and value > 0:
-                    found.append(value)
-                else:
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(cluster_file.read_text()))
-    return found
-
-
 @pytest.fixture()
 def external_cluster(tmp_path: Path) -> Iterator[Path]:
     profile = tmp_path / "external-profile"
@@ -67,7 +49,7 @@ def external_cluster(tmp_path: Path) -> Iterator[Path]:
         check=True,
     )
     cluster_file = Path(out.stdout.strip().splitlines()[-1])
-    pids = _pids(cluster_file)
+    pids = pids_in_cluster_file(cluster_file)
     try:
         yield cluster_file
     finally:

@@ -11,16 +11,11 @@ from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
 from .conftest import wait_for
-from .helpers import get, seconds, submit, wait_state, wait_terminal
-
-
-def _usable_engines(cluster) -> list[cpb.Engine]:  # type: ignore[no-untyped-def]
-    resp = cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)
-    return [e for e in resp.engines if e.state in (cpb.ENGINE_STATE_IDLE, cpb.ENGINE_STATE_BUSY)]
+from .helpers import get, seconds, submit, usable_engines, wait_state, wait_terminal
 
 
 def _wait_pool_full(cluster, size: int = 2, timeout: float = 60.0) -> list[cpb.Engine]:  # type: ignore[no-untyped-def]
-    return wait_for(lambda: (e := _usable_engines(cluster)) and len(e) >= size and e, timeout)
+    return wait_for(lambda: (e := usable_engines(cluster)) and len(e) >= size and e, timeout)
 
 
 def test_interrupted_sleep_ends_interrupted_within_a_second_runs_its_hook_and_keeps_its_engine(
@@ -84,7 +79,7 @@ def test_engine_killed_from_outside_fails_its_task_with_engine_lost_and_is_repla
     _wait_pool_full(cluster)
     task = submit(tasks, "demo.sleep", args={"seconds": 60})
     running = wait_state(tasks, task.name, {tpb.TASK_STATE_RUNNING})
-    engine = next(e for e in _usable_engines(cluster) if e.id == running.engine_id)
+    engine = next(e for e in usable_engines(cluster) if e.id == running.engine_id)
     os.kill(engine.pid, signal.SIGKILL)
     done = wait_terminal(tasks, task.name, timeout=20)
     assert done.state == tpb.TASK_STATE_FAILED

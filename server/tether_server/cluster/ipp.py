@@ -280,7 +280,7 @@ class IpyparallelCluster:
         if not path.exists():
             return
         log.warning("found a cluster left by a previous run (%s); stopping it", path)
-        for pid in _pids_in_cluster_file(path):
+        for pid in pids_in_cluster_file(path):
             _kill_tree(pid)
         for stale in glob.glob(str(self.config.profile_dir / "security" / f"*{CLUSTER_ID}*")):
             with contextlib.suppress(OSError):
@@ -289,11 +289,11 @@ class IpyparallelCluster:
     def _kill_cluster_pids(self) -> None:
         path = self._cluster_file()
         if path.exists():
-            for pid in _pids_in_cluster_file(path):
+            for pid in pids_in_cluster_file(path):
                 _kill_tree(pid)
 
 
-def _pids_in_cluster_file(path: Path) -> list[int]:
+def pids_in_cluster_file(path: Path) -> list[int]:
     """Pids of the controller and engine launchers recorded in an ipyparallel cluster file."""
     try:
         info = json.loads(path.read_text())
