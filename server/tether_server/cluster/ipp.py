@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import signal
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ import zmq
 import zmq.asyncio
 from ipyparallel import error as ipp_error
 from jupyter_client.session import Session
+from traitlets.config import Config
 
 from ..runtime import engine as engine_runtime
 
@@ -67,8 +70,17 @@ class _State:
     known_ids: set[int] = field(default_factory=set)
 
 
+HUB_MODULE = "tether_server.cluster.ipyparallel_hub"
+"""The controller entry point tether runs (ipyparallel's, with bounded bookkeeping)."""
+
+
 class IpyparallelCluster:
-    """Owns (or attaches to) an ipyparallel cluster on the current asyncio loop."""
+    """Owns (or attaches to) an ipyparallel cluster on the current asyncio loop.
+
+    A cluster can be lost (its hub killed or frozen) and started again: each
+    start is a new *generation*, and nothing of an older one (a registration
+    notification, an engine id) is reported after it was torn down.
+    """
 
     def __init__(self, config: ClusterConfig, callbacks: ClusterCallbacks) -> None:
         self.config = config
@@ -83,6 +95,8 @@ class IpyparallelCluster:
         self._zmq_context: Any = None
         self._state = _State()
         self._closing = False
+        self.generation = 0
+        """Incremented by every start; notifications of older generations are dropped."""
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -90,8 +104,14 @@ class IpyparallelCluster:
         return CLUSTER_ID if self._cluster is None else str(self._cluster.cluster_id)
 
     async def start(self) -> None:
-        """Start (embedded) or attach to the cluster, then connect the client."""
+        """Start (embedded) or attach to the cluster, then connect the client.
+
+        Called again after :meth:`teardown` to bring a lost cluster back.
+        """
         self._loop = asyncio.get_running_loop()
+        self.generation += 1
+        self._state = _State()
+        self._views = {}
         if self.embedded:
             self._cleanup_stale_cluster()
             self.config.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +119,10 @@ class IpyparallelCluster:
             # rather than let every engine's BLAS/torch use all of them.
             threads = max(1, (os.cpu_count() or 1) // max(1, self.config.engines))
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+            config = Config()
+            config.LocalControllerLauncher.controller_cmd = [sys.executable, "-m", HUB_MODULE]
             self._cluster = ipp.Cluster(
+                config=config,
                 n=self.config.engines,
                 profile_dir=str(self.config.profile_dir),
                 cluster_id=CLUSTER_ID,
@@ -107,6 +130,8 @@ class IpyparallelCluster:
                 controller_args=[
                     f"--HeartMonitor.period={self.config.heartbeat_ms}",
                     "--IPController.log_level=40",
+                    # tether keeps its own records: the hub keeps none per task.
+                    "--IPController.db_class=NoDB",
                 ],
                 engine_args=["--IPEngine.log_level=40"],
                 delay=0,
@@ -124,35 +149,120 @@ class IpyparallelCluster:
                 info = json.load(f)
             if "cluster" in info:  # a cluster file written by ipyparallel.Cluster
                 self._cluster = ipp.Cluster.from_file(path)
-                self._client = await self._cluster.connect_client()
-            else:  # a client connection file
-                self._client = ipp.Client(path)
-        self._client._registration_callbacks.append(self._on_registration_io_thread)
+                connection = self._cluster.controller.get_connection_info()
+                if asyncio.iscoroutine(connection) or isinstance(connection, asyncio.Future):
+                    connection = await asyncio.wait_for(connection, timeout=5)
+                path = connection["client"]
+            # The Client waits for the hub's answer to its connection request: a dead
+            # hub must not block the loop, and must not hang a reconnect for long.
+            self._client = await asyncio.to_thread(ipp.Client, path, timeout=5)
+        generation = self.generation
+
+        def on_registration(event: dict[str, Any]) -> None:
+            self._on_registration_io_thread(event, generation)
+
+        self._client._registration_callbacks.append(on_registration)
         await self._start_iopub_watcher()
         # Engines that registered before our callback was installed.
         for eid in self._client.ids:
             self._note_registered(int(eid))
 
     async def stop(self) -> None:
-        """Close the client and (embedded) stop every cluster process."""
+        """Close the client and (embedded) stop every cluster process.
+
+        Returns only when every process of the cluster is gone (a supervisor that
+        starts tether again at once must not race the old engines).
+        """
         self._closing = True
+        await self._disconnect()
+        if self.embedded and self._cluster is not None:
+            pids = self._cluster_pids()
+            try:
+                await asyncio.wait_for(self._cluster.stop_cluster(), timeout=6)
+            except Exception:
+                log.warning("stop_cluster did not finish cleanly; killing what is left")
+            await asyncio.to_thread(_kill_and_wait, pids + self._cluster_pids(), 3.0)
+            with contextlib.suppress(Exception):
+                self._cluster.remove_cluster_file()
+
+    async def teardown(self) -> None:
+        """Forget a lost cluster: disconnect, and (embedded) kill every process of it.
+
+        The hub is dead or frozen, so nothing is asked of it; engines and their
+        nannies are killed by pid, and the process table is checked until they are
+        gone. :meth:`start` may then start a new generation.
+        """
+        self.generation += 1  # from now on, nothing of the old cluster is reported
+        await self._disconnect()
+        if self.embedded and self._cluster is not None:
+            pids = self._cluster_pids()
+            await asyncio.to_thread(_kill_and_wait, pids, 3.0)
+            with contextlib.suppress(Exception):
+                self._cluster.remove_cluster_file()
+            self._cluster = None
+
+    async def _disconnect(self) -> None:
         if self._iopub_task is not None:
             self._iopub_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._iopub_task
+            self._iopub_task = None
         if self._iopub_socket is not None:
             self._iopub_socket.close(linger=0)
+            self._iopub_socket = None
         if self._client is not None:
             with contextlib.suppress(Exception):
-                self._client.close()
-        if self.embedded and self._cluster is not None:
-            try:
-                await asyncio.wait_for(self._cluster.stop_cluster(), timeout=8)
-            except Exception:
-                log.warning("stop_cluster did not finish cleanly; killing what is left")
-            self._kill_cluster_pids()
-            with contextlib.suppress(Exception):
-                self._cluster.remove_cluster_file()
+                self._client.close(linger=0)
+            self._client = None
+        self._views = {}
+
+    # ------------------------------------------------------------------ supervision
+    def controller_alive(self) -> bool:
+        """Embedded: whether the hub's process still exists. Attached: unknown (True)."""
+        if not self.embedded or self._cluster is None:
+            return True
+        launcher = getattr(self._cluster, "controller", None)
+        process = getattr(launcher, "process", None)
+        pid = getattr(process, "pid", None)
+        if not pid:
+            return False
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    async def probe(self, timeout: float) -> bool:
+        """Ask the hub for its queue status; False when it does not answer in time.
+
+        A hub that is alive but frozen (SIGSTOP, a hung host) keeps its sockets open,
+        so only a request that needs an answer tells it apart from a healthy one.
+        """
+        client = self._client
+        if client is None:
+            return False
+        try:
+            fut = client._send(
+                client._query_stream, "queue_request", content={"targets": None, "verbose": False}
+            )
+            reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except Exception:
+            return False
+        return bool(reply.get("content", {}).get("status") == "ok")
+
+    def trim_history(self) -> None:
+        """Drop the client's and views' per-request history (ipyparallel keeps every id).
+
+        Outstanding requests are tracked elsewhere (``outstanding``), so forgetting
+        ``history`` loses nothing tether uses.
+        """
+        client = self._client
+        if client is None:
+            return
+        client.history.clear()
+        for view in self._views.values():
+            view.history.clear()
 
     # ------------------------------------------------------------------ engines
     async def setup_engine(self, engine_id: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -209,9 +319,9 @@ class IpyparallelCluster:
         return exc
 
     # ------------------------------------------------------------------ notifications
-    def _on_registration_io_thread(self, event: dict[str, Any]) -> None:
+    def _on_registration_io_thread(self, event: dict[str, Any], generation: int) -> None:
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None or loop.is_closed() or generation != self.generation:
             return
         eid = int(event["id"])
         if event.get("event") == "register":
@@ -286,11 +396,25 @@ class IpyparallelCluster:
             with contextlib.suppress(OSError):
                 os.unlink(stale)
 
-    def _kill_cluster_pids(self) -> None:
+    def _cluster_pids(self) -> list[int]:
+        """Pids of every process of the embedded cluster: launchers' records and children."""
+        import psutil
+
+        pids: set[int] = set()
         path = self._cluster_file()
         if path.exists():
-            for pid in pids_in_cluster_file(path):
-                _kill_tree(pid)
+            pids.update(pids_in_cluster_file(path))
+        cluster = self._cluster
+        if cluster is not None:
+            launchers = [getattr(cluster, "controller", None)]
+            launchers += list(getattr(cluster, "engines", {}).values())
+            for launcher in launchers:
+                for pid in _launcher_pids(launcher):
+                    pids.add(pid)
+        for pid in list(pids):
+            with contextlib.suppress(psutil.Error):
+                pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        return sorted(pids)
 
 
 def pids_in_cluster_file(path: Path) -> list[int]:
@@ -316,6 +440,47 @@ def pids_in_cluster_file(path: Path) -> list[int]:
 
     walk(info)
     return pids
+
+
+def _launcher_pids(launcher: Any) -> list[int]:
+    """Pids a launcher started (one process, or an engine set's)."""
+    if launcher is None:
+        return []
+    found: list[int] = []
+    pid = getattr(getattr(launcher, "process", None), "pid", None)
+    if pid:
+        found.append(int(pid))
+    for child in getattr(launcher, "launchers", {}).values():
+        found.extend(_launcher_pids(child))
+    return found
+
+
+def _kill_and_wait(pids: list[int], timeout: float) -> None:
+    """SIGKILL every pid (that is still an ipyparallel process) and wait until all are gone."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    for proc in procs:
+        _kill_tree(proc.pid)
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if _alive(p)]
+    if alive:
+        log.warning("cluster processes still alive after SIGKILL: %s", [p.pid for p in alive])
+
+
+def _alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def _kill_tree(pid: int) -> None:

@@ -21,12 +21,13 @@ never changes, see ``records.LEGAL_TRANSITIONS``)::
     RUNNING       TaskFinished SUCCEEDED                     SUCCEEDED
     RUNNING       TaskFinished FAILED or INTERRUPTED         FAILED     (TASK_RAISED: nobody asked)
     RUNNING       EngineLost                                 FAILED     (ENGINE_LOST)
+    RUNNING       ClusterLost                                FAILED     (CLUSTER_LOST)
     INTERRUPTING  TimerFired(ESCALATE, SIGINT)               INTERRUPTING, stage SIGTERM
     INTERRUPTING  TimerFired(ESCALATE, SIGTERM)              INTERRUPTING, stage SIGKILL (KillEngine)
     INTERRUPTING  TimerFired(ESCALATE, SIGKILL)              as EngineLost (death never confirmed)
     INTERRUPTING  TaskFinished SUCCEEDED / FAILED            SUCCEEDED / FAILED (the truth wins)
     INTERRUPTING  TaskFinished INTERRUPTED                   INTERRUPTED or TIMED_OUT by cause
-    INTERRUPTING  EngineLost                                 INTERRUPTED or TIMED_OUT, final SIGKILL
+    INTERRUPTING  EngineLost / ClusterLost                   INTERRUPTED or TIMED_OUT, final SIGKILL
     RUNNING, INTERRUPTING  restore() after a restart         FAILED     (CONTROLLER_RESTARTED)
 
 Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
@@ -50,6 +51,7 @@ from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
 from .escalation import SIGNALLED_STAGES, deadline_stage, interrupted_ending
 from .messages import (
     CancelTimers,
+    ClusterLost,
     Dispatch,
     EngineLost,
     EngineReady,
@@ -187,6 +189,8 @@ class ControlCore:
                 engine = self.engines.get(event.engine_id)
                 if engine is not None:
                     self._lose(engine, event.now, out)
+            case ClusterLost():
+                self._on_cluster_lost(event, out)
             case TaskStarted():
                 self._on_started(event, out)
             case TaskProgressed():
@@ -209,6 +213,19 @@ class ControlCore:
             case _:
                 assert_never(event)
         return out
+
+    def forget(self, task_id: str) -> bool:
+        """Drop a terminal task from the table (memory holds live work only).
+
+        The controller calls this once the task's terminal record is durable, and
+        serves it from its cache and the store from then on. Live tasks are never
+        forgotten; returns whether the task was dropped.
+        """
+        task = self.tasks.get(task_id)
+        if task is None or not task.state.terminal:
+            return False
+        del self.tasks[task_id]
+        return True
 
     def restore(self, tasks: Iterable[Task], now: float) -> list[Instruction]:
         """Load the task table of a restarted controller; call once, on a fresh core.
@@ -457,6 +474,24 @@ class ControlCore:
         replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
         if replacement is not None:
             out.append(replacement)
+
+    def _on_cluster_lost(self, event: ClusterLost, out: list[Instruction]) -> None:
+        """End what ran on the lost cluster and forget its engines; keep the queue."""
+        for engine in list(self.engines.values()):
+            task = self.tasks.get(engine.current_task) if engine.current_task else None
+            if task is not None and task.state.active and task.attempt == engine.current_attempt:
+                record = task.interrupt
+                if task.state is TaskState.INTERRUPTING and record is not None:
+                    record.final_stage = EscalationStage.SIGKILL
+                    state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
+                else:
+                    message = (
+                        f"the ipyparallel controller was lost while the task ran: {event.detail}"
+                    )
+                    state = TaskState.FAILED
+                    error = TaskError(ErrorReason.CLUSTER_LOST, message=message)
+                self._finish(task, state, error, event.now, out)
+        self._pool.clear()
 
     # ------------------------------------------------------------------ timers
     def _on_timer(self, key: TimerKey, now: float, out: list[Instruction]) -> None:
