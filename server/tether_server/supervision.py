@@ -137,6 +137,8 @@ class Supervisor:
         """Observe and repair until :meth:`stop`; never raises."""
         while not self._stopped:
             await asyncio.sleep(TICK)
+            if self._stopped:
+                return
             try:
                 await self._reconcile(time.monotonic())
             except asyncio.CancelledError:
@@ -150,7 +152,7 @@ class Supervisor:
             self._probing.cancel()
 
     async def _reconcile(self, now: float) -> None:
-        if self.recovering or not self.cluster_ok:
+        if self.recovering or not self.cluster_ok or self._stopped:
             return
         if not self.cluster.controller_alive():
             await self.recover("the ipyparallel controller process exited")

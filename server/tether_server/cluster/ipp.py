@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import inspect
 import json
 import logging
 import os
@@ -97,6 +98,7 @@ class IpyparallelCluster:
         self._closing = False
         self.generation = 0
         """Incremented by every start; notifications of older generations are dropped."""
+        self._hub_children: set[Any] = set()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -142,20 +144,16 @@ class IpyparallelCluster:
             )
             await self._cluster.start_controller()
             await self._cluster.start_engines(self.config.engines)
-            self._client = await self._cluster.connect_client()
+            self._client = await self._connect(self._cluster)
         else:
             path = self.config.attach_cluster_file
             with open(path) as f:
                 info = json.load(f)
             if "cluster" in info:  # a cluster file written by ipyparallel.Cluster
                 self._cluster = ipp.Cluster.from_file(path)
-                connection = self._cluster.controller.get_connection_info()
-                if asyncio.iscoroutine(connection) or isinstance(connection, asyncio.Future):
-                    connection = await asyncio.wait_for(connection, timeout=5)
-                path = connection["client"]
-            # The Client waits for the hub's answer to its connection request: a dead
-            # hub must not block the loop, and must not hang a reconnect for long.
-            self._client = await asyncio.to_thread(ipp.Client, path, timeout=5)
+                self._client = await self._connect(self._cluster)
+            else:  # a client connection file
+                self._client = await asyncio.to_thread(ipp.Client, path, timeout=5)
         generation = self.generation
 
         def on_registration(event: dict[str, Any]) -> None:
@@ -163,9 +161,29 @@ class IpyparallelCluster:
 
         self._client._registration_callbacks.append(on_registration)
         await self._start_iopub_watcher()
+        self.controller_alive()  # notes the hub's scheduler processes
         # Engines that registered before our callback was installed.
         for eid in self._client.ids:
             self._note_registered(int(eid))
+
+    @staticmethod
+    async def _connect(cluster: Any) -> Any:
+        """A Client of ``cluster``, made off the loop.
+
+        The Client blocks until the hub answers its connection request: a dead or
+        frozen hub must neither block the loop nor hang a reconnect for long.
+        """
+        connection = cluster.controller.get_connection_info()
+        if inspect.isawaitable(connection):
+            connection = await asyncio.wait_for(connection, timeout=30)
+        return await asyncio.to_thread(
+            ipp.Client,
+            connection["client"],
+            cluster=cluster,
+            profile_dir=cluster.profile_dir,
+            cluster_id=cluster.cluster_id,
+            timeout=10,
+        )
 
     async def stop(self) -> None:
         """Close the client and (embedded) stop every cluster process.
@@ -197,9 +215,9 @@ class IpyparallelCluster:
         if self.embedded and self._cluster is not None:
             pids = self._cluster_pids()
             await asyncio.to_thread(_kill_and_wait, pids, 3.0)
-            with contextlib.suppress(Exception):
-                self._cluster.remove_cluster_file()
+            self._remove_connection_files()
             self._cluster = None
+            self._hub_children.clear()
 
     async def _disconnect(self) -> None:
         if self._iopub_task is not None:
@@ -221,17 +239,26 @@ class IpyparallelCluster:
         """Embedded: whether the hub's process still exists. Attached: unknown (True)."""
         if not self.embedded or self._cluster is None:
             return True
-        launcher = getattr(self._cluster, "controller", None)
-        process = getattr(launcher, "process", None)
-        pid = getattr(process, "pid", None)
+        pid = self._controller_pid()
         if not pid:
             return False
         import psutil
 
         try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            hub = psutil.Process(pid)
+            if hub.status() == psutil.STATUS_ZOMBIE:
+                return False
+            # The hub forks its schedulers; they outlive a killed hub, so keep them in
+            # mind while it lives, for teardown to kill.
+            self._hub_children.update(hub.children(recursive=True))
+            return True
         except psutil.Error:
             return False
+
+    def _controller_pid(self) -> int | None:
+        launcher = getattr(self._cluster, "controller", None)
+        pid = getattr(getattr(launcher, "process", None), "pid", None)
+        return int(pid) if pid else None
 
     async def probe(self, timeout: float) -> bool:
         """Ask the hub for its queue status; False when it does not answer in time.
@@ -392,6 +419,11 @@ class IpyparallelCluster:
         log.warning("found a cluster left by a previous run (%s); stopping it", path)
         for pid in pids_in_cluster_file(path):
             _kill_tree(pid)
+        self._remove_connection_files()
+
+    def _remove_connection_files(self) -> None:
+        """The cluster file and the hub's connection files: a new hub must not find the
+        old one's ports (its client would wait for an answer that never comes)."""
         for stale in glob.glob(str(self.config.profile_dir / "security" / f"*{CLUSTER_ID}*")):
             with contextlib.suppress(OSError):
                 os.unlink(stale)
@@ -414,6 +446,10 @@ class IpyparallelCluster:
         for pid in list(pids):
             with contextlib.suppress(psutil.Error):
                 pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        for child in self._hub_children:
+            with contextlib.suppress(psutil.Error):
+                if child.is_running():
+                    pids.add(child.pid)
         return sorted(pids)
 
 
