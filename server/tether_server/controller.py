@@ -383,6 +383,19 @@ class Controller:
             and any(e.state in (EngineState.IDLE, EngineState.BUSY) for e in core.engines.values())
         )
 
+    @property
+    def problem(self) -> str:
+        """Why tether is not serving, in words ("" when it is)."""
+        if self.serving:
+            return ""
+        if self._shutting_down:
+            return "the server is shutting down"
+        if not self.journal.healthy:
+            return f"the store cannot write: {self.journal.last_error}"
+        if not self.supervisor.cluster_ok:
+            return "the ipyparallel controller is lost; restarting the cluster"
+        return "no engine is ready yet"
+
     # ================================================================== core driving
     def core_or_raise(self) -> ControlCore:
         if self.core is None:

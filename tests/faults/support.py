@@ -59,9 +59,7 @@ def hub_process(server_pid: int) -> psutil.Process:
 
 
 def nanny_of(engine_pid: int) -> psutil.Process:
-    nannies = [
-        c for c in psutil.Process(engine_pid).children() if "nanny" in " ".join(c.cmdline())
-    ]
+    nannies = [c for c in psutil.Process(engine_pid).children() if "nanny" in " ".join(c.cmdline())]
     assert len(nannies) == 1, nannies
     return nannies[0]
 

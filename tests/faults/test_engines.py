@@ -39,20 +39,24 @@ def _assert_lost_and_replaced(channel: grpc.Channel, name: str, pids: list[int])
 
 
 def test_a_frozen_engine_is_killed_with_its_task_children_and_replaced(data_dir: Path) -> None:
-    with ServerProcess(data_dir, engines=2, extra_args=FAST_SERVER_ARGS) as server:
-        with grpc.insecure_channel(server.address) as channel:
-            name, pid = _busy_engine(data_dir, server, channel)
-            engine = psutil.Process(pid)
-            family = [pid, *(c.pid for c in engine.children(recursive=True))]
-            engine.send_signal(signal.SIGSTOP)
-            _assert_lost_and_replaced(channel, name, family)
+    with (
+        ServerProcess(data_dir, engines=2, extra_args=FAST_SERVER_ARGS) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        name, pid = _busy_engine(data_dir, server, channel)
+        engine = psutil.Process(pid)
+        family = [pid, *(c.pid for c in engine.children(recursive=True))]
+        engine.send_signal(signal.SIGSTOP)
+        _assert_lost_and_replaced(channel, name, family)
 
 
 def test_an_engine_whose_nanny_was_killed_is_killed_and_replaced(data_dir: Path) -> None:
-    with ServerProcess(data_dir, engines=2, extra_args=FAST_SERVER_ARGS) as server:
-        with grpc.insecure_channel(server.address) as channel:
-            name, pid = _busy_engine(data_dir, server, channel)
-            engine = psutil.Process(pid)
-            family = [pid, *(c.pid for c in engine.children(recursive=True))]
-            nanny_of(pid).kill()
-            _assert_lost_and_replaced(channel, name, family)
+    with (
+        ServerProcess(data_dir, engines=2, extra_args=FAST_SERVER_ARGS) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        name, pid = _busy_engine(data_dir, server, channel)
+        engine = psutil.Process(pid)
+        family = [pid, *(c.pid for c in engine.children(recursive=True))]
+        nanny_of(pid).kill()
+        _assert_lost_and_replaced(channel, name, family)

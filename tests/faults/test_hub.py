@@ -25,44 +25,46 @@ from .support import (
 
 
 def _lose_the_hub(data_dir: Path, sig: int, detect_within: float) -> None:
-    with ServerProcess(data_dir, engines=1, extra_args=FAST_SERVER_ARGS) as server:
-        with grpc.insecure_channel(server.address) as channel:
-            tasks = task_service_pb2_grpc.TaskServiceStub(channel)
-            cluster = cluster_service_pb2_grpc.ClusterServiceStub(channel)
-            recorder = EventRecorder(channel)
-            try:
-                assert server.proc is not None
-                old = {p.pid for p in cluster_processes(server.proc.pid)}
-                hub = hub_process(server.proc.pid)
-                running = submit(tasks, "demo.sleep", args={"seconds": 30})
-                wait_state(tasks, running.name, {tpb.TASK_STATE_RUNNING})
-                pending = submit(tasks, "demo.echo", args={"value": "after the outage"})
-                assert get(tasks, pending.name).state == tpb.TASK_STATE_PENDING
+    with (
+        ServerProcess(data_dir, engines=1, extra_args=FAST_SERVER_ARGS) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+        cluster = cluster_service_pb2_grpc.ClusterServiceStub(channel)
+        recorder = EventRecorder(channel)
+        try:
+            assert server.proc is not None
+            old = {p.pid for p in cluster_processes(server.proc.pid)}
+            hub = hub_process(server.proc.pid)
+            running = submit(tasks, "demo.sleep", args={"seconds": 30})
+            wait_state(tasks, running.name, {tpb.TASK_STATE_RUNNING})
+            pending = submit(tasks, "demo.echo", args={"value": "after the outage"})
+            assert get(tasks, pending.name).state == tpb.TASK_STATE_PENDING
 
-                hub.send_signal(sig)
-                wait_until(lambda: health(channel) == NOT_SERVING, detect_within, "NOT_SERVING")
-                ended = wait_terminal(tasks, running.name, timeout=detect_within)
-                assert ended.state == tpb.TASK_STATE_FAILED
-                assert ended.error.reason == "CLUSTER_LOST"
+            hub.send_signal(sig)
+            wait_until(lambda: health(channel) == NOT_SERVING, detect_within, "NOT_SERVING")
+            ended = wait_terminal(tasks, running.name, timeout=detect_within)
+            assert ended.state == tpb.TASK_STATE_FAILED
+            assert ended.error.reason == "CLUSTER_LOST"
 
-                # tether restarts the cluster by itself; the queued task then runs.
-                wait_until(lambda: health(channel) == SERVING, 60, "SERVING again")
-                done = wait_terminal(tasks, pending.name, timeout=60)
-                assert done.state == tpb.TASK_STATE_SUCCEEDED
-                assert done.result.string_value == "after the outage"
-                wait_pool(cluster, 1)
-                # Nothing of the old cluster survived: not the frozen hub, not its engines.
-                wait_until(lambda: all(gone(pid) for pid in old), 10, "old processes gone")
-                assert len(engines(cluster)) >= 1
+            # tether restarts the cluster by itself; the queued task then runs.
+            wait_until(lambda: health(channel) == SERVING, 60, "SERVING again")
+            done = wait_terminal(tasks, pending.name, timeout=60)
+            assert done.state == tpb.TASK_STATE_SUCCEEDED
+            assert done.result.string_value == "after the outage"
+            wait_pool(cluster, 1)
+            # Nothing of the old cluster survived: not the frozen hub, not its engines.
+            wait_until(lambda: all(gone(pid) for pid in old), 10, "old processes gone")
+            assert len(engines(cluster)) >= 1
 
-                # Every stream saw the end, with its reason.
-                wait_until(lambda: recorder.of_task(running.name), 5, "events of the task")
-                finals = [
-                    e for e in recorder.of_task(running.name) if e.task.state == tpb.TASK_STATE_FAILED
-                ]
-                assert [e.task.error.reason for e in finals] == ["CLUSTER_LOST"]
-            finally:
-                recorder.close()
+            # Every stream saw the end, with its reason.
+            wait_until(lambda: recorder.of_task(running.name), 5, "events of the task")
+            finals = [
+                e for e in recorder.of_task(running.name) if e.task.state == tpb.TASK_STATE_FAILED
+            ]
+            assert [e.task.error.reason for e in finals] == ["CLUSTER_LOST"]
+        finally:
+            recorder.close()
 
 
 def test_a_killed_hub_fails_running_tasks_cluster_lost_and_the_cluster_comes_back(

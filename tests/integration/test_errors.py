@@ -37,7 +37,7 @@ def test_a_huge_task_name_is_refused_with_a_bounded_error(tasks):  # type: ignor
     name = "x" * 10_000
     with pytest.raises(grpc.RpcError) as caught:
         tasks.SubmitTask(spb.SubmitTaskRequest(task=name), timeout=10)
-    code, reason, metadata, fields = error_info(caught.value)
+    code, reason, _metadata, fields = error_info(caught.value)
     assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_TASK", ["task"])
     assert len(caught.value.details()) <= 512
     assert "more characters" in caught.value.details()

@@ -78,7 +78,9 @@ def test_finished_tasks_and_old_events_are_served_from_the_store(tmp_path: Path)
 
             # A retried submit of a forgotten task gets the same task back.
             again = stub.SubmitTask(
-                spb.SubmitTaskRequest(task="demo.echo", args=struct({"value": 0}), request_id="echo-0"),
+                spb.SubmitTaskRequest(
+                    task="demo.echo", args=struct({"value": 0}), request_id="echo-0"
+                ),
                 timeout=10,
             )
             assert again.task.name == names[0]

@@ -437,9 +437,9 @@ def test_list_tasks_pages_by_seq_narrowed_by_state_and_name(db_path: Path) -> No
 
 def test_events_after_reads_a_range_of_the_log(db_path: Path) -> None:
     with opened(db_path) as store:
-        store.submit(
-            WriteBatch(events=[make_event(r, make_task(1)) for r in range(1, 21)])
-        ).result(timeout=5)
+        store.submit(WriteBatch(events=[make_event(r, make_task(1)) for r in range(1, 21)])).result(
+            timeout=5
+        )
         assert [e.revision for e in store.events_after(5, before=9, limit=100)] == [6, 7, 8]
         assert [e.revision for e in store.events_after(0, before=99, limit=4)] == [1, 2, 3, 4]
         assert store.oldest_event_revision() == 1

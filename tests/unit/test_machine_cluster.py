@@ -15,11 +15,11 @@ from tether_server.core.messages import (
     ClusterLost,
     Dispatch,
     EngineLost,
+    Outcome,
+    OutcomeStatus,
     Publish,
     StartEngine,
     TaskFinished,
-    Outcome,
-    OutcomeStatus,
 )
 from tether_server.core.model import ErrorReason, EscalationStage, TaskState
 

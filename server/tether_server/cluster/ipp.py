@@ -71,6 +71,11 @@ class _State:
     known_ids: set[int] = field(default_factory=set)
 
 
+DIGEST_HISTORY = 4096
+"""Message signatures each ZMQ session remembers to refuse replays (jupyter_client keeps
+65,536 by default: about 10 MB per process that fills up over the first ~20,000 tasks, and
+on engines over the first ~100,000; a few thousand refuse replays just as well)."""
+
 HUB_MODULE = "tether_server.cluster.ipyparallel_hub"
 """The controller entry point tether runs (ipyparallel's, with bounded bookkeeping)."""
 
@@ -134,8 +139,12 @@ class IpyparallelCluster:
                     "--IPController.log_level=40",
                     # tether keeps its own records: the hub keeps none per task.
                     "--IPController.db_class=NoDB",
+                    f"--Session.digest_history_size={DIGEST_HISTORY}",
                 ],
-                engine_args=["--IPEngine.log_level=40"],
+                engine_args=[
+                    "--IPEngine.log_level=40",
+                    f"--Session.digest_history_size={DIGEST_HISTORY}",
+                ],
                 delay=0,
                 shutdown_atexit=True,
                 # Every clean engine stop exits 1 in ipyparallel 9.2, which its launcher
@@ -159,6 +168,7 @@ class IpyparallelCluster:
         def on_registration(event: dict[str, Any]) -> None:
             self._on_registration_io_thread(event, generation)
 
+        self._client.session.digest_history_size = DIGEST_HISTORY
         self._client._registration_callbacks.append(on_registration)
         await self._start_iopub_watcher()
         self.controller_alive()  # notes the hub's scheduler processes
@@ -377,6 +387,7 @@ class IpyparallelCluster:
             signature_scheme=cfg["signature_scheme"],
             packer=cfg["pack"],
             unpacker=cfg["unpack"],
+            digest_history_size=DIGEST_HISTORY,
         )
         self._zmq_context = zmq.asyncio.Context.instance()
         sock = self._zmq_context.socket(zmq.SUB)
