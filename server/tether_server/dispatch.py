@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .cluster import EngineDied, IpyparallelCluster
+from .cluster.ipp import DIGEST_HISTORY
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage
 
@@ -58,6 +59,7 @@ class EngineDriver:
         config = {
             "task_modules": modules,
             "tags": list(self.config.engine_tags),
+            "digest_history": DIGEST_HISTORY,
             # LLM engines import torch and the model code at start, not in their first task.
             "preload_modules": ["tether_server.tasks.llm_model:warm_up"]
             if "tether_server.tasks.llm" in modules and self.config.warm_up

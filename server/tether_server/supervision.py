@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cluster import IpyparallelCluster
+from .cluster import IpyparallelCluster, process_alive
 from .config import ServerConfig
 from .core import messages as msg
 from .core.machine import ControlCore
@@ -186,9 +186,9 @@ class Supervisor:
         for engine_id, procs in list(self._processes.items()):
             engine = engines.get(engine_id)
             lost = engine is None or engine.state is EngineState.LOST
-            alive = _alive(procs.engine)
+            alive = process_alive(procs.engine)
             if not lost:
-                nanny_gone = procs.nanny is not None and not _alive(procs.nanny)
+                nanny_gone = procs.nanny is not None and not process_alive(procs.nanny)
                 if not alive or nanny_gone:
                     why = "its process exited" if not alive else "its nanny died"
                     log.warning("engine %s is lost: %s", engine_id, why)
@@ -206,13 +206,13 @@ class Supervisor:
                     _kill(procs.engine)
                 for child in procs.children:
                     _kill(child)
-            nanny_alive = procs.nanny is not None and _alive(procs.nanny)
+            nanny_alive = procs.nanny is not None and process_alive(procs.nanny)
             if nanny_alive and now - procs.lost_since >= NANNY_GRACE:
                 _kill(procs.nanny)
             if (
-                not _alive(procs.engine)
+                not process_alive(procs.engine)
                 and not nanny_alive
-                and not any(_alive(c) for c in procs.children)
+                and not any(process_alive(c) for c in procs.children)
             ):
                 del self._processes[engine_id]
 
@@ -263,15 +263,6 @@ class Supervisor:
             if self._cluster_started is not None:
                 await self._cluster_started()
             return
-
-
-def _alive(proc: Any) -> bool:
-    import psutil
-
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
 
 
 def _kill(proc: Any) -> None:

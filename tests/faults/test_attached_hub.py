@@ -12,7 +12,7 @@ import grpc
 import psutil
 
 from tests.integration.helpers import submit, wait_state, wait_terminal
-from tests.integration.test_attached import _START
+from tests.integration.test_attached import _START, kill_cluster_pids
 from tests.support import ServerProcess
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2_grpc
@@ -45,12 +45,7 @@ def _kill_hub(cluster_file: Path) -> None:
 
 def _kill_external(cluster_file: Path) -> None:
     """The whole external cluster goes down at once (its host died)."""
-    for pid in pids_in_cluster_file(cluster_file):
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            for child in proc.children(recursive=True):
-                child.kill()
-            proc.kill()
+    kill_cluster_pids(pids_in_cluster_file(cluster_file))
 
 
 def test_attached_server_reports_a_lost_cluster_and_reconnects_when_it_is_back(

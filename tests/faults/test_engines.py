@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import psutil
+import pytest
 
 from tests.integration.helpers import submit, usable_engines, wait_pool, wait_state, wait_terminal
 from tests.support import FAST_SERVER_ARGS, ServerProcess
@@ -38,25 +40,27 @@ def _assert_lost_and_replaced(channel: grpc.Channel, name: str, pids: list[int])
     wait_pool(cluster, 2)  # a replacement keeps the pool at its size
 
 
-def test_a_frozen_engine_is_killed_with_its_task_children_and_replaced(data_dir: Path) -> None:
+def _freeze(pid: int) -> None:
+    psutil.Process(pid).send_signal(signal.SIGSTOP)
+
+
+def _kill_nanny(pid: int) -> None:
+    nanny_of(pid).kill()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [_freeze, _kill_nanny],
+    ids=["frozen engine (SIGSTOP)", "nanny killed"],
+)
+def test_a_lost_engine_is_killed_with_its_task_children_and_replaced(
+    data_dir: Path, fault: Callable[[int], None]
+) -> None:
     with (
         ServerProcess(data_dir, engines=2, extra_args=FAST_SERVER_ARGS) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
         name, pid = _busy_engine(data_dir, server, channel)
-        engine = psutil.Process(pid)
-        family = [pid, *(c.pid for c in engine.children(recursive=True))]
-        engine.send_signal(signal.SIGSTOP)
-        _assert_lost_and_replaced(channel, name, family)
-
-
-def test_an_engine_whose_nanny_was_killed_is_killed_and_replaced(data_dir: Path) -> None:
-    with (
-        ServerProcess(data_dir, engines=2, extra_args=FAST_SERVER_ARGS) as server,
-        grpc.insecure_channel(server.address) as channel,
-    ):
-        name, pid = _busy_engine(data_dir, server, channel)
-        engine = psutil.Process(pid)
-        family = [pid, *(c.pid for c in engine.children(recursive=True))]
-        nanny_of(pid).kill()
+        family = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        fault(pid)
         _assert_lost_and_replaced(channel, name, family)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -167,6 +168,16 @@ def test_every_acknowledged_submit_survives_a_server_kill_during_a_burst(data_di
             server.kill_leftovers()
 
 
+def _start_fails(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run tether-server on ``data_dir``; it must stop by itself (it cannot start)."""
+    return subprocess.run(
+        [str(SERVER_BIN), "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     "content",
     [b"this is not a database" * 100, b"SQLite format 3\0" + os.urandom(8192)],
@@ -175,17 +186,10 @@ def test_every_acknowledged_submit_survives_a_server_kill_during_a_burst(data_di
 def test_a_corrupt_store_stops_the_start_with_a_clear_error_and_is_not_touched(
     data_dir: Path, content: bytes
 ) -> None:
-    import subprocess
-
     data_dir.mkdir(parents=True)
     store = data_dir / "tether.sqlite3"
     store.write_bytes(content)
-    out = subprocess.run(
-        [str(SERVER_BIN), "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _start_fails(data_dir)
     assert out.returncode != 0
     assert "unreadable or corrupt" in out.stderr, out.stderr
     assert store.read_bytes() == content
@@ -193,17 +197,10 @@ def test_a_corrupt_store_stops_the_start_with_a_clear_error_and_is_not_touched(
 
 
 def test_an_unreadable_store_stops_the_start_with_a_clear_error(data_dir: Path) -> None:
-    import subprocess
-
     data_dir.mkdir(parents=True)
     store = data_dir / "tether.sqlite3"
     store.mkdir()  # a directory where the file should be: it cannot be opened
-    out = subprocess.run(
-        [str(SERVER_BIN), "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _start_fails(data_dir)
     assert out.returncode != 0
     assert "store" in out.stderr and str(store) in out.stderr, out.stderr
     assert store.is_dir()

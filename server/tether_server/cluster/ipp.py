@@ -513,15 +513,16 @@ def _kill_and_wait(pids: list[int], timeout: float) -> None:
     for proc in procs:
         _kill_tree(proc.pid)
     deadline = time.monotonic() + timeout
-    alive = [p for p in procs if _alive(p)]
+    alive = [p for p in procs if process_alive(p)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.02)
-        alive = [p for p in alive if _alive(p)]
+        alive = [p for p in alive if process_alive(p)]
     if alive:
         log.warning("cluster processes still alive after SIGKILL: %s", [p.pid for p in alive])
 
 
-def _alive(proc: Any) -> bool:
+def process_alive(proc: Any) -> bool:
+    """Whether a psutil.Process still runs (a zombie does not; a reused pid is told apart)."""
     import psutil
 
     try:

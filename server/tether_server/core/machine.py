@@ -460,38 +460,35 @@ class ControlCore:
         """The engine is gone: end its task and ask for a replacement. Idempotent."""
         if engine.state is EngineState.LOST:
             return
-        task = self.tasks.get(engine.current_task) if engine.current_task else None
-        if task is not None and task.state.active and task.attempt == engine.current_attempt:
-            record = task.interrupt
-            if task.state is TaskState.INTERRUPTING and record is not None:
-                # Asked to stop, and it stopped: with its engine, the hardest way.
-                record.final_stage = EscalationStage.SIGKILL
-                state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
-            else:
-                message = f"engine {engine.id} was lost while the task ran"
-                state, error = TaskState.FAILED, TaskError(ErrorReason.ENGINE_LOST, message=message)
-            self._finish(task, state, error, now, out)
+        message = f"engine {engine.id} was lost while the task ran"
+        self._end_with_engine(engine, ErrorReason.ENGINE_LOST, message, now, out)
         replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
         if replacement is not None:
             out.append(replacement)
 
     def _on_cluster_lost(self, event: ClusterLost, out: list[Instruction]) -> None:
         """End what ran on the lost cluster and forget its engines; keep the queue."""
+        message = f"the ipyparallel controller was lost while the task ran: {event.detail}"
         for engine in list(self.engines.values()):
-            task = self.tasks.get(engine.current_task) if engine.current_task else None
-            if task is not None and task.state.active and task.attempt == engine.current_attempt:
-                record = task.interrupt
-                if task.state is TaskState.INTERRUPTING and record is not None:
-                    record.final_stage = EscalationStage.SIGKILL
-                    state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
-                else:
-                    message = (
-                        f"the ipyparallel controller was lost while the task ran: {event.detail}"
-                    )
-                    state = TaskState.FAILED
-                    error = TaskError(ErrorReason.CLUSTER_LOST, message=message)
-                self._finish(task, state, error, event.now, out)
+            self._end_with_engine(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
         self._pool.clear()
+
+    def _end_with_engine(
+        self, engine: Engine, reason: ErrorReason, message: str, now: float, out: list[Instruction]
+    ) -> None:
+        """The engine's current task died with it: FAILED for ``reason``, or, when it was
+        being interrupted, INTERRUPTED at stage SIGKILL (asked to stop, and it stopped:
+        with its engine, the hardest way)."""
+        task = self.tasks.get(engine.current_task) if engine.current_task else None
+        if task is None or not task.state.active or task.attempt != engine.current_attempt:
+            return
+        record = task.interrupt
+        if task.state is TaskState.INTERRUPTING and record is not None:
+            record.final_stage = EscalationStage.SIGKILL
+            state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
+        else:
+            state, error = TaskState.FAILED, TaskError(reason, message=message)
+        self._finish(task, state, error, now, out)
 
     # ------------------------------------------------------------------ timers
     def _on_timer(self, key: TimerKey, now: float, out: list[Instruction]) -> None:
