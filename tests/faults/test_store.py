@@ -204,3 +204,35 @@ def test_an_unreadable_store_stops_the_start_with_a_clear_error(data_dir: Path) 
     assert out.returncode != 0
     assert "store" in out.stderr and str(store) in out.stderr, out.stderr
     assert store.is_dir()
+
+
+def test_a_database_locked_by_another_process_refuses_submits_until_it_is_free(
+    data_dir: Path,
+) -> None:
+    import sqlite3
+
+    server = ServerProcess(data_dir, engines=1, extra_args=FAST_SERVER_ARGS)
+    try:
+        server.start()
+        with grpc.insecure_channel(server.address) as channel:
+            tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+            intruder = sqlite3.connect(data_dir / "tether.sqlite3", isolation_level=None)
+            intruder.execute("BEGIN IMMEDIATE")  # holds the write lock past the busy timeout
+            try:
+                with pytest.raises(grpc.RpcError) as refused:
+                    _submit(tasks, "while-locked")
+                code, reason, _meta, _fields = error_info(refused.value)
+                assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+                assert health(channel) == NOT_SERVING
+            finally:
+                intruder.execute("ROLLBACK")
+                intruder.close()
+            wait_until(lambda: health(channel) == SERVING, 30, "SERVING once the lock is gone")
+            assert _all_tasks(tasks) == []
+            again = _submit(tasks, "while-locked")
+            assert wait_terminal(tasks, again.name).state == tpb.TASK_STATE_SUCCEEDED
+    finally:
+        try:
+            server.stop()
+        finally:
+            server.kill_leftovers()
