@@ -86,7 +86,7 @@ class Controller:
         self.epoch = ""
         self.cluster = IpyparallelCluster(
             ClusterConfig(
-                engines=config.engines,
+                engines=config.engines + config.spare_engines,
                 profile_dir=config.data_dir / "ipython",
                 heartbeat_ms=config.heartbeat_ms,
                 attach_cluster_file=config.attach,
@@ -133,6 +133,7 @@ class Controller:
             self.log.append(_entry(ev))
         self.core = ControlCore(
             target_engines=self.config.engines,
+            spare_engines=self.config.spare_engines,
             replace_lost_engines=not self.config.attach,
             default_grace=self.config.grace,
             first_revision=loaded.next_revision,
