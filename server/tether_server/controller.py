@@ -160,7 +160,7 @@ class Controller:
         self.supervisor.stop()
         with contextlib.suppress(Exception):
             self.handle(msg.ShutdownRequested(time.time()))
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 2.5
         while core.running_count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Tasks that ignored SIGINT would hold their engines past the exit deadline
