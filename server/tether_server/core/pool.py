@@ -67,7 +67,9 @@ class EnginePool:
     def ready(self, engine: Engine) -> None:
         """A registered engine finished its setup: active while the pool is short, else spare."""
         engine.state = EngineState.IDLE
-        engine.spare = self.spare_engines > 0 and self._active(besides=engine) >= self.target_engines
+        engine.spare = (
+            self.spare_engines > 0 and self._active(besides=engine) >= self.target_engines
+        )
 
     def _active(self, besides: Engine | None = None) -> int:
         """Ready engines that take tasks (STARTING ones have no role yet)."""
