@@ -108,6 +108,8 @@ class Controller:
         self._shutting_down = False
         self.ready = asyncio.Event()
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
+        self.listeners: list[Callable[[LogEntry], None]] = []
+        """Called with every published event (metrics, event logs); must not raise."""
 
     # ================================================================== lifecycle
     async def start(self) -> None:
@@ -403,6 +405,8 @@ class Controller:
         if p.kind is not msg.EventKind.OUTPUT:
             batch.tasks.append(p.task)
         self._subscribers.deliver(entry)
+        for listener in self.listeners:
+            listener(entry)
 
     def _start_timer(self, key: msg.TimerKey, delay: float) -> None:
         loop = asyncio.get_running_loop()

@@ -237,8 +237,10 @@ class SqliteStore:
         retain_events: int = 200_000,
         retain_seconds: float = 7 * 86400,
         prune_interval: float = 10.0,
+        on_commit: Callable[[float, bool], None] | None = None,
     ) -> None:
-        """``prune_interval``: the most seconds between two prunes while writes come in."""
+        """``prune_interval``: the most seconds between two prunes while writes come in.
+        ``on_commit(seconds, ok)``: called on the writer thread after each write transaction."""
         if retain_events < 1:
             raise ValueError("retain_events must be at least 1")
         if retain_seconds <= 0:
@@ -248,6 +250,7 @@ class SqliteStore:
         self._retain_seconds = retain_seconds
         self._prune_interval = prune_interval
         self._prune_every_events = max(1, retain_events // 10)
+        self.on_commit = on_commit
 
         # The hand-off to the writer takes no lock: deque.append/popleft are atomic, and
         # a lock shared by a busy submitter and the writer convoys under the GIL (measured:
@@ -478,6 +481,7 @@ class SqliteStore:
                     pending.future.set_result(None)
 
     def _write_group(self, conn: sqlite3.Connection, group: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
             with _transaction(conn):
                 _write_rows(
@@ -488,11 +492,15 @@ class SqliteStore:
                     checkpoints=[row for p in group for row in p.checkpoints],
                 )
         except Exception as exc:
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started, False)
             if len(group) == 1:
                 _fail(group, exc)
             else:
                 self._write_one_by_one(conn, group)
             return
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, True)
         self._commits += 1
         for pending in group:
             pending.future.set_result(None)
