@@ -95,12 +95,15 @@ async function listAll(): Promise<void> {
 
 async function watch(): Promise<void> {
   let delay = 250;
-  await authed(listAll);
-  renderAll();
+  let needList = true; // at start, and when the token is too old or from another server
   for (;;) {
     const controller = new AbortController();
     try {
-      setConnection(connection === "reconnecting" ? "reconnecting" : "connecting");
+      if (needList) {
+        await listAll();
+        needList = false;
+        renderAll();
+      }
       await stream<StreamResponse>(
         "TaskService",
         "StreamTaskStatus",
@@ -120,14 +123,13 @@ async function watch(): Promise<void> {
         continue;
       }
       if (e.code === "out_of_range") {
-        // The token is too old (or from another server): list again, watch from there.
-        await authed(listAll).catch(() => undefined);
-        renderAll();
+        needList = true; // RESUME_TOKEN_EXPIRED: list again and watch from the fresh token
         continue;
       }
+      // The server is down or restarting: keep the token, say so, and try again.
       setConnection("reconnecting", e.reason || e.code);
       await new Promise((r) => setTimeout(r, delay));
-      delay = Math.min(delay * 2, 3000);
+      delay = Math.min(delay * 2, 2000);
     }
   }
 }

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from ..api import ClusterService, TaskService
 from ..api.auth import Authenticator
@@ -35,6 +41,8 @@ def build(
     metrics_listen: str = "",
 ) -> HttpSide:
     """The HTTP side of one server; call before ``controller.start()`` so no event is missed."""
+    # No *_created series: they double the output, and few dashboards use them.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -76,12 +76,15 @@ async function listAll() {
 }
 async function watch() {
     let delay = 250;
-    await authed(listAll);
-    renderAll();
+    let needList = true; // at start, and when the token is too old or from another server
     for (;;) {
         const controller = new AbortController();
         try {
-            setConnection(connection === "reconnecting" ? "reconnecting" : "connecting");
+            if (needList) {
+                await listAll();
+                needList = false;
+                renderAll();
+            }
             await stream("TaskService", "StreamTaskStatus", { resumeToken: table.resumeToken, checkpointInterval: "2s" }, (message) => {
                 if (connection !== "live")
                     setConnection("live");
@@ -97,14 +100,13 @@ async function watch() {
                 continue;
             }
             if (e.code === "out_of_range") {
-                // The token is too old (or from another server): list again, watch from there.
-                await authed(listAll).catch(() => undefined);
-                renderAll();
+                needList = true; // RESUME_TOKEN_EXPIRED: list again and watch from the fresh token
                 continue;
             }
+            // The server is down or restarting: keep the token, say so, and try again.
             setConnection("reconnecting", e.reason || e.code);
             await new Promise((r) => setTimeout(r, delay));
-            delay = Math.min(delay * 2, 3000);
+            delay = Math.min(delay * 2, 2000);
         }
     }
 }
