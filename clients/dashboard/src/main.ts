@@ -323,6 +323,7 @@ function main(): void {
   select.replaceChildren(new Option("any state", ""), ...STATES.map((s) => new Option(s, s)));
   for (const id of ["filter-state", "filter-task", "filter-label"]) {
     $(id).addEventListener("input", renderTable);
+    $(id).addEventListener("change", renderTable); // some browsers send only "change" for <select>
   }
   wireAuth();
   wireSubmit();

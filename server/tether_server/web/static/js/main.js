@@ -296,6 +296,7 @@ function main() {
     select.replaceChildren(new Option("any state", ""), ...STATES.map((s) => new Option(s, s)));
     for (const id of ["filter-state", "filter-task", "filter-label"]) {
         $(id).addEventListener("input", renderTable);
+        $(id).addEventListener("change", renderTable); // some browsers send only "change" for <select>
     }
     wireAuth();
     wireSubmit();
