@@ -134,9 +134,9 @@ class TaskMetrics:
                 self.submitted.labels(name).inc()
             self._pending_since[task.id] = entry.time
         elif task.id in self._pending_since and state is TaskState.RUNNING:
+            # The RUNNING event is published when the core dispatches the attempt.
             queued = self._pending_since.pop(task.id)
-            started = task.start_time or entry.time
-            self.dispatch_latency.labels(name).observe(max(0.0, started - queued))
+            self.dispatch_latency.labels(name).observe(max(0.0, entry.time - queued))
         if state.terminal:
             self._live.pop(task.id, None)
             self._pending_since.pop(task.id, None)
