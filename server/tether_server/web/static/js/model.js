@@ -22,6 +22,16 @@ export function seconds(timestamp) {
     const ms = Date.parse(timestamp);
     return Number.isNaN(ms) ? undefined : ms / 1000;
 }
+function finishOf(t) {
+    const end = seconds(t.endTime) ?? Date.now() / 1000;
+    const requested = seconds(t.interrupt?.requestTime);
+    return {
+        at: end,
+        state: stateOf(t),
+        interruptLatency: requested !== undefined ? end - requested : undefined,
+        stage: short(t.interrupt?.finalStage, "ESCALATION_STAGE_") || undefined,
+    };
+}
 /**
  * The task table and the stream's cursor. ``apply`` takes stream responses in order and
  * ignores an event it has already seen (revision at or below the last one), so a resumed
@@ -37,8 +47,13 @@ export class TaskTable {
     listeners = [];
     reset(tasks, resumeToken) {
         this.tasks.clear();
-        for (const t of tasks)
+        this.finishes.length = 0;
+        for (const t of tasks) {
             this.tasks.set(t.name, t);
+            if (TERMINAL.has(stateOf(t)))
+                this.finishes.push(finishOf(t));
+        }
+        this.finishes.sort((a, b) => a.at - b.at);
         this.resumeToken = resumeToken;
         this.lastRevision = 0;
     }
@@ -69,14 +84,7 @@ export class TaskTable {
         }
         const state = stateOf(incoming);
         if (TERMINAL.has(state) && !(known && TERMINAL.has(stateOf(known)))) {
-            const end = seconds(incoming.endTime) ?? Date.now() / 1000;
-            const requested = seconds(incoming.interrupt?.requestTime);
-            this.finishes.push({
-                at: end,
-                state,
-                interruptLatency: requested !== undefined ? end - requested : undefined,
-                stage: short(incoming.interrupt?.finalStage, "ESCALATION_STAGE_") || undefined,
-            });
+            this.finishes.push(finishOf(incoming));
         }
         this.tasks.set(incoming.name, merged);
         for (const listener of this.listeners)
