@@ -383,8 +383,8 @@ class TetherServer:
             fut.add_done_callback(self._health_updates.discard)
 
         ctl.on_serving_changed = on_serving_changed
+        await self._start_http()  # first: a taken --http address fails before anything runs
         await self.server.start()
-        await self._start_http()
         await ctl.start()
         await ctl.ready.wait()
 
@@ -434,10 +434,13 @@ class TetherServer:
     async def stop(self) -> None:
         self._serving = None
         await self._set_serving(False)
-        await self.controller.stop()
-        if self.http is not None:
-            await self.http.stop()
-        await self.server.stop(grace=1.0)
+        try:
+            await self.controller.stop()
+        finally:
+            # Even when the controller never started (a failed start), close the servers.
+            if self.http is not None:
+                await self.http.stop()
+            await self.server.stop(grace=1.0)
 
     @property
     def address(self) -> str:

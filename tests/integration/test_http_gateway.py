@@ -9,6 +9,10 @@ open, and no token ever reaches the log.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from tests.support import ServerProcess, free_port
+from tests.support import REPO, ServerProcess, free_port
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 from tether.v1 import task_service_pb2_grpc
@@ -133,6 +137,49 @@ def test_stream_replays_from_a_token_like_grpc_and_ends_ok(base: str, tasks: Any
     assert revisions == sorted(set(revisions))
     chunks = "".join(e.get("outputChunk", "") for e in http_events)
     assert chunks == "step 1\nstep 2\nstep 3\n"
+
+
+def _buf_curl(
+    base: str, method: str, body: dict[str, Any], token: str
+) -> subprocess.CompletedProcess[str]:
+    """buf's own Connect client (binary codec), with the schema from protos/."""
+    buf = str(Path(sys.executable).parent / "buf")
+    auth = f"Authorization: Bearer {token}"
+    url = f"{base}/tether.v1.{method}"
+    done = subprocess.run(
+        [buf, "curl", "--schema", "protos", "-H", auth, "-d", json.dumps(body), url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done
+
+
+def test_a_connect_client_calls_the_gateway(base: str, tasks: Any) -> None:
+    done = _buf_curl(base, "ClusterService/GetCluster", {}, ALICE)
+    assert done.returncode == 0, done.stderr
+    assert "demo.count" in json.loads(done.stdout)["registeredTasks"]
+    task = submit(tasks, "demo.count", args={"n": 2, "interval": 0.01})
+    done = _buf_curl(base, "TaskService/StreamTaskStatus", {"name": task.name}, ALICE)
+    assert done.returncode == 0, done.stderr
+    assert '"state": "TASK_STATE_SUCCEEDED"' in done.stdout
+    done = _buf_curl(base, "TaskService/GetTask", {"name": "tasks/missing"}, ALICE)
+    assert done.returncode != 0 and "TASK_NOT_FOUND" in done.stdout + done.stderr
+
+
+def test_an_unknown_content_type_is_415(base: str) -> None:
+    request = urllib.request.Request(
+        f"{base}/tether.v1.ClusterService/GetCluster",
+        data=b"{}",
+        headers={"Content-Type": "text/plain", "Authorization": f"Bearer {ALICE}"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 415
+    assert error_reason(json.loads(caught.value.read()))[0] == "UNSUPPORTED_CONTENT_TYPE"
 
 
 def test_stream_errors_end_the_stream_with_the_code(base: str) -> None:

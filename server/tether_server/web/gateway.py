@@ -1,4 +1,4 @@
-"""The browser's door to tether.v1: the Connect protocol (JSON codec) over the servicers.
+"""The browser's door to tether.v1: the Connect protocol over the servicers.
 
 Each RPC's logic exists once, in ``api/``: this module only decodes a request from
 protobuf's JSON mapping, calls the *same* servicer method the gRPC server calls, with
@@ -11,10 +11,12 @@ The wire format is the Connect protocol's (https://connectrpc.com/docs/protocol)
 Connect clients (connect-web, ``buf curl --protocol connect``) can call it too:
 
 * unary: ``POST /tether.v1.TaskService/SubmitTask``, ``Content-Type: application/json``,
-  the request message as JSON; the answer is the response message as JSON (HTTP 200),
+  the request message as JSON (or ``application/proto``, binary protobuf, which is what
+  ``buf curl`` sends); the answer is the response message in the same codec (HTTP 200),
   or an error ``{"code": "failed_precondition", "message": ..., "details": [...]}``
   with the HTTP status Connect assigns to the code;
-* server streaming (``StreamTaskStatus``): ``Content-Type: application/connect+json``;
+* server streaming (``StreamTaskStatus``): ``Content-Type: application/connect+json``
+  (or ``application/connect+proto``);
   request and responses are *envelopes* (1 flag byte, 4-byte big-endian length, JSON);
   the last envelope (flag 0x02) holds ``{}`` or ``{"error": ...}``.
 
@@ -35,7 +37,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 from tether.v1 import cluster_service_pb2 as cpb
@@ -183,8 +185,44 @@ def envelope(payload: bytes, flags: int = 0) -> bytes:
     return struct.pack(">BI", flags, len(payload)) + payload
 
 
-def _error_response(error: dict[str, Any]) -> web.Response:
-    return web.json_response(error, status=_HTTP_STATUS.get(error["code"], 500))
+def _error_response(error: dict[str, Any], status: int | None = None) -> web.Response:
+    return web.json_response(error, status=status or _HTTP_STATUS.get(error["code"], 500))
+
+
+class Codec:
+    """Connect's two codecs: JSON (what the dashboard sends) and binary protobuf."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decode(self, payload: bytes, message_type: type[Message]) -> Message:
+        if self.name == "proto":
+            return message_type.FromString(payload)
+        return json_format.Parse(payload or b"{}", message_type())
+
+    def encode(self, message: Message) -> bytes:
+        if self.name == "proto":
+            return message.SerializeToString()
+        return to_json(message).encode()
+
+
+_UNARY_CODECS = {"application/json": Codec("json"), "application/proto": Codec("proto")}
+_STREAM_CODECS = {
+    "application/connect+json": Codec("json"),
+    "application/connect+proto": Codec("proto"),
+}
+
+
+def _unsupported(content_type: str, allowed: dict[str, Codec]) -> dict[str, Any]:
+    return gateway_error(
+        "unimplemented",
+        f"Content-Type {content_type!r} is not served; send one of {', '.join(allowed)}",
+        "UNSUPPORTED_CONTENT_TYPE",
+    )
+
+
+def _bad_request(exc: Exception) -> dict[str, Any]:
+    return gateway_error("invalid_argument", f"cannot decode the request: {exc}", "INVALID_JSON")
 
 
 class Gateway:
@@ -200,37 +238,33 @@ class Gateway:
             app.router.add_post(path, _bind(handler, proc))
 
     async def _unary(self, proc: Procedure, request: web.Request) -> web.StreamResponse:
-        if request.content_type != "application/json":
-            return _error_response(
-                gateway_error(
-                    "unimplemented"
-                    if request.content_type == "application/proto"
-                    else "invalid_argument",
-                    f"this gateway speaks the Connect protocol's JSON codec; send "
-                    f"Content-Type: application/json, not {request.content_type!r}",
-                    "UNSUPPORTED_CONTENT_TYPE",
-                )
-            )
-        body = await request.read()
+        codec = _UNARY_CODECS.get(request.content_type)
+        if codec is None:
+            # Connect answers an unknown codec with 415 Unsupported Media Type.
+            return _error_response(_unsupported(request.content_type, _UNARY_CODECS), 415)
         try:
-            message = json_format.Parse(body or b"{}", proc.request_type())
-        except (json_format.ParseError, UnicodeDecodeError) as exc:
-            return _error_response(gateway_error("invalid_argument", str(exc), "INVALID_JSON"))
+            message = codec.decode(await request.read(), proc.request_type)
+        except _DECODE_ERRORS as exc:
+            return _error_response(_bad_request(exc))
         context = GatewayContext(request.headers.get("Authorization", ""))
         try:
             answer = await proc.call(message, context)
         except GatewayAbort as abort:
             return _error_response(connect_error(abort.status))
-        return web.Response(text=to_json(answer), content_type="application/json")
+        return web.Response(body=codec.encode(answer), content_type=request.content_type)
 
     async def _stream(self, proc: Procedure, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=200, headers={"Content-Type": "application/connect+json"}
-        )
+        codec = _STREAM_CODECS.get(request.content_type)
+        content_type = request.content_type if codec else "application/connect+json"
+        response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
         body = await request.read()
-        message, problem = _read_envelope(body, proc.request_type)
+        problem = None
+        if codec is None:
+            problem = _unsupported(request.content_type, _STREAM_CODECS)
+        else:
+            message, problem = _read_envelope(body, proc.request_type, codec)
         await response.prepare(request)
-        if problem is not None:
+        if problem is not None or codec is None:
             await _end(response, problem)
             return response
         context = GatewayContext(request.headers.get("Authorization", ""))
@@ -239,8 +273,11 @@ class Gateway:
         try:
             async for item in stream:
                 if isinstance(item, bytes):  # BASIC events come pre-serialized (shared bytes)
+                    if codec.name == "proto":
+                        await response.write(envelope(item))
+                        continue
                     item = spb.StreamTaskStatusResponse.FromString(item)
-                await response.write(envelope(to_json(item).encode()))
+                await response.write(envelope(codec.encode(item)))
         except GatewayAbort as abort:
             await _end(response, connect_error(abort.status))
             return response
@@ -253,8 +290,11 @@ class Gateway:
         return response
 
 
+_DECODE_ERRORS = (json_format.ParseError, UnicodeDecodeError, DecodeError)
+
+
 def _read_envelope(
-    body: bytes, request_type: type[Message]
+    body: bytes, request_type: type[Message], codec: Codec
 ) -> tuple[Message, dict[str, Any] | None]:
     empty = request_type()
     if len(body) < 5:
@@ -270,9 +310,9 @@ def _read_envelope(
             "INVALID_ENVELOPE",
         )
     try:
-        return json_format.Parse(payload or b"{}", request_type()), None
-    except (json_format.ParseError, UnicodeDecodeError) as exc:
-        return empty, gateway_error("invalid_argument", str(exc), "INVALID_JSON")
+        return codec.decode(payload, request_type), None
+    except _DECODE_ERRORS as exc:
+        return empty, _bad_request(exc)
 
 
 async def _end(response: web.StreamResponse, error: dict[str, Any] | None) -> None:
