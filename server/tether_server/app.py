@@ -207,6 +207,42 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="do not import torch and create the CUDA context on engines at start (faster engine start; an LLM engine's first task then counts that memory)",
     )
     p.add_argument(
+        "--retain-events",
+        type=int,
+        default=200_000,
+        help="events kept in the store's log; older resume tokens expire (default %(default)s)",
+    )
+    p.add_argument(
+        "--memory-events",
+        type=int,
+        default=5_000,
+        help="newest events held in memory for live streams; older replays read the store (default %(default)s)",
+    )
+    p.add_argument(
+        "--task-cache",
+        type=int,
+        default=2_000,
+        help="finished tasks cached in memory; the rest is read from the store (default %(default)s)",
+    )
+    p.add_argument(
+        "--hub-probe-interval",
+        type=_duration,
+        default=1.0,
+        help="how often the ipyparallel controller's liveness is probed (default 1s)",
+    )
+    p.add_argument(
+        "--hub-probe-timeout",
+        type=_duration,
+        default=2.0,
+        help="a liveness probe not answered within this fails (default 2s)",
+    )
+    p.add_argument(
+        "--hub-probe-failures",
+        type=int,
+        default=3,
+        help="failed probes in a row after which the controller counts as frozen and the cluster is restarted (default %(default)s)",
+    )
+    p.add_argument(
         "--http",
         default=None,
         metavar="ADDR",
@@ -227,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="text, or one JSON object a line with task and engine ids (default %(default)s)",
     )
     a = p.parse_args(argv)
+    for flag in ("retain_events", "memory_events", "task_cache", "hub_probe_failures"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if a.engines < 1:
         p.error("--engines must be at least 1")
     if bool(a.tls_cert) != bool(a.tls_key):
@@ -266,6 +305,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         ),
         auth_tokens_file=a.auth_tokens,
         heartbeat_ms=max(50, int(a.heartbeat * 1000)),
+        retain_events=a.retain_events,
+        memory_events=a.memory_events,
+        task_cache=a.task_cache,
+        hub_probe_interval=max(0.05, a.hub_probe_interval),
+        hub_probe_timeout=max(0.05, a.hub_probe_timeout),
+        hub_probe_failures=a.hub_probe_failures,
         warm_up=not a.no_warm_up,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,

@@ -56,8 +56,19 @@ class ServerConfig:
     rss_tolerance_bytes: int = 64 * 1024 * 1024
     gpu_tolerance_bytes: int = 64 * 1024 * 1024
     checkpoint_interval_seconds: float = 5.0
-    retain_events: int = 50_000
+    retain_events: int = 200_000
+    """Events kept in the store's log (resume tokens older than that expire)."""
     retain_seconds: float = 7 * 86400.0
+    memory_events: int = 5_000
+    """Newest events held in memory for live streams; older replays read the store."""
+    task_cache: int = 2_000
+    """Terminal tasks kept in memory beside the live ones (the rest is read from the store)."""
+    hub_probe_interval: float = 1.0
+    """Seconds between two liveness probes of the ipyparallel controller."""
+    hub_probe_timeout: float = 2.0
+    """A probe not answered within this counts as failed."""
+    hub_probe_failures: int = 3
+    """Consecutive failed probes after which the hub counts as frozen (lost)."""
     heartbeat_ms: int = 500
     warm_up: bool = True
     """LLM engines import torch and create their CUDA context at start."""

@@ -1,53 +1,51 @@
 """The controller: wires the sans-IO core to the cluster, the store and the streams.
 
 Everything runs on one asyncio loop (DESIGN §3). Each thing that happens becomes
-one core event; ``_handle`` feeds it to ``ControlCore`` and carries out the
-instructions it returns: publish (log + store + fan-out), dispatch, signal,
-kill, start an engine, timers. Store writes of one loop turn are coalesced
-into one batch; a submit returns only after its batch is committed, so an
-accepted task survives a crash.
+one core event; :meth:`Controller.handle` feeds it to ``ControlCore`` and carries
+out the instructions it returns: publish (log + journal + fan-out), dispatch,
+signal, kill, start an engine, timers. The rooms around it each do one thing:
+
+* ``journal``: the store writes, group-committed per loop turn; a new task is
+  recorded durably *before* the core sees it, so nothing refused ever runs;
+* ``history``: tasks and events that left memory, read back from the store;
+* ``dispatch``: the engine side (setup, runs, signals, kills, data messages);
+* ``supervision``: the reconcile loop over the hub, the engines and their
+  processes, which restarts a lost cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
 import itertools
-import json
 import logging
 import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cluster import ClusterCallbacks, ClusterConfig, EngineDied, IpyparallelCluster
+from .cluster import ClusterCallbacks, ClusterConfig, IpyparallelCluster
 from .config import ServerConfig
 from .core import errors as err
 from .core import messages as msg
 from .core.eventlog import EventLog, LogEntry, decode_token
 from .core.filters import TaskFilter
-from .core.machine import ControlCore
-from .core.model import (
-    EngineState,
-    EscalationStage,
-    GracePeriods,
-    InterruptCause,
-    Task,
-    TaskState,
-)
+from .core.machine import ALREADY_ENDED, ControlCore
+from .core.model import EngineState, GracePeriods, InterruptCause, Task, TaskState
 from .core.records import snapshot
+from .dispatch import EngineDriver
+from .history import TaskHistory
+from .journal import Journal
 from .runtime import registry
 from .store import IdempotencyRecord, SqliteStore, StoredEvent, WriteBatch
 from .subscriptions import StreamOptions, SubscriberIndex, Subscription
+from .supervision import Supervisor
 
 log = logging.getLogger(__name__)
-
-_STAGES = {"SIGINT": EscalationStage.SIGINT, "SIGTERM": EscalationStage.SIGTERM}
 
 
 @dataclass(slots=True)
@@ -77,7 +75,12 @@ class Controller:
             config.data_dir / "tether.sqlite3",
             retain_events=config.retain_events,
             retain_seconds=config.retain_seconds,
+            load_events=config.memory_events,
         )
+        self.journal = Journal(
+            self.store, on_health=lambda _ok: self._update_serving(), on_committed=self._committed
+        )
+        self.history = TaskHistory(self.store, self.journal, cache_size=config.task_cache)
         self.core: ControlCore | None = None
         self.log: EventLog | None = None
         self.epoch = ""
@@ -94,37 +97,40 @@ class Controller:
                 task_message=self._on_task_message,
             ),
         )
+        self.engines_driver = EngineDriver(self)
+        self.supervisor = Supervisor(
+            self.cluster,
+            config,
+            core=self.core_or_raise,
+            handle=self.handle,
+            cluster_state=lambda _ok: self._update_serving(),
+            cluster_lost=self.engines_driver.cancel_runs,
+        )
+        self.listeners: list[Callable[[LogEntry], None]] = []
+        """Called with every published event (metrics and other observers)."""
         self._subscribers = SubscriberIndex()
         self._timers: dict[str, list[asyncio.TimerHandle]] = collections.defaultdict(list)
-        self._batch: WriteBatch | None = None
-        self._batch_future: asyncio.Future[None] | None = None
         self._idempotency: dict[str, IdempotencyRecord] = {}
-        self._order: list[tuple[int, str]] = []
+        self._requests_in_flight: dict[str, asyncio.Future[None]] = {}
         self._seq = itertools.count(1)
         self._checkpoints: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._background: set[asyncio.Future[Any]] = set()
-        self._received: dict[tuple[str, int], int] = {}
-        self._message_waiters: dict[tuple[str, int], tuple[int, asyncio.Future[None]]] = {}
         self._shutting_down = False
         self.ready = asyncio.Event()
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
-        self.listeners: list[Callable[[LogEntry], None]] = []
-        """Called with every published event (metrics, event logs); must not raise."""
 
     # ================================================================== lifecycle
     async def start(self) -> None:
-        """Load the store, restore the tables, then start or attach to the cluster."""
-        registry.load_modules(self._task_modules())
+        """Load the store, restore the live tasks, then start or attach to the cluster."""
+        registry.load_modules(self.engines_driver.task_modules())
         loaded = await asyncio.to_thread(self.store.open)
         self.epoch = loaded.epoch
         first = loaded.events[0].revision if loaded.events else loaded.next_revision
         self.log = EventLog(
-            loaded.epoch, max_events=self.config.retain_events, evicted_through=first - 1
+            loaded.epoch, max_events=self.config.memory_events, evicted_through=first - 1
         )
         for ev in loaded.events:
-            self.log.append(
-                LogEntry(ev.revision, msg.EventKind(ev.kind), ev.task, ev.time, ev.chunk, [None])
-            )
+            self.log.append(_entry(ev))
         self.core = ControlCore(
             target_engines=self.config.engines,
             replace_lost_engines=not self.config.attach,
@@ -132,14 +138,16 @@ class Controller:
             first_revision=loaded.next_revision,
             max_output_chars=self.config.limits.max_output_chars,
         )
+        self.history.core = self.core
         self._seq = itertools.count(loaded.next_seq)
         self._idempotency = dict(loaded.idempotency)
-        self._order = [(t.seq, t.id) for t in loaded.tasks]
         self._execute(self.core.restore(loaded.tasks, time.time()))
-        await self._flush_now()
+        await self.journal.flush()
         await self.cluster.start()
+        self.supervisor.cluster_ok = True
+        self.spawn(self.supervisor.run())
         if self.config.memory_limit_bytes:
-            self._spawn(self._resource_policy_loop())
+            self.spawn(self.engines_driver.resource_policy_loop())
 
     async def stop(self) -> None:
         """Graceful stop: interrupt running tasks, end streams, stop the cluster, close the store."""
@@ -147,9 +155,10 @@ class Controller:
             return
         self._shutting_down = True
         self.on_serving_changed(False)
-        core = self._core()
+        core = self.core_or_raise()
+        self.supervisor.stop()
         with contextlib.suppress(Exception):
-            self._handle(msg.ShutdownRequested(time.time()))
+            self.handle(msg.ShutdownRequested(time.time()))
         deadline = time.monotonic() + 3.0
         while core.running_count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -161,7 +170,7 @@ class Controller:
                 with contextlib.suppress(OSError):
                     os.kill(engine.pid, signal.SIGKILL)
                 with contextlib.suppress(Exception):
-                    self._handle(msg.EngineLost(engine.id, time.time()))
+                    self.handle(msg.EngineLost(engine.id, time.time()))
         for sub in self._subscribers:
             sub.shutdown()
         for handles in self._timers.values():
@@ -170,19 +179,28 @@ class Controller:
         await self.cluster.stop()
         for fut in list(self._background):
             fut.cancel()
-        with contextlib.suppress(Exception):
-            await self._flush_now()
+        await self.journal.close()
         await asyncio.to_thread(self.store.close)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
 
     # ================================================================== RPC entry points
     async def submit(self, spec: SubmitSpec) -> tuple[Task, bool]:
-        """Accept a task (durably) and queue it. Returns (task, deduplicated)."""
-        core = self._core()
+        """Accept a task and queue it, once its record is durable. Returns (task, deduplicated)."""
+        core = self.core_or_raise()
         if self._shutting_down:
             raise err.ShuttingDown("the server is shutting down")
+        if spec.request_id:
+            # A retry that overtakes the first attempt waits for its answer.
+            earlier = self._requests_in_flight.get(spec.request_id)
+            if earlier is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(earlier)
         dedup = self._check_idempotency(spec.request_id, "SubmitTask", spec.fingerprint)
         if dedup is not None:
-            return _public_copy(core.tasks[dedup]), True
+            return _public_copy(await self._task_or_raise(dedup)), True
         self._validate_task_args(spec)
         if spec.resume_from:
             await self._check_resume_source(spec.resume_from)
@@ -206,15 +224,28 @@ class Controller:
             required_tags=tuple(spec.required_tags),
             seq=next(self._seq),
         )
-        self._order.append((task.seq, task.id))
+        record = WriteBatch(tasks=[task])
+        key = None
         if spec.request_id:
-            rec = IdempotencyRecord(spec.request_id, "SubmitTask", spec.fingerprint, task.id, now)
-            self._idempotency[spec.request_id] = rec
-            self._batch_for_write().idempotency.append(rec)
-        snapshot = _public_copy(task)
-        self._handle(msg.TaskSubmitted(task, now))
-        await self._flush_soon()
-        return snapshot, False
+            key = IdempotencyRecord(spec.request_id, "SubmitTask", spec.fingerprint, task.id, now)
+            record.idempotency.append(key)
+        in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if spec.request_id:
+            self._requests_in_flight[spec.request_id] = in_flight
+        try:
+            # Durable first: a refused write leaves no trace, and nothing of it runs.
+            await self.journal.record_new(record)
+            if key is not None:
+                self._idempotency[key.key] = key
+        finally:
+            in_flight.set_result(None)
+            if spec.request_id:
+                self._requests_in_flight.pop(spec.request_id, None)
+        answer = _public_copy(task)
+        if core.shutting_down:
+            return answer, False  # recorded PENDING: it runs after the restart
+        self.handle(msg.TaskSubmitted(task, time.time()))
+        return answer, False
 
     async def interrupt(
         self,
@@ -227,68 +258,55 @@ class Controller:
         principal: str = "anonymous",
         admin: bool = True,
     ) -> tuple[Task, bool]:
-        core = self._core()
         dedup = self._check_idempotency(request_id, "InterruptTask", fingerprint)
         if dedup is not None:
-            return _public_copy(core.tasks[dedup]), True
-        if task_id not in core.tasks:
-            raise err.TaskNotFound(
-                f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
-            )
-        owner = core.tasks[task_id].owner
+            return _public_copy(await self._task_or_raise(dedup)), True
+        task = await self._task_or_raise(task_id)
+        owner = task.owner
         if not admin and owner != principal:
             raise err.PermissionDenied(
                 f"{principal} may not interrupt tasks/{task_id}, owned by {owner}",
                 metadata={"name": f"tasks/{task_id}", "principal": principal, "owner": owner},
             )
+        core = self.core_or_raise()
         now = time.time()
-        self._handle(
-            msg.InterruptRequested(
-                task_id,
-                requested_by=principal,
-                reason=reason,
-                cause=InterruptCause.USER,
-                now=now,
-                grace=grace,
+        if task_id in core.tasks:
+            self.handle(
+                msg.InterruptRequested(
+                    task_id,
+                    requested_by=principal,
+                    reason=reason,
+                    cause=InterruptCause.USER,
+                    now=now,
+                    grace=grace,
+                )
             )
-        )
+        elif task.state in ALREADY_ENDED:
+            raise err.TaskAlreadyTerminal(
+                f"task {task.name} already ended {task.state.name}; there is nothing to interrupt",
+                metadata={"name": task.name, "state": f"TASK_STATE_{task.state.name}"},
+            )
         if request_id:
             rec = IdempotencyRecord(request_id, "InterruptTask", fingerprint, task_id, now)
             self._idempotency[request_id] = rec
-            self._batch_for_write().idempotency.append(rec)
-        await self._flush_soon()
-        return _public_copy(core.tasks[task_id]), False
+            self.journal.batch().idempotency.append(rec)
+        await self.journal.flush()
+        return _public_copy(await self._task_or_raise(task_id)), False
 
-    def get(self, task_id: str) -> Task:
-        task = self._core().tasks.get(task_id)
-        if task is None:
-            raise err.TaskNotFound(
-                f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
-            )
-        return task
+    async def get(self, task_id: str) -> Task:
+        return await self._task_or_raise(task_id)
 
-    def list_tasks(
+    async def list_tasks(
         self, flt: TaskFilter, after_seq: int, limit: int
     ) -> tuple[list[Task], int | None]:
         """Tasks with seq > after_seq matching the filter; returns (page, last seq or None at the end)."""
-        tasks = self._core().tasks
-        start = bisect.bisect_right(self._order, (after_seq, "\uffff"))
-        page: list[Task] = []
-        for i in range(start, len(self._order)):
-            _seq, tid = self._order[i]
-            task = tasks.get(tid)
-            if task is None or not flt.matches(task):
-                continue
-            if len(page) == limit:
-                return page, page[-1].seq
-            page.append(task)
-        return page, None
+        return await self.history.list(flt, after_seq, limit)
 
     @property
     def latest_revision(self) -> int:
-        return self._core().next_revision - 1
+        return self.core_or_raise().next_revision - 1
 
-    def subscribe(
+    async def subscribe(
         self,
         *,
         task_id: str | None,
@@ -301,50 +319,41 @@ class Controller:
     ) -> Subscription:
         """Open a subscription with no gap and no duplicate.
 
-        Runs without awaiting: the replay is taken from the log and the subscriber
-        is registered for live events in the same loop turn, so every event lands
-        exactly once, either in ``initial`` or in the live queue.
+        The subscriber is registered for live events in the same loop turn as the
+        memory log is read, so every newer event lands exactly once, either in the
+        replay or in the live queue. History the memory log no longer holds (an old
+        resume token, the initial state of finished tasks) is read from the store
+        first, as the stream's ``prefix``.
         """
         if self._shutting_down:
             raise err.ShuttingDown("the server is shutting down")
-        limits = self.config.limits
-        if len(self._subscribers) >= limits.max_subscribers:
-            raise err.ResourceExhausted(
-                "too many subscribers",
-                metadata={"maxSubscribers": str(limits.max_subscribers)},
-            )
-        if self._subscribers.count_of(principal) >= limits.max_subscribers_per_principal:
-            raise err.ResourceExhausted(
-                f"{principal} has {limits.max_subscribers_per_principal} open streams already",
-                metadata={
-                    "principal": principal,
-                    "maxSubscribersPerPrincipal": str(limits.max_subscribers_per_principal),
-                },
-            )
-        core = self._core()
+        self._check_stream_limits(principal)
         eventlog = self._eventlog()
-        if task_id is not None and task_id not in core.tasks:
-            raise err.TaskNotFound(
-                f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
-            )
+        single: Task | None = None
+        if task_id is not None:
+            single = await self._task_or_raise(task_id)
         options = StreamOptions(task_id, flt, exclude_progress, full_view)
         probe = Subscription(options, 0, [])
-        initial: list[Any] = []
+        prefix: AsyncIterator[Any] | None = None
         if resume_token:
             revision = decode_token(resume_token, epoch=self.epoch)
-            initial = [e for e in eventlog.since(revision) if probe.wants(e)]
-        elif send_initial_state or task_id is not None:
-            snapshot_rev = self.latest_revision
-            if task_id is not None:
-                initial.append(("snapshot", _public_copy(core.tasks[task_id]), snapshot_rev))
-            else:
-                initial.extend(
-                    ("snapshot", _public_copy(core.tasks[tid]), snapshot_rev)
-                    for _, tid in self._order
-                    if tid in core.tasks and flt.matches(core.tasks[tid])
-                )
-                initial.append(("initial_done", None, snapshot_rev))
+            if revision < eventlog.evicted_through:
+                if not await self.history.stored_since(revision):
+                    eventlog.since(revision)  # raises RESUME_TOKEN_EXPIRED, cause expired
+                through = eventlog.evicted_through
+                prefix = _wanted(probe, self.history.replay(revision, through=through))
+                revision = through
+            initial: list[Any] = [e for e in eventlog.since(revision) if probe.wants(e)]
+        elif single is not None:
+            initial = [("snapshot", _public_copy(single), self.latest_revision)]
+        elif send_initial_state:
+            prefix = _snapshots(self.history.matching(flt), self.latest_revision)
+            initial = [("initial_done", None, self.latest_revision)]
+        else:
+            initial = []
+        self._check_stream_limits(principal)  # the awaits above let others in
         sub = Subscription(options, self.config.limits.subscriber_queue, initial, principal)
+        sub.prefix = prefix
         self._subscribers.add(sub)
         return sub
 
@@ -352,18 +361,43 @@ class Controller:
         self._subscribers.discard(sub)
 
     def engines(self) -> list[Any]:
-        return sorted(self._core().engines.values(), key=lambda e: e.id)
+        return sorted(self.core_or_raise().engines.values(), key=lambda e: e.id)
 
     @property
     def pending_count(self) -> int:
-        return self._core().queue_length
+        return self.core_or_raise().queue_length
 
     @property
     def running_count(self) -> int:
-        return self._core().running_count
+        return self.core_or_raise().running_count
+
+    @property
+    def serving(self) -> bool:
+        """Whether tether can take and run work: store writable, cluster up, an engine ready."""
+        core = self.core
+        if self._shutting_down or core is None:
+            return False
+        return (
+            self.journal.healthy
+            and self.supervisor.cluster_ok
+            and any(e.state in (EngineState.IDLE, EngineState.BUSY) for e in core.engines.values())
+        )
+
+    @property
+    def problem(self) -> str:
+        """Why tether is not serving, in words ("" when it is)."""
+        if self.serving:
+            return ""
+        if self._shutting_down:
+            return "the server is shutting down"
+        if not self.journal.healthy:
+            return f"the store cannot write: {self.journal.last_error}"
+        if not self.supervisor.cluster_ok:
+            return "the ipyparallel controller is lost; restarting the cluster"
+        return "no engine is ready yet"
 
     # ================================================================== core driving
-    def _core(self) -> ControlCore:
+    def core_or_raise(self) -> ControlCore:
         if self.core is None:
             raise err.ShuttingDown("the controller is not started")
         return self.core
@@ -372,21 +406,23 @@ class Controller:
         assert self.log is not None
         return self.log
 
-    def _handle(self, event: msg.Event) -> None:
-        self._execute(self._core().handle(event))
+    def handle(self, event: msg.Event) -> None:
+        """Feed one event to the core and carry out what it says."""
+        self._execute(self.core_or_raise().handle(event))
 
     def _execute(self, instructions: list[msg.Instruction]) -> None:
+        driver = self.engines_driver
         for ins in instructions:
             if isinstance(ins, msg.Publish):
                 self._publish(ins)
             elif isinstance(ins, msg.Dispatch):
-                self._spawn(self._run_task(ins.task_id, ins.attempt, ins.engine_id))
+                driver.dispatch(ins.task_id, ins.attempt, ins.engine_id)
             elif isinstance(ins, msg.SignalEngine):
-                self._spawn(self._signal(ins.engine_id, ins.signal))
+                self.spawn(driver.signal(ins.engine_id, ins.signal))
             elif isinstance(ins, msg.KillEngine):
-                self._spawn(self._kill(ins.engine_id, ins.reason))
+                self.spawn(driver.kill(ins.engine_id, ins.reason))
             elif isinstance(ins, msg.StartEngine):
-                self._spawn(self._start_engine(ins.replaces))
+                self.spawn(driver.start_engine(ins.replaces))
             elif isinstance(ins, msg.StartTimer):
                 self._start_timer(ins.key, ins.delay)
             elif isinstance(ins, msg.CancelTimers):
@@ -398,15 +434,26 @@ class Controller:
         # payload: a one-slot cell the stream fills with the serialized message, once.
         entry = LogEntry(p.revision, p.kind, p.task, p.time, p.chunk, [None])
         self._eventlog().append(entry)
-        batch = self._batch_for_write()
+        batch = self.journal.batch()
         batch.events.append(
             StoredEvent(p.revision, p.kind.value, p.task.id, p.time, p.chunk, p.task)
         )
         if p.kind is not msg.EventKind.OUTPUT:
             batch.tasks.append(p.task)
+        if p.kind is msg.EventKind.STATE_CHANGED and p.task.state.terminal:
+            self.history.remember(p.task)
         self._subscribers.deliver(entry)
         for listener in self.listeners:
             listener(entry)
+
+    def _committed(self, batch: WriteBatch) -> None:
+        """A batch is on disk: finished tasks in it may leave the core's table now."""
+        core = self.core
+        if core is None:
+            return
+        for task in batch.tasks:
+            if task.state.terminal:
+                core.forget(task.id)
 
     def _start_timer(self, key: msg.TimerKey, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -414,51 +461,10 @@ class Controller:
         self._timers[key.task_id].append(handle)
 
     def _fire_timer(self, key: msg.TimerKey) -> None:
-        self._handle(msg.TimerFired(key, time.time()))
-        self._schedule_flush()
-
-    # ================================================================== store batching
-    def _batch_for_write(self) -> WriteBatch:
-        if self._batch is None:
-            self._batch = WriteBatch(tasks=[], events=[], idempotency=[], checkpoints=[])
-            self._schedule_flush()
-        return self._batch
-
-    def _schedule_flush(self) -> None:
-        if self._batch_future is None:
-            loop = asyncio.get_running_loop()
-            self._batch_future = loop.create_future()
-            loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        batch, fut = self._batch, self._batch_future
-        self._batch, self._batch_future = None, None
-        if fut is None:
-            return
-        if batch is None:
-            fut.set_result(None)
-            return
-        try:
-            cf = self.store.submit(batch)
-        except Exception as exc:  # store closed during shutdown
-            fut.set_exception(exc)
-            return
-        chained = asyncio.wrap_future(cf)
-        chained.add_done_callback(lambda f: _transfer(f, fut))
-
-    async def _flush_soon(self) -> None:
-        """Wait until everything written so far is committed."""
-        if self._batch_future is None:
-            return
-        await asyncio.shield(self._batch_future)
-
-    async def _flush_now(self) -> None:
-        if self._batch is not None or self._batch_future is not None:
-            self._schedule_flush()
-            await self._flush_soon()
+        self.handle(msg.TimerFired(key, time.time()))
 
     # ================================================================== cluster side
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
         fut = asyncio.ensure_future(coro)
         self._background.add(fut)
         fut.add_done_callback(self._background.discard)
@@ -467,196 +473,25 @@ class Controller:
     def _on_engine_registered(self, engine_id: int) -> None:
         if self._shutting_down:
             return
-        self._handle(msg.EngineRegistered(engine_id, time.time()))
-        self._spawn(self._setup_engine(engine_id))
+        self.handle(msg.EngineRegistered(engine_id, time.time()))
+        self.spawn(self.engines_driver.setup_engine(engine_id))
 
     def _on_engine_unregistered(self, engine_id: int) -> None:
         if self._shutting_down:
             return
-        self._handle(msg.EngineLost(engine_id, time.time()))
-        self._schedule_flush()
-
-    def _task_modules(self) -> list[str]:
-        """Demo tasks always; LLM tasks when torch is installed (the [llm] extra); then the operator's."""
-        import importlib.util
-
-        modules = ["tether_server.tasks.demo"]
-        if importlib.util.find_spec("torch") is not None:
-            modules.append("tether_server.tasks.llm")
-        return [*modules, *self.config.task_modules]
-
-    async def _setup_engine(self, engine_id: int) -> None:
-        modules = self._task_modules()
-        config = {
-            "task_modules": modules,
-            "tags": list(self.config.engine_tags),
-            # LLM engines import torch and the model code at start, not in their first task.
-            "preload_modules": ["tether_server.tasks.llm_model:warm_up"]
-            if "tether_server.tasks.llm" in modules and self.config.warm_up
-            else [],
-        }
-        try:
-            info = await self.cluster.setup_engine(engine_id, config)
-        except EngineDied:
-            self._handle(msg.EngineLost(engine_id, time.time()))
-            return
-        except Exception:
-            # An engine that cannot run the runtime would sit STARTING forever and shrink
-            # the pool. Embedded: kill it; its loss brings a replacement. Attached: the
-            # engine may be busy with work of a previous controller (setup queues behind
-            # it), and it is not ours to kill; it stays STARTING and the pool degraded.
-            if self.cluster.embedded:
-                log.exception("engine %s could not be set up; killing it", engine_id)
-                await self._kill(engine_id, "setup failed")
-            else:
-                log.exception("engine %s could not be set up; trying again in 30 s", engine_id)
-                self._spawn(self._setup_engine_later(engine_id, 30.0))
-            return
-        self._handle(
-            msg.EngineReady(
-                engine_id,
-                host=str(info.get("host", "")),
-                pid=int(info.get("pid", 0)),
-                tags=frozenset(info.get("tags", ())),
-                now=time.time(),
-            )
-        )
-        self.ready.set()
-
-    async def _setup_engine_later(self, engine_id: int, delay: float) -> None:
-        await asyncio.sleep(delay)
-        engine = self._core().engines.get(engine_id)
-        if engine is not None and engine.state is EngineState.STARTING and not self._shutting_down:
-            await self._setup_engine(engine_id)
-
-    async def _run_task(self, task_id: str, attempt: int, engine_id: int) -> None:
-        task = self._core().tasks[task_id]
-        resume_state = None
-        if task.resume_from:
-            source = task.resume_from.removeprefix("tasks/")
-            text = await self._checkpoint_text(source)
-            resume_state = json.loads(text) if text else None
-        spec = {
-            "task_id": task_id,
-            "attempt": attempt,
-            "task": task.task,
-            "args": task.args,
-            "resume_state": resume_state,
-            "max_output_chars": self.config.limits.max_output_chars,
-            "rss_tolerance_bytes": self.config.rss_tolerance_bytes,
-            "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
-        }
-        try:
-            raw = await self.cluster.run_task(engine_id, spec)
-        except Exception as exc:
-            cause = IpyparallelCluster.unwrap_error(exc)
-            if isinstance(cause, EngineDied):
-                self._handle(msg.EngineLost(engine_id, time.time()))
-            else:
-                outcome = msg.Outcome(
-                    msg.OutcomeStatus.FAILED,
-                    error_type=getattr(exc, "ename", type(exc).__name__),
-                    error_message=str(getattr(exc, "evalue", exc)),
-                    traceback="".join(getattr(exc, "traceback", "") or ""),
-                )
-                self._handle(msg.TaskFinished(task_id, attempt, outcome, time.time()))
-        else:
-            # The reply and the IOPub messages travel on different sockets: wait (briefly)
-            # for the task's last progress/output messages so none lands after the end.
-            await self._messages_seen((task_id, attempt), int(raw.get("published", 0) or 0))
-            self._handle(msg.TaskFinished(task_id, attempt, _outcome(raw), time.time()))
-        self._received.pop((task_id, attempt), None)
-        self._schedule_flush()
-
-    async def _messages_seen(self, key: tuple[str, int], expected: int) -> None:
-        if self._received.get(key, 0) >= expected:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._message_waiters[key] = (expected, fut)
-        try:
-            await asyncio.wait_for(fut, timeout=0.5)
-        except TimeoutError:
-            log.warning(
-                "task %s attempt %s: %d of %d messages arrived before its result",
-                key[0],
-                key[1],
-                self._received.get(key, 0),
-                expected,
-            )
-        finally:
-            self._message_waiters.pop(key, None)
-
-    async def _signal(self, engine_id: int, sig: str) -> None:
-        try:
-            await asyncio.wait_for(self.cluster.signal(engine_id, sig), timeout=5.0)
-        except Exception as exc:
-            log.info("signal %s to engine %s failed: %s", sig, engine_id, exc)
-        self._handle(msg.SignalDelivered(engine_id, time.time()))
-        self._schedule_flush()
-
-    async def _kill(self, engine_id: int, reason: str) -> None:
-        """SIGKILL an engine, and the processes its task started.
-
-        A SIGKILLed engine cannot clean up after itself, so its descendants (but
-        not its nanny, which must report the death to the hub) are listed first
-        and killed right after it. This works for engines on this host; remote
-        engines' children are left to their host.
-        """
-        log.info("killing engine %s: %s", engine_id, reason)
-        engine = self._core().engines.get(engine_id)
-        orphans = _task_descendants(engine.pid) if engine is not None and engine.pid else []
-        try:
-            await asyncio.wait_for(self.cluster.signal(engine_id, "SIGKILL"), timeout=2.0)
-        except Exception:
-            # The nanny is gone or slow: kill the process directly when it is local.
-            if engine is not None and engine.pid:
-                with contextlib.suppress(OSError):
-                    os.kill(engine.pid, signal.SIGKILL)
-        for proc in orphans:
-            with contextlib.suppress(Exception):
-                proc.kill()
-
-    async def _start_engine(self, replaces: int | None) -> None:
-        if not self.cluster.embedded or self._shutting_down:
-            log.warning("engine %s lost; attached mode cannot replace it (pool degraded)", replaces)
-            return
-        try:
-            await self.cluster.start_engines(1)
-        except Exception:
-            log.exception("could not start a replacement engine")
-            self._handle(msg.EngineStartFailed(time.time()))
+        self.handle(msg.EngineLost(engine_id, time.time()))
 
     def _on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
-        if kind != "started":  # the runtime counts reports only (see _messages_seen)
-            key = (task_id, attempt)
-            count = self._received[key] = self._received.get(key, 0) + 1
-            waiter = self._message_waiters.get(key)
-            if waiter is not None and count >= waiter[0] and not waiter[1].done():
-                waiter[1].set_result(None)
-        now = time.time()
-        if kind == "started":
-            self._handle(msg.TaskStarted(task_id, attempt, now))
-        elif kind == "progress":
-            fraction, message = payload
-            self._handle(msg.TaskProgressed(task_id, attempt, float(fraction), str(message), now))
-        elif kind == "output":
-            self._handle(msg.TaskOutput(task_id, attempt, str(payload), now))
-        elif kind == "checkpoint":
-            text = json.dumps(payload)
-            self._remember_checkpoint(task_id, text)
-            self._batch_for_write().checkpoints.append((task_id, text))
-            self._handle(msg.TaskCheckpointed(task_id, attempt, now))
-        else:
-            return
-        self._schedule_flush()
+        self.engines_driver.on_task_message(task_id, attempt, kind, payload)
 
-    def _remember_checkpoint(self, task_id: str, text: str) -> None:
+    def save_checkpoint(self, task_id: str, text: str) -> None:
         self._checkpoints[task_id] = text
         self._checkpoints.move_to_end(task_id)
         while len(self._checkpoints) > 1000:
             self._checkpoints.popitem(last=False)
+        self.journal.batch().checkpoints.append((task_id, text))
 
-    async def _checkpoint_text(self, task_id: str) -> str | None:
+    async def checkpoint_text(self, task_id: str) -> str | None:
         text = self._checkpoints.get(task_id)
         if text is None:
             text = await asyncio.to_thread(self.store.get_checkpoint, task_id)
@@ -673,37 +508,31 @@ class Controller:
             )
         return self.config.default_timeout_seconds
 
-    async def _resource_policy_loop(self) -> None:
-        import psutil
-
-        limit = self.config.memory_limit_bytes
-        while not self._shutting_down:
-            await asyncio.sleep(0.25)
-            core = self._core()
-            for engine in list(core.engines.values()):
-                if (
-                    engine.state is not EngineState.BUSY
-                    or not engine.pid
-                    or engine.current_task is None
-                ):
-                    continue
-                try:
-                    rss = psutil.Process(engine.pid).memory_info().rss
-                except psutil.Error:
-                    continue
-                if rss > limit:
-                    self._handle(
-                        msg.ResourceLimitExceeded(
-                            engine.id,
-                            engine.current_task,
-                            engine.current_attempt,
-                            f"engine RSS {rss} bytes over the limit of {limit} bytes",
-                            time.time(),
-                        )
-                    )
-                    self._schedule_flush()
-
     # ================================================================== helpers
+    async def _task_or_raise(self, task_id: str) -> Task:
+        task = await self.history.get(task_id)
+        if task is None:
+            raise err.TaskNotFound(
+                f"task tasks/{task_id} does not exist", metadata={"name": f"tasks/{task_id}"}
+            )
+        return task
+
+    def _check_stream_limits(self, principal: str) -> None:
+        limits = self.config.limits
+        if len(self._subscribers) >= limits.max_subscribers:
+            raise err.ResourceExhausted(
+                "too many subscribers",
+                metadata={"maxSubscribers": str(limits.max_subscribers)},
+            )
+        if self._subscribers.count_of(principal) >= limits.max_subscribers_per_principal:
+            raise err.ResourceExhausted(
+                f"{principal} has {limits.max_subscribers_per_principal} open streams already",
+                metadata={
+                    "principal": principal,
+                    "maxSubscribersPerPrincipal": str(limits.max_subscribers_per_principal),
+                },
+            )
+
     def _check_idempotency(self, request_id: str, method: str, fingerprint: str) -> str | None:
         if not request_id:
             return None
@@ -742,10 +571,10 @@ class Controller:
 
     async def _check_resume_source(self, name: str) -> None:
         source_id = name.removeprefix("tasks/")
-        source = self._core().tasks.get(source_id)
+        source = await self.history.get(source_id)
         if source is None:
             raise err.TaskNotFound(f"task {name} does not exist", metadata={"name": name})
-        if not source.has_checkpoint and await self._checkpoint_text(source_id) is None:
+        if not source.has_checkpoint and await self.checkpoint_text(source_id) is None:
             raise err.CheckpointNotFound(
                 f"task {name} has no checkpoint to resume from", metadata={"name": name}
             )
@@ -753,29 +582,22 @@ class Controller:
     def _update_serving(self) -> None:
         if self._shutting_down or self.core is None:
             return
-        serving = any(
-            e.state in (EngineState.IDLE, EngineState.BUSY) for e in self.core.engines.values()
-        )
-        self.on_serving_changed(serving)
+        self.on_serving_changed(self.serving)
 
 
-def _task_descendants(pid: int) -> list[Any]:
-    """Processes started under an engine (its task's children), its nanny excluded."""
-    import psutil
+async def _wanted(sub: Subscription, entries: AsyncIterator[LogEntry]) -> AsyncIterator[Any]:
+    async for entry in entries:
+        if sub.wants(entry):
+            yield entry
 
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    found = []
-    for child in children:
-        try:
-            if "ipyparallel.engine.nanny" in " ".join(child.cmdline()):
-                continue
-        except psutil.Error:
-            continue
-        found.append(child)
-    return found
+
+async def _snapshots(tasks: AsyncIterator[Task], revision: int) -> AsyncIterator[Any]:
+    async for task in tasks:
+        yield ("snapshot", task, revision)
+
+
+def _entry(ev: StoredEvent) -> LogEntry:
+    return LogEntry(ev.revision, msg.EventKind(ev.kind), ev.task, ev.time, ev.chunk, [None])
 
 
 def _public_copy(task: Task) -> Task:
@@ -783,35 +605,9 @@ def _public_copy(task: Task) -> Task:
     return snapshot(task, keep_output=True)
 
 
-def _transfer(src: asyncio.Future[Any], dst: asyncio.Future[None]) -> None:
-    if dst.done():
-        return
-    if src.cancelled():
-        dst.cancel()
-    elif src.exception() is not None:
-        dst.set_exception(src.exception())  # type: ignore[arg-type]
-    else:
-        dst.set_result(None)
-
-
 def _log_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("background task failed", exc_info=fut.exception())
-
-
-def _outcome(raw: dict[str, Any]) -> msg.Outcome:
-    status = msg.OutcomeStatus(raw.get("status", "failed"))
-    return msg.Outcome(
-        status=status,
-        value=raw.get("value"),
-        error_type=str(raw.get("error_type", "")),
-        error_message=str(raw.get("error_message", "")),
-        traceback=str(raw.get("traceback", "")),
-        stage=_STAGES.get(str(raw.get("stage", "")), EscalationStage.NONE),
-        output=raw.get("output"),
-        output_truncated=bool(raw.get("output_truncated", False)),
-        resources=raw.get("resources"),
-    )
 
 
 __all__ = ["Controller", "SubmitSpec", "TaskState"]

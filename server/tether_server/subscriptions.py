@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,6 +42,8 @@ class Subscription:
         self.principal = principal
         self.maxsize = maxsize
         self.initial = list(initial)
+        self.prefix: AsyncIterator[Any] | None = None
+        """Items read from the store, sent before ``initial`` (history memory no longer holds)."""
         self._queue: collections.deque[Any] = collections.deque()
         self._wakeup = asyncio.Event()
         self._error: TetherError | None = None

@@ -38,6 +38,16 @@ ipp.Cluster.from_file(sys.argv[1]).stop_cluster_sync()
 """
 
 
+def kill_cluster_pids(pids: list[int]) -> None:
+    """SIGKILL the processes of a cluster file and their descendants."""
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            for child in proc.children(recursive=True):
+                child.kill()
+            proc.kill()
+
+
 @pytest.fixture()
 def external_cluster(tmp_path: Path) -> Iterator[Path]:
     profile = tmp_path / "external-profile"
@@ -57,12 +67,7 @@ def external_cluster(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(
                 [sys.executable, "-c", _STOP, str(cluster_file)], timeout=60, check=False
             )
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                for child in proc.children(recursive=True):
-                    child.kill()
-                proc.kill()
+        kill_cluster_pids(pids)
 
 
 def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves_the_cluster_running(

@@ -31,6 +31,18 @@ def test_unknown_task_name_is_invalid_argument_unknown_task(tasks):  # type: ign
     assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_TASK", ["task"])
 
 
+def test_a_huge_task_name_is_refused_with_a_bounded_error(tasks):  # type: ignore[no-untyped-def]
+    # The error quotes the name; unbounded, its trailers would pass the client's 16 KiB
+    # metadata limit and the client would see RESOURCE_EXHAUSTED instead.
+    name = "x" * 10_000
+    with pytest.raises(grpc.RpcError) as caught:
+        tasks.SubmitTask(spb.SubmitTaskRequest(task=name), timeout=10)
+    code, reason, _metadata, fields = error_info(caught.value)
+    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_TASK", ["task"])
+    assert len(caught.value.details()) <= 512
+    assert "more characters" in caught.value.details()
+
+
 def test_arguments_of_the_wrong_shape_are_invalid_arguments(tasks):  # type: ignore[no-untyped-def]
     req = spb.SubmitTaskRequest(task="demo.sleep", args=struct({"secs": 1}))
     code, reason, _, fields = _refused(tasks.SubmitTask, req)

@@ -106,9 +106,8 @@ def test_sigterm_shuts_down_gracefully_within_ten_seconds_and_leaves_no_process(
     assert code == 0
     assert elapsed < 10, f"shutdown took {elapsed:.1f}s"
     assert ended == grpc.StatusCode.UNAVAILABLE
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-        time.sleep(0.1)
+    # The server exits only once every process of its cluster is gone: a supervisor that
+    # starts it again at once does not race the old engines.
     assert [p for p in pids if pid_alive(p)] == []
     assert ipyparallel_processes_of(data) == []
 

@@ -34,6 +34,7 @@ from tether_server.store import (
     StoreWriteError,
     WriteBatch,
 )
+from tether_server.store.codec import task_to_dict
 
 DAY = 86400.0
 
@@ -142,7 +143,9 @@ def test_tasks_events_checkpoints_and_keys_survive_close_and_reopen(db_path: Pat
     reopened = SqliteStore(db_path)
     loaded = reopened.open()
     try:
-        assert loaded.tasks == [running, pending]
+        assert loaded.tasks == [pending]  # live tasks only: finished ones are read on demand
+        assert reopened.get_task("t1") == running
+        assert reopened.get_task("nope") is None
         assert loaded.events == events
         assert loaded.idempotency == {"req-1": key}
         assert reopened.get_checkpoint("t1") == '{"step": 7}'
@@ -389,3 +392,96 @@ def test_get_checkpoint_reads_while_the_writer_writes(db_path: Path) -> None:
         read_checkpoint()
     assert seen == sorted(seen)  # each read sees a committed state, never an older one
     assert seen[-1] == steps
+
+
+# --------------------------------------------------------------------------- history on disk
+def test_an_older_revision_of_a_task_never_overwrites_a_newer_one(db_path: Path) -> None:
+    newer = make_task(1, state=TaskState.SUCCEEDED, revision=9)
+    with opened(db_path) as store:
+        store.submit(WriteBatch(tasks=[newer])).result(timeout=5)
+        # A retried batch from before (revision 4) arrives after the newer row.
+        store.submit(WriteBatch(tasks=[make_task(1, state=TaskState.RUNNING, revision=4)]))
+        store.flush()
+        assert store.get_task("t1") == newer
+
+
+def test_open_loads_live_tasks_and_the_newest_events_only(db_path: Path) -> None:
+    finished = [make_task(n, state=TaskState.SUCCEEDED, revision=n) for n in range(1, 6)]
+    live = make_task(6, state=TaskState.PENDING, revision=6)
+    with opened(db_path) as store:
+        store.submit(
+            WriteBatch(
+                tasks=[*finished, live],
+                events=[make_event(r, make_task(1)) for r in range(1, 31)],
+            )
+        ).result(timeout=5)
+    loaded = reload(db_path, load_events=10)
+    assert loaded.tasks == [live]
+    assert [e.revision for e in loaded.events] == list(range(21, 31))
+    assert loaded.first_revision == 1
+    assert loaded.next_revision == 31
+
+
+def test_list_tasks_pages_by_seq_narrowed_by_state_and_name(db_path: Path) -> None:
+    tasks = [
+        make_task(n, state=TaskState.SUCCEEDED if n % 2 else TaskState.FAILED) for n in range(1, 11)
+    ]
+    with opened(db_path) as store:
+        store.submit(WriteBatch(tasks=tasks)).result(timeout=5)
+        assert [t.seq for t in store.list_tasks(after_seq=0, limit=3)] == [1, 2, 3]
+        assert [t.seq for t in store.list_tasks(after_seq=3, limit=3)] == [4, 5, 6]
+        failed = store.list_tasks(after_seq=0, limit=100, states=["FAILED"])
+        assert [t.seq for t in failed] == [2, 4, 6, 8, 10]
+        assert store.list_tasks(after_seq=0, limit=100, task_names=["other"]) == []
+
+
+def test_events_after_reads_a_range_of_the_log(db_path: Path) -> None:
+    with opened(db_path) as store:
+        store.submit(WriteBatch(events=[make_event(r, make_task(1)) for r in range(1, 21)])).result(
+            timeout=5
+        )
+        assert [e.revision for e in store.events_after(5, before=9, limit=100)] == [6, 7, 8]
+        assert [e.revision for e in store.events_after(0, before=99, limit=4)] == [1, 2, 3, 4]
+        assert store.oldest_event_revision() == 1
+
+
+def test_a_probe_writes_while_the_store_can(db_path: Path) -> None:
+    with opened(db_path) as store:
+        store.probe()
+    assert rows(db_path, "SELECT count(*) FROM meta WHERE key = 'probe'") == [(1,)]
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_left_alone(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"not a database at all" * 50)
+    before = db_path.read_bytes()
+    with pytest.raises(StoreError, match="unreadable or corrupt"):
+        SqliteStore(db_path).open()
+    assert db_path.read_bytes() == before
+
+
+def test_another_programs_database_is_refused_and_left_alone(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY)")
+        conn.commit()
+    with pytest.raises(StoreError, match="something else"):
+        SqliteStore(db_path).open()
+    assert rows(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'") == [("photos",)]
+
+
+def test_a_version_1_store_is_upgraded_with_task_revisions(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    from tether_server.store.sqlite import _migrate_0_to_1
+
+    task = make_task(1, state=TaskState.SUCCEEDED, revision=7)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        _migrate_0_to_1(conn)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO tasks (id, seq, state, task, data) VALUES (?, ?, ?, ?, ?)",
+            (task.id, task.seq, task.state.name, task.task, json.dumps(task_to_dict(task))),
+        )
+    with opened(db_path) as store:
+        assert store.get_task("t1") == task
+    assert rows(db_path, "SELECT revision FROM tasks") == [(7,)]

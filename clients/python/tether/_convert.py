@@ -272,6 +272,11 @@ def cluster_from_proto(message: cluster_service_pb2.GetClusterResponse) -> Clust
         ),
         registered_tasks=tuple(message.registered_tasks),
         raw=message,
+        serving=message.serving,
+        store_writable=message.store_writable,
+        cluster_connected=message.cluster_connected,
+        cluster_restarts=message.cluster_restarts,
+        problem=message.problem,
     )
 
 

@@ -404,3 +404,11 @@ class Cluster:
     limits: ServerLimits
     registered_tasks: tuple[str, ...]
     raw: cluster_service_pb2.GetClusterResponse = field(repr=False, compare=False, hash=False)
+    serving: bool = True
+    """The server takes and runs work (store writable, controller answering, an engine ready)."""
+    store_writable: bool = True
+    cluster_connected: bool = True
+    cluster_restarts: int = 0
+    """Times the ipyparallel controller was lost and the cluster brought back."""
+    problem: str = ""
+    """What is wrong, in words, when ``serving`` is false."""

@@ -256,12 +256,18 @@ def cluster_view(cluster: Cluster) -> RenderableType:
             ",".join(engine.tags) or "-",
             _age(engine.last_seen, now) + " ago" if engine.last_seen else "-",
         )
-    health = Text("degraded", style="bold red") if cluster.degraded else Text("ok", style="green")
+    if not cluster.serving:
+        health = Text(f"not serving: {cluster.problem}", style="bold red")
+    elif cluster.degraded:
+        health = Text("degraded", style="bold red")
+    else:
+        health = Text("ok", style="green")
     summary = Text.assemble(
         f"cluster {cluster.cluster_id or '?'} ({cluster.mode.name.lower()}), ",
         f"{len(cluster.engines)} engines of {cluster.target_size}, ",
         health,
         f"; {cluster.running_tasks} running, {cluster.pending_tasks} pending",
+        f"; cluster restarted {cluster.cluster_restarts} times" if cluster.cluster_restarts else "",
     )
     registered = Text("tasks: " + (", ".join(cluster.registered_tasks) or "-"), style="dim")
     return Group(summary, table, registered)

@@ -48,4 +48,9 @@ class ClusterService:
                 max_labels=limits.max_labels,
             ),
             registered_tasks=registry.names(),
+            serving=ctl.serving,
+            store_writable=ctl.journal.healthy,
+            cluster_connected=ctl.supervisor.cluster_ok,
+            cluster_restarts=ctl.supervisor.losses,
+            problem=ctl.problem,
         )

@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "tether.dev"
 
+MAX_MESSAGE_CHARS = 512
+"""Longest status message sent. Messages quote the request (a task name, a label), and
+trailers above the client's metadata limit (16 KiB by default in grpcio) turn a clear
+INVALID_ARGUMENT into RESOURCE_EXHAUSTED on the client: never echo unbounded input."""
+MAX_DETAIL_CHARS = 256
+"""Longest ErrorInfo metadata value and BadRequest field or description."""
+
 _CODES: dict[type[e.TetherError], grpc.StatusCode] = {
     e.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     e.TaskNotFound: grpc.StatusCode.NOT_FOUND,
@@ -36,6 +43,7 @@ _CODES: dict[type[e.TetherError], grpc.StatusCode] = {
     e.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     e.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     e.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -50,7 +58,11 @@ def to_status(err: e.TetherError) -> grpc.Status:
     """The rich status for a domain error."""
     code = code_for(err)
     details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    metadata = {
+        clip(key, MAX_DETAIL_CHARS): clip(value, MAX_DETAIL_CHARS)
+        for key, value in err.metadata.items()
+    }
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
@@ -58,7 +70,8 @@ def to_status(err: e.TetherError) -> grpc.Status:
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=clip(v.field, MAX_DETAIL_CHARS),
+                    description=clip(v.description, MAX_DETAIL_CHARS),
                 )
                 for v in err.violations
             ]
@@ -66,9 +79,18 @@ def to_status(err: e.TetherError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
-    status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
+    message = clip(err.message, MAX_MESSAGE_CHARS)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(text) - limit} more characters)"
+    return text[: max(0, limit - len(suffix))] + suffix
 
 
 def internal_status(exc: BaseException) -> grpc.Status:

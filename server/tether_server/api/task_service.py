@@ -16,6 +16,7 @@ from tether.v1 import task_service_pb2 as spb
 from ..controller import Controller, SubmitSpec
 from ..core.eventlog import decode_page_token, encode_page_token, encode_token
 from ..core.filters import TaskFilter
+from ..subscriptions import Subscription
 from . import convert
 from .auth import Authenticator
 from .errors import stream_errors, unary_errors
@@ -121,7 +122,7 @@ class TaskService:
             v.add("INVALID_REASON", "reason", f"at most {self.limits.max_reason_chars} chars")
         grace = None
         if request.HasField("grace"):
-            base = self.controller.get(task_id).grace
+            base = (await self.controller.get(task_id)).grace
             grace = grace_from_pb(v, request.grace, base, self.limits, "grace")
         v.raise_if_any()
         task, dedup = await self.controller.interrupt(
@@ -144,7 +145,9 @@ class TaskService:
         self.auth.authenticate(context)
         task_id = parse_task_name(request.name)
         view = request.view or tpb.TASK_VIEW_FULL
-        return spb.GetTaskResponse(task=convert.task_to_pb(self.controller.get(task_id), view))
+        return spb.GetTaskResponse(
+            task=convert.task_to_pb(await self.controller.get(task_id), view)
+        )
 
     @unary_errors
     async def ListTasks(
@@ -164,7 +167,7 @@ class TaskService:
         after = decode_page_token(request.page_token, fp) if request.page_token else 0
         # The token is taken before the listing: watching from it cannot miss a change.
         resume_token = encode_token(self.controller.epoch, self.controller.latest_revision)
-        tasks, last = self.controller.list_tasks(flt, after, size)
+        tasks, last = await self.controller.list_tasks(flt, after, size)
         view = request.view or tpb.TASK_VIEW_BASIC
         return spb.ListTasksResponse(
             tasks=[convert.task_to_pb(t, view) for t in tasks],
@@ -198,7 +201,7 @@ class TaskService:
         full = request.view == tpb.TASK_VIEW_FULL
         flt = convert.filter_from_pb(request.filter) if task_id is None else TaskFilter()
         ctl = self.controller
-        sub = ctl.subscribe(
+        sub = await ctl.subscribe(
             task_id=task_id,
             flt=flt,
             resume_token=request.resume_token,
@@ -210,7 +213,7 @@ class TaskService:
         epoch = ctl.epoch
         view = tpb.TASK_VIEW_FULL if full else tpb.TASK_VIEW_BASIC
         try:
-            for item in sub.initial:
+            async for item in _initial_items(sub):
                 if isinstance(item, tuple):
                     kind, task, rev = item
                     if kind == "snapshot":
@@ -257,3 +260,12 @@ class TaskService:
                 entry.chunk,
             ).SerializeToString()
         return bytes(cell[0])
+
+
+async def _initial_items(sub: Subscription) -> AsyncIterator[Any]:
+    """What a stream sends before going live: the store's part first, then memory's."""
+    if sub.prefix is not None:
+        async for item in sub.prefix:
+            yield item
+    for item in sub.initial:
+        yield item

@@ -6,6 +6,12 @@ ipyparallel reports (registrations, unregistrations, IOPub data messages, apply
 replies) into plain callbacks for the controller.
 """
 
-from .ipp import ClusterCallbacks, ClusterConfig, EngineDied, IpyparallelCluster
+from .ipp import ClusterCallbacks, ClusterConfig, EngineDied, IpyparallelCluster, process_alive
 
-__all__ = ["ClusterCallbacks", "ClusterConfig", "EngineDied", "IpyparallelCluster"]
+__all__ = [
+    "ClusterCallbacks",
+    "ClusterConfig",
+    "EngineDied",
+    "IpyparallelCluster",
+    "process_alive",
+]

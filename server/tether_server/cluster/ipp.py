@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import inspect
 import json
 import logging
 import os
 import signal
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ import zmq
 import zmq.asyncio
 from ipyparallel import error as ipp_error
 from jupyter_client.session import Session
+from traitlets.config import Config
 
 from ..runtime import engine as engine_runtime
 
@@ -67,8 +71,22 @@ class _State:
     known_ids: set[int] = field(default_factory=set)
 
 
+DIGEST_HISTORY = 4096
+"""Message signatures each ZMQ session remembers to refuse replays (jupyter_client keeps
+65,536 by default: about 10 MB per process that fills up over the first ~20,000 tasks, and
+on engines over the first ~100,000; a few thousand refuse replays just as well)."""
+
+HUB_MODULE = "tether_server.cluster.ipyparallel_hub"
+"""The controller entry point tether runs (ipyparallel's, with bounded bookkeeping)."""
+
+
 class IpyparallelCluster:
-    """Owns (or attaches to) an ipyparallel cluster on the current asyncio loop."""
+    """Owns (or attaches to) an ipyparallel cluster on the current asyncio loop.
+
+    A cluster can be lost (its hub killed or frozen) and started again: each
+    start is a new *generation*, and nothing of an older one (a registration
+    notification, an engine id) is reported after it was torn down.
+    """
 
     def __init__(self, config: ClusterConfig, callbacks: ClusterCallbacks) -> None:
         self.config = config
@@ -83,6 +101,9 @@ class IpyparallelCluster:
         self._zmq_context: Any = None
         self._state = _State()
         self._closing = False
+        self.generation = 0
+        """Incremented by every start; notifications of older generations are dropped."""
+        self._hub_children: set[Any] = set()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -90,8 +111,14 @@ class IpyparallelCluster:
         return CLUSTER_ID if self._cluster is None else str(self._cluster.cluster_id)
 
     async def start(self) -> None:
-        """Start (embedded) or attach to the cluster, then connect the client."""
+        """Start (embedded) or attach to the cluster, then connect the client.
+
+        Called again after :meth:`teardown` to bring a lost cluster back.
+        """
         self._loop = asyncio.get_running_loop()
+        self.generation += 1
+        self._state = _State()
+        self._views = {}
         if self.embedded:
             self._cleanup_stale_cluster()
             self.config.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +126,10 @@ class IpyparallelCluster:
             # rather than let every engine's BLAS/torch use all of them.
             threads = max(1, (os.cpu_count() or 1) // max(1, self.config.engines))
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+            config = Config()
+            config.LocalControllerLauncher.controller_cmd = [sys.executable, "-m", HUB_MODULE]
             self._cluster = ipp.Cluster(
+                config=config,
                 n=self.config.engines,
                 profile_dir=str(self.config.profile_dir),
                 cluster_id=CLUSTER_ID,
@@ -107,8 +137,14 @@ class IpyparallelCluster:
                 controller_args=[
                     f"--HeartMonitor.period={self.config.heartbeat_ms}",
                     "--IPController.log_level=40",
+                    # tether keeps its own records: the hub keeps none per task.
+                    "--IPController.db_class=NoDB",
+                    f"--Session.digest_history_size={DIGEST_HISTORY}",
                 ],
-                engine_args=["--IPEngine.log_level=40"],
+                engine_args=[
+                    "--IPEngine.log_level=40",
+                    f"--Session.digest_history_size={DIGEST_HISTORY}",
+                ],
                 delay=0,
                 shutdown_atexit=True,
                 # Every clean engine stop exits 1 in ipyparallel 9.2, which its launcher
@@ -117,42 +153,153 @@ class IpyparallelCluster:
             )
             await self._cluster.start_controller()
             await self._cluster.start_engines(self.config.engines)
-            self._client = await self._cluster.connect_client()
+            self._client = await self._connect(self._cluster)
         else:
             path = self.config.attach_cluster_file
             with open(path) as f:
                 info = json.load(f)
             if "cluster" in info:  # a cluster file written by ipyparallel.Cluster
                 self._cluster = ipp.Cluster.from_file(path)
-                self._client = await self._cluster.connect_client()
+                self._client = await self._connect(self._cluster)
             else:  # a client connection file
-                self._client = ipp.Client(path)
-        self._client._registration_callbacks.append(self._on_registration_io_thread)
+                self._client = await asyncio.to_thread(ipp.Client, path, timeout=5)
+        generation = self.generation
+
+        def on_registration(event: dict[str, Any]) -> None:
+            self._on_registration_io_thread(event, generation)
+
+        self._client.session.digest_history_size = DIGEST_HISTORY
+        self._client._registration_callbacks.append(on_registration)
         await self._start_iopub_watcher()
+        self.controller_alive()  # notes the hub's scheduler processes
         # Engines that registered before our callback was installed.
         for eid in self._client.ids:
             self._note_registered(int(eid))
 
+    @staticmethod
+    async def _connect(cluster: Any) -> Any:
+        """A Client of ``cluster``, made off the loop.
+
+        The Client blocks until the hub answers its connection request: a dead or
+        frozen hub must neither block the loop nor hang a reconnect for long.
+        """
+        connection = cluster.controller.get_connection_info()
+        if inspect.isawaitable(connection):
+            connection = await asyncio.wait_for(connection, timeout=30)
+        return await asyncio.to_thread(
+            ipp.Client,
+            connection["client"],
+            cluster=cluster,
+            profile_dir=cluster.profile_dir,
+            cluster_id=cluster.cluster_id,
+            timeout=10,
+        )
+
     async def stop(self) -> None:
-        """Close the client and (embedded) stop every cluster process."""
+        """Close the client and (embedded) stop every cluster process.
+
+        Returns only when every process of the cluster is gone (a supervisor that
+        starts tether again at once must not race the old engines).
+        """
         self._closing = True
+        await self._disconnect()
+        if self.embedded and self._cluster is not None:
+            pids = self._cluster_pids()
+            try:
+                await asyncio.wait_for(self._cluster.stop_cluster(), timeout=6)
+            except Exception:
+                log.warning("stop_cluster did not finish cleanly; killing what is left")
+            await asyncio.to_thread(_kill_and_wait, pids + self._cluster_pids(), 3.0)
+            with contextlib.suppress(Exception):
+                self._cluster.remove_cluster_file()
+
+    async def teardown(self) -> None:
+        """Forget a lost cluster: disconnect, and (embedded) kill every process of it.
+
+        The hub is dead or frozen, so nothing is asked of it; engines and their
+        nannies are killed by pid, and the process table is checked until they are
+        gone. :meth:`start` may then start a new generation.
+        """
+        self.generation += 1  # from now on, nothing of the old cluster is reported
+        await self._disconnect()
+        if self.embedded and self._cluster is not None:
+            pids = self._cluster_pids()
+            await asyncio.to_thread(_kill_and_wait, pids, 3.0)
+            self._remove_connection_files()
+            self._cluster = None
+            self._hub_children.clear()
+
+    async def _disconnect(self) -> None:
         if self._iopub_task is not None:
             self._iopub_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._iopub_task
+            self._iopub_task = None
         if self._iopub_socket is not None:
             self._iopub_socket.close(linger=0)
+            self._iopub_socket = None
         if self._client is not None:
             with contextlib.suppress(Exception):
-                self._client.close()
-        if self.embedded and self._cluster is not None:
-            try:
-                await asyncio.wait_for(self._cluster.stop_cluster(), timeout=8)
-            except Exception:
-                log.warning("stop_cluster did not finish cleanly; killing what is left")
-            self._kill_cluster_pids()
-            with contextlib.suppress(Exception):
-                self._cluster.remove_cluster_file()
+                self._client.close(linger=0)
+            self._client = None
+        self._views = {}
+
+    # ------------------------------------------------------------------ supervision
+    def controller_alive(self) -> bool:
+        """Embedded: whether the hub's process still exists. Attached: unknown (True)."""
+        if not self.embedded or self._cluster is None:
+            return True
+        pid = self._controller_pid()
+        if not pid:
+            return False
+        import psutil
+
+        try:
+            hub = psutil.Process(pid)
+            if hub.status() == psutil.STATUS_ZOMBIE:
+                return False
+            # The hub forks its schedulers; they outlive a killed hub, so keep them in
+            # mind while it lives, for teardown to kill.
+            self._hub_children.update(hub.children(recursive=True))
+            return True
+        except psutil.Error:
+            return False
+
+    def _controller_pid(self) -> int | None:
+        launcher = getattr(self._cluster, "controller", None)
+        pid = getattr(getattr(launcher, "process", None), "pid", None)
+        return int(pid) if pid else None
+
+    async def probe(self, timeout: float) -> bool:
+        """Ask the hub for its queue status; False when it does not answer in time.
+
+        A hub that is alive but frozen (SIGSTOP, a hung host) keeps its sockets open,
+        so only a request that needs an answer tells it apart from a healthy one.
+        """
+        client = self._client
+        if client is None:
+            return False
+        try:
+            fut = client._send(
+                client._query_stream, "queue_request", content={"targets": None, "verbose": False}
+            )
+            reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except Exception:
+            return False
+        return bool(reply.get("content", {}).get("status") == "ok")
+
+    def trim_history(self) -> None:
+        """Drop the client's and views' per-request history (ipyparallel keeps every id).
+
+        Outstanding requests are tracked elsewhere (``outstanding``), so forgetting
+        ``history`` loses nothing tether uses.
+        """
+        client = self._client
+        if client is None:
+            return
+        client.history.clear()
+        for view in self._views.values():
+            view.history.clear()
 
     # ------------------------------------------------------------------ engines
     async def setup_engine(self, engine_id: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -209,9 +356,9 @@ class IpyparallelCluster:
         return exc
 
     # ------------------------------------------------------------------ notifications
-    def _on_registration_io_thread(self, event: dict[str, Any]) -> None:
+    def _on_registration_io_thread(self, event: dict[str, Any], generation: int) -> None:
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if loop is None or loop.is_closed() or generation != self.generation:
             return
         eid = int(event["id"])
         if event.get("event") == "register":
@@ -240,6 +387,7 @@ class IpyparallelCluster:
             signature_scheme=cfg["signature_scheme"],
             packer=cfg["pack"],
             unpacker=cfg["unpack"],
+            digest_history_size=DIGEST_HISTORY,
         )
         self._zmq_context = zmq.asyncio.Context.instance()
         sock = self._zmq_context.socket(zmq.SUB)
@@ -282,15 +430,38 @@ class IpyparallelCluster:
         log.warning("found a cluster left by a previous run (%s); stopping it", path)
         for pid in pids_in_cluster_file(path):
             _kill_tree(pid)
+        self._remove_connection_files()
+
+    def _remove_connection_files(self) -> None:
+        """The cluster file and the hub's connection files: a new hub must not find the
+        old one's ports (its client would wait for an answer that never comes)."""
         for stale in glob.glob(str(self.config.profile_dir / "security" / f"*{CLUSTER_ID}*")):
             with contextlib.suppress(OSError):
                 os.unlink(stale)
 
-    def _kill_cluster_pids(self) -> None:
+    def _cluster_pids(self) -> list[int]:
+        """Pids of every process of the embedded cluster: launchers' records and children."""
+        import psutil
+
+        pids: set[int] = set()
         path = self._cluster_file()
         if path.exists():
-            for pid in pids_in_cluster_file(path):
-                _kill_tree(pid)
+            pids.update(pids_in_cluster_file(path))
+        cluster = self._cluster
+        if cluster is not None:
+            launchers = [getattr(cluster, "controller", None)]
+            launchers += list(getattr(cluster, "engines", {}).values())
+            for launcher in launchers:
+                for pid in _launcher_pids(launcher):
+                    pids.add(pid)
+        for pid in list(pids):
+            with contextlib.suppress(psutil.Error):
+                pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        for child in self._hub_children:
+            with contextlib.suppress(psutil.Error):
+                if child.is_running():
+                    pids.add(child.pid)
+        return sorted(pids)
 
 
 def pids_in_cluster_file(path: Path) -> list[int]:
@@ -316,6 +487,48 @@ def pids_in_cluster_file(path: Path) -> list[int]:
 
     walk(info)
     return pids
+
+
+def _launcher_pids(launcher: Any) -> list[int]:
+    """Pids a launcher started (one process, or an engine set's)."""
+    if launcher is None:
+        return []
+    found: list[int] = []
+    pid = getattr(getattr(launcher, "process", None), "pid", None)
+    if pid:
+        found.append(int(pid))
+    for child in getattr(launcher, "launchers", {}).values():
+        found.extend(_launcher_pids(child))
+    return found
+
+
+def _kill_and_wait(pids: list[int], timeout: float) -> None:
+    """SIGKILL every pid (that is still an ipyparallel process) and wait until all are gone."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    for proc in procs:
+        _kill_tree(proc.pid)
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if process_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if process_alive(p)]
+    if alive:
+        log.warning("cluster processes still alive after SIGKILL: %s", [p.pid for p in alive])
+
+
+def process_alive(proc: Any) -> bool:
+    """Whether a psutil.Process still runs (a zombie does not; a reused pid is told apart)."""
+    import psutil
+
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def _kill_tree(pid: int) -> None:

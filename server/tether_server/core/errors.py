@@ -103,3 +103,11 @@ class ResourceExhausted(TetherError):
     """A server-side limit was hit (too many subscribers, queue full)."""
 
     reason = "RESOURCE_EXHAUSTED"
+
+
+class StoreUnavailable(TetherError):
+    """The store cannot write now (disk full, I/O error, the file locked by another
+    process). Nothing of the request was recorded and nothing of it runs: retrying
+    later with the same ``request_id`` is safe."""
+
+    reason = "STORE_UNAVAILABLE"

@@ -21,12 +21,13 @@ never changes, see ``records.LEGAL_TRANSITIONS``)::
     RUNNING       TaskFinished SUCCEEDED                     SUCCEEDED
     RUNNING       TaskFinished FAILED or INTERRUPTED         FAILED     (TASK_RAISED: nobody asked)
     RUNNING       EngineLost                                 FAILED     (ENGINE_LOST)
+    RUNNING       ClusterLost                                FAILED     (CLUSTER_LOST)
     INTERRUPTING  TimerFired(ESCALATE, SIGINT)               INTERRUPTING, stage SIGTERM
     INTERRUPTING  TimerFired(ESCALATE, SIGTERM)              INTERRUPTING, stage SIGKILL (KillEngine)
     INTERRUPTING  TimerFired(ESCALATE, SIGKILL)              as EngineLost (death never confirmed)
     INTERRUPTING  TaskFinished SUCCEEDED / FAILED            SUCCEEDED / FAILED (the truth wins)
     INTERRUPTING  TaskFinished INTERRUPTED                   INTERRUPTED or TIMED_OUT by cause
-    INTERRUPTING  EngineLost                                 INTERRUPTED or TIMED_OUT, final SIGKILL
+    INTERRUPTING  EngineLost / ClusterLost                   INTERRUPTED or TIMED_OUT, final SIGKILL
     RUNNING, INTERRUPTING  restore() after a restart         FAILED     (CONTROLLER_RESTARTED)
 
 Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
@@ -50,6 +51,7 @@ from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
 from .escalation import SIGNALLED_STAGES, deadline_stage, interrupted_ending
 from .messages import (
     CancelTimers,
+    ClusterLost,
     Dispatch,
     EngineLost,
     EngineReady,
@@ -187,6 +189,8 @@ class ControlCore:
                 engine = self.engines.get(event.engine_id)
                 if engine is not None:
                     self._lose(engine, event.now, out)
+            case ClusterLost():
+                self._on_cluster_lost(event, out)
             case TaskStarted():
                 self._on_started(event, out)
             case TaskProgressed():
@@ -209,6 +213,19 @@ class ControlCore:
             case _:
                 assert_never(event)
         return out
+
+    def forget(self, task_id: str) -> bool:
+        """Drop a terminal task from the table (memory holds live work only).
+
+        The controller calls this once the task's terminal record is durable, and
+        serves it from its cache and the store from then on. Live tasks are never
+        forgotten; returns whether the task was dropped.
+        """
+        task = self.tasks.get(task_id)
+        if task is None or not task.state.terminal:
+            return False
+        del self.tasks[task_id]
+        return True
 
     def restore(self, tasks: Iterable[Task], now: float) -> list[Instruction]:
         """Load the task table of a restarted controller; call once, on a fresh core.
@@ -443,20 +460,35 @@ class ControlCore:
         """The engine is gone: end its task and ask for a replacement. Idempotent."""
         if engine.state is EngineState.LOST:
             return
-        task = self.tasks.get(engine.current_task) if engine.current_task else None
-        if task is not None and task.state.active and task.attempt == engine.current_attempt:
-            record = task.interrupt
-            if task.state is TaskState.INTERRUPTING and record is not None:
-                # Asked to stop, and it stopped: with its engine, the hardest way.
-                record.final_stage = EscalationStage.SIGKILL
-                state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
-            else:
-                message = f"engine {engine.id} was lost while the task ran"
-                state, error = TaskState.FAILED, TaskError(ErrorReason.ENGINE_LOST, message=message)
-            self._finish(task, state, error, now, out)
+        message = f"engine {engine.id} was lost while the task ran"
+        self._end_with_engine(engine, ErrorReason.ENGINE_LOST, message, now, out)
         replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
         if replacement is not None:
             out.append(replacement)
+
+    def _on_cluster_lost(self, event: ClusterLost, out: list[Instruction]) -> None:
+        """End what ran on the lost cluster and forget its engines; keep the queue."""
+        message = f"the ipyparallel controller was lost while the task ran: {event.detail}"
+        for engine in list(self.engines.values()):
+            self._end_with_engine(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
+        self._pool.clear()
+
+    def _end_with_engine(
+        self, engine: Engine, reason: ErrorReason, message: str, now: float, out: list[Instruction]
+    ) -> None:
+        """The engine's current task died with it: FAILED for ``reason``, or, when it was
+        being interrupted, INTERRUPTED at stage SIGKILL (asked to stop, and it stopped:
+        with its engine, the hardest way)."""
+        task = self.tasks.get(engine.current_task) if engine.current_task else None
+        if task is None or not task.state.active or task.attempt != engine.current_attempt:
+            return
+        record = task.interrupt
+        if task.state is TaskState.INTERRUPTING and record is not None:
+            record.final_stage = EscalationStage.SIGKILL
+            state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
+        else:
+            state, error = TaskState.FAILED, TaskError(reason, message=message)
+        self._finish(task, state, error, now, out)
 
     # ------------------------------------------------------------------ timers
     def _on_timer(self, key: TimerKey, now: float, out: list[Instruction]) -> None:

@@ -73,6 +73,19 @@ class EngineLost:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterLost:
+    """The ipyparallel controller (hub) is gone: dead, frozen, or unreachable.
+
+    Every engine went with it (their ids belong to the old hub and will be reused
+    by the next one), so the core forgets them all; the tasks they ran end FAILED
+    with CLUSTER_LOST. PENDING tasks stay queued for the cluster that comes back.
+    """
+
+    detail: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class TaskStarted:
     """The engine runtime armed its signal guard for (task_id, attempt) and called the task."""
 
@@ -178,6 +191,7 @@ Event = (
     | EngineReady
     | EngineStartFailed
     | EngineLost
+    | ClusterLost
     | TaskStarted
     | TaskProgressed
     | TaskOutput

@@ -85,6 +85,8 @@ class ErrorReason(enum.StrEnum):
     CANCELLED = "CANCELLED"
     ENGINE_LOST = "ENGINE_LOST"
     CONTROLLER_RESTARTED = "CONTROLLER_RESTARTED"
+    CLUSTER_LOST = "CLUSTER_LOST"
+    """The ipyparallel controller (hub) died or stopped answering while the task ran."""
     QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
     RESOURCE_LIMIT = "RESOURCE_LIMIT"
     UNKNOWN_TASK = "UNKNOWN_TASK"

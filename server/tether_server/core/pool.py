@@ -112,6 +112,15 @@ class EnginePool:
         engine.state = EngineState.STOPPING
         return KillEngine(engine.id, reason)
 
+    def clear(self) -> None:
+        """The whole cluster is gone: forget every engine and every start asked for.
+
+        Engine ids are the hub's, and a new hub numbers its engines from 0 again, so
+        nothing of the old table may be matched against the new one.
+        """
+        self.engines.clear()
+        self.requested_starts = 0
+
     def mark_lost(self, engine: Engine, *, replace: bool) -> StartEngine | None:
         """The engine is gone; a StartEngine when the pool should get one back.
 

@@ -75,9 +75,12 @@ class Loaded:
 
     epoch: str
     tasks: list[Task]
-    """Every task, in submission order (``seq``)."""
+    """Every live task (PENDING, RUNNING, INTERRUPTING), in submission order (``seq``);
+    terminal ones stay on disk and are read on demand."""
     events: list[StoredEvent]
-    """Every retained event, by revision."""
+    """The newest retained events (at most the store's ``load_events``), by revision."""
+    first_revision: int
+    """The oldest revision the durable log holds (``next_revision`` when it is empty)."""
     next_revision: int
     next_seq: int
     idempotency: dict[str, IdempotencyRecord]

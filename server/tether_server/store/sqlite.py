@@ -68,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; a file from a newer tether is refused."""
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
@@ -113,7 +113,19 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     )
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1}
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    # The revision makes task upserts order-independent (a retried old row never
+    # overwrites a newer one), and (state, seq) finds the live tasks of a store of
+    # millions at start and serves ListTasks filtered by state.
+    conn.execute("ALTER TABLE tasks ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE tasks SET revision = coalesce(json_extract(data, '$.revision'), 0)")
+    conn.execute("CREATE INDEX tasks_by_state ON tasks (state, seq)")
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _migrate_0_to_1,
+    1: _migrate_1_to_2,
+}
 """``_MIGRATIONS[v]`` takes the schema from version v to v + 1."""
 
 
@@ -132,6 +144,8 @@ class _Upsert:
     columns: tuple[str, ...]
     conflict: str | None
     """The key column to upsert on; ``None``: plain insert (a duplicate fails the batch)."""
+    newer: str | None = None
+    """Upsert only when this column of the new row is at least the stored one's."""
 
     def sql(self, rows: int) -> str:
         placeholders = "(" + ", ".join("?" * len(self.columns)) + ")"
@@ -142,7 +156,10 @@ class _Upsert:
         if self.conflict is None:
             return statement
         updates = ", ".join(f"{c} = excluded.{c}" for c in self.columns if c != self.conflict)
-        return f"{statement} ON CONFLICT ({self.conflict}) DO UPDATE SET {updates}"
+        statement = f"{statement} ON CONFLICT ({self.conflict}) DO UPDATE SET {updates}"
+        if self.newer is not None:
+            statement += f" WHERE excluded.{self.newer} >= {self.table}.{self.newer}"
+        return statement
 
     def write(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         # Rows keep their order, so the last upsert of a key wins, in or across statements.
@@ -160,7 +177,11 @@ class _Upsert:
 
 
 _ROWS_PER_STATEMENT = 64
-_TASKS = _Upsert("tasks", ("id", "seq", "state", "task", "data"), conflict="id")
+_LIVE_STATES_SQL = "'PENDING', 'RUNNING', 'INTERRUPTING'"
+"""The states a restart must load (``TaskState.active`` and PENDING)."""
+_TASKS = _Upsert(
+    "tasks", ("id", "seq", "state", "task", "revision", "data"), conflict="id", newer="revision"
+)
 _EVENTS = _Upsert("events", ("revision", "task_id", "kind", "time", "chunk", "data"), None)
 _IDEMPOTENCY = _Upsert(
     "idempotency", ("key", "method", "fingerprint", "task_id", "created"), conflict="key"
@@ -186,7 +207,9 @@ class _Pending:
     future: Future[None]
     flush_marker: bool = False
     """No rows: resolved once everything queued before it is committed (see ``flush``)."""
-    tasks: list[tuple[str, int, str, str, str]] = field(default_factory=list)
+    probe: bool = False
+    """Write a heartbeat row into ``meta`` (see ``probe``)."""
+    tasks: list[tuple[str, int, str, str, int, str]] = field(default_factory=list)
     events: list[tuple[int, str, int, float, str, str]] = field(default_factory=list)
     idempotency: list[tuple[str, str, str, str, float]] = field(default_factory=list)
     checkpoints: list[tuple[str, str, float]] = field(default_factory=list)
@@ -207,7 +230,7 @@ class _Pending:
         now = time.time()
         return cls(
             future=future,
-            tasks=[(t.id, t.seq, t.state.name, t.task, dumps(t)) for t in batch.tasks],
+            tasks=[(t.id, t.seq, t.state.name, t.task, t.revision, dumps(t)) for t in batch.tasks],
             events=[
                 (e.revision, e.task_id, e.kind, e.time, e.chunk, dumps(e.task))
                 for e in batch.events
@@ -237,10 +260,13 @@ class SqliteStore:
         retain_events: int = 200_000,
         retain_seconds: float = 7 * 86400,
         prune_interval: float = 10.0,
+        load_events: int = 5_000,
         on_commit: Callable[[float, bool], None] | None = None,
     ) -> None:
-        """``prune_interval``: the most seconds between two prunes while writes come in.
-        ``on_commit(seconds, ok)``: called on the writer thread after each write transaction."""
+        """``prune_interval``: the most seconds between two prunes while writes come in;
+        ``load_events``: how many of the newest events ``open`` loads (older ones are
+        read on demand with :meth:`events_after`); ``on_commit(seconds, ok)``: called on
+        the writer thread after each write transaction."""
         if retain_events < 1:
             raise ValueError("retain_events must be at least 1")
         if retain_seconds <= 0:
@@ -250,6 +276,7 @@ class SqliteStore:
         self._retain_seconds = retain_seconds
         self._prune_interval = prune_interval
         self._prune_every_events = max(1, retain_events // 10)
+        self._load_events = max(0, load_events)
         self.on_commit = on_commit
 
         # The hand-off to the writer takes no lock: deque.append/popleft are atomic, and
@@ -288,8 +315,13 @@ class SqliteStore:
             if self._opened or self._closed:
                 raise StoreError("SqliteStore.open() may be called only once")
             self._opened = True
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            with self._lock:
+                self._closed = True
+            raise StoreError(f"cannot open the store {self._path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -299,6 +331,14 @@ class SqliteStore:
             epoch = self._migrate(conn)
             self._prune(conn, time.time())
             loaded = self._load(conn, epoch)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            with self._lock:
+                self._closed = True
+            raise StoreError(
+                f"the store {self._path} is unreadable or corrupt ({exc}); it was left as it "
+                "is: restore it from a backup, or move it away to start with an empty store"
+            ) from exc
         except BaseException:
             conn.close()
             with self._lock:
@@ -316,6 +356,15 @@ class SqliteStore:
         """Bring the schema to ``SCHEMA_VERSION`` and return the file's epoch."""
         with _transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                (others,) = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+                ).fetchone()
+                if others:
+                    raise StoreError(
+                        f"{self._path} is an SQLite file of something else (it has tables "
+                        "but no tether schema); it was left as it is"
+                    )
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self._path} has schema version {version}; this tether reads "
@@ -333,15 +382,24 @@ class SqliteStore:
         return epoch
 
     def _load(self, conn: sqlite3.Connection, epoch: str) -> Loaded:
+        # Only what a restart needs: the live tasks (through the (state, seq) index) and
+        # the newest events. The cost of a start does not grow with the history.
         tasks = [
-            _loads(data) for (data,) in conn.execute("SELECT data FROM tasks ORDER BY seq, id")
-        ]
-        events = [
-            StoredEvent(revision, kind, task_id, event_time, chunk, _loads(data))
-            for revision, task_id, kind, event_time, chunk, data in conn.execute(
-                "SELECT revision, task_id, kind, time, chunk, data FROM events ORDER BY revision"
+            _loads(data)
+            for (data,) in conn.execute(
+                f"SELECT data FROM tasks WHERE state IN ({_LIVE_STATES_SQL}) ORDER BY seq, id"
             )
         ]
+        tail = conn.execute(
+            "SELECT revision, task_id, kind, time, chunk, data FROM events"
+            " ORDER BY revision DESC LIMIT ?",
+            (self._load_events,),
+        ).fetchall()
+        events = [
+            StoredEvent(revision, kind, task_id, event_time, chunk, _loads(data))
+            for revision, task_id, kind, event_time, chunk, data in reversed(tail)
+        ]
+        (oldest,) = conn.execute("SELECT min(revision) FROM events").fetchone()
         idempotency = {
             key: IdempotencyRecord(key, method, fingerprint, task_id, created)
             for key, method, fingerprint, task_id, created in conn.execute(
@@ -350,7 +408,9 @@ class SqliteStore:
         }
         (max_seq,) = conn.execute("SELECT max(seq) FROM tasks").fetchone()
         # Revisions are never reused: take the highest one still in the log, the highest
-        # one pruned, and the highest one any task carries.
+        # one pruned, and the highest one a live task carries. (Every task change is
+        # written with its event, so a terminal task's revision is covered by the first
+        # two.)
         high_water = max(
             events[-1].revision if events else 0,
             self._high_water(conn),
@@ -360,6 +420,7 @@ class SqliteStore:
             epoch=epoch,
             tasks=tasks,
             events=events,
+            first_revision=oldest if oldest is not None else high_water + 1,
             next_revision=high_water + 1,
             next_seq=(max_seq or 0) + 1,
             idempotency=idempotency,
@@ -491,6 +552,12 @@ class SqliteStore:
                     idempotency=[row for p in group for row in p.idempotency],
                     checkpoints=[row for p in group for row in p.checkpoints],
                 )
+                if any(p.probe for p in group):
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('probe', ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (repr(time.time()),),
+                    )
         except Exception as exc:
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - started, False)
@@ -549,6 +616,66 @@ class SqliteStore:
                 "SELECT data FROM checkpoints WHERE task_id = ?", (task_id,)
             ).fetchone()
         return None if row is None else str(row[0])
+
+    def get_task(self, task_id: str) -> Task | None:
+        """The committed record of one task, or ``None``. Safe from any thread."""
+        with self._reader() as conn:
+            row = conn.execute("SELECT data FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else _loads(row[0])
+
+    def list_tasks(
+        self,
+        *,
+        after_seq: int,
+        limit: int,
+        states: Sequence[str] = (),
+        task_names: Sequence[str] = (),
+    ) -> list[Task]:
+        """Up to ``limit`` committed tasks with ``seq > after_seq``, by seq.
+
+        ``states`` (TaskState names) and ``task_names`` narrow the query in SQL;
+        anything else a filter asks is for the caller to check on the result.
+        """
+        where = ["seq > ?"]
+        params: list[Any] = [after_seq]
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(states)
+        if task_names:
+            where.append(f"task IN ({', '.join('?' * len(task_names))})")
+            params.extend(task_names)
+        params.append(limit)
+        sql = f"SELECT data FROM tasks WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        with self._reader() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [_loads(data) for (data,) in rows]
+
+    def events_after(self, revision: int, *, before: int, limit: int) -> list[StoredEvent]:
+        """Committed events with ``revision < r < before``, oldest first, at most ``limit``."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT revision, task_id, kind, time, chunk, data FROM events"
+                " WHERE revision > ? AND revision < ? ORDER BY revision LIMIT ?",
+                (revision, before, limit),
+            ).fetchall()
+        return [
+            StoredEvent(rev, kind, task_id, event_time, chunk, _loads(data))
+            for rev, task_id, kind, event_time, chunk, data in rows
+        ]
+
+    def oldest_event_revision(self) -> int | None:
+        """The oldest revision the durable log still holds (retention moves it)."""
+        with self._reader() as conn:
+            (oldest,) = conn.execute("SELECT min(revision) FROM events").fetchone()
+        return None if oldest is None else int(oldest)
+
+    def probe(self) -> None:
+        """Write and commit a tiny row: raises :class:`StoreWriteError` while the store
+        cannot write (used to find out when a full disk has room again)."""
+        future: Future[None] = Future()
+        future.set_running_or_notify_cancel()
+        self._enqueue(_Pending(future=future, probe=True))
+        future.result(timeout=30)
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -627,7 +754,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 def _write_rows(
     conn: sqlite3.Connection,
     *,
-    tasks: list[tuple[str, int, str, str, str]],
+    tasks: list[tuple[str, int, str, str, int, str]],
     events: list[tuple[int, str, int, float, str, str]],
     idempotency: list[tuple[str, str, str, str, float]],
     checkpoints: list[tuple[str, str, float]],

@@ -64,4 +64,5 @@ def build(
         health=health,
         listen=listen,
         metrics_listen=metrics_listen,
+        problem=lambda: str(getattr(controller, "problem", "")),
     )

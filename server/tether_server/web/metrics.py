@@ -214,6 +214,11 @@ class StateCollector(Collector):
         self._streams = streams
         self._host = socket.gethostname()
         self._processes: collections.OrderedDict[int, psutil.Process] = collections.OrderedDict()
+        # One small tuple per engine ever seen: a few per replacement, never per task.
+        self._generation = 0
+        self._last_size = 0
+        self._joined: set[tuple[int, int]] = set()
+        self._lost: set[tuple[int, int]] = set()
 
     def collect(self) -> Iterator[Any]:
         ctl = self._source()
@@ -221,10 +226,14 @@ class StateCollector(Collector):
             return
         core = ctl.core
         by_state = GaugeMetricFamily(
-            "tether_tasks", "Tasks in memory by state and task name.", labels=["state", "task"]
+            "tether_tasks",
+            "Unfinished tasks by state (PENDING, RUNNING, INTERRUPTING) and task name; finished "
+            "ones are counted by tether_tasks_finished_total.",
+            labels=["state", "task"],
         )
+        # The core's table holds live work (finished tasks leave it once stored).
         counts: collections.Counter[tuple[str, str]] = collections.Counter(
-            (t.state.name, t.task) for t in core.tasks.values()
+            (t.state.name, t.task) for t in core.tasks.values() if not t.state.terminal
         )
         for (state, name), n in sorted(counts.items()):
             by_state.add_metric([state, name], n)
@@ -260,14 +269,13 @@ class StateCollector(Collector):
             for state in EngineState:
                 by_state.add_metric([state.name, host], counts[(state.name, host)])
         yield by_state
-        # Lost engines stay in the pool's table, and engine ids are never reused: both
-        # counts below only grow, so they are honest counters.
-        lost = sum(1 for e in engines if e.state is EngineState.LOST)
+        lost, joined = self._engine_history(engines)
         yield CounterMetricFamily("tether_engines_lost", "Engines that died or were killed.", lost)
-        replaced = max(0, len(engines) - ctl.config.engines) if ctl.cluster.embedded else 0
+        replaced = max(0, joined - ctl.config.engines) if ctl.cluster.embedded else 0
         yield CounterMetricFamily(
             "tether_engine_replacements",
-            "Engines started to bring the pool back to its size.",
+            "Engines started beyond the first pool: replacements of lost ones, and the pool "
+            "of a restarted cluster.",
             replaced,
         )
         yield _gauge("tether_engines_target", "The pool's configured size.", ctl.config.engines)
@@ -307,6 +315,23 @@ class StateCollector(Collector):
         yield rss
         yield cpu
         yield gpu
+
+    def _engine_history(self, engines: list[Any]) -> tuple[int, int]:
+        """(engines lost, engines joined) since start, counted from what each scrape sees.
+
+        Lost engines stay in the pool's table until the whole cluster is lost, when the
+        table is cleared and the new hub numbers its engines from 0 again: a table that
+        shrank starts a new generation, so a reused id is a new engine.
+        """
+        if len(engines) < self._last_size:
+            self._generation += 1
+        self._last_size = len(engines)
+        for e in engines:
+            key = (self._generation, e.id)
+            self._joined.add(key)
+            if e.state is EngineState.LOST:
+                self._lost.add(key)
+        return len(self._lost), len(self._joined)
 
     def _process(self, pid: int, host: str) -> psutil.Process | None:
         if not pid or (host and host != self._host and host != "localhost"):

@@ -67,8 +67,11 @@ class HttpSide:
         health: Health,
         listen: str,
         metrics_listen: str = "",
+        problem: Callable[[], str] = lambda: "",
     ) -> None:
         self.gateway = gateway
+        self.problem = problem
+        """Why the server is not ready, in words (the controller's ``problem``)."""
         self.auth = auth
         self.registry = registry
         self.health = health
@@ -151,8 +154,10 @@ class HttpSide:
         service, status = self._probe(request)
         if status is None:
             return web.json_response({"status": "SERVICE_UNKNOWN", "service": service}, status=404)
-        code = 200 if status == "SERVING" else 503
-        return web.json_response({"status": status, "service": service}, status=code)
+        if status == "SERVING":
+            return web.json_response({"status": status, "service": service})
+        body = {"status": status, "service": service, "problem": self.problem()}
+        return web.json_response(body, status=503)
 
     def _metrics_handler(self, protect: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def metrics(request: web.Request) -> web.Response:

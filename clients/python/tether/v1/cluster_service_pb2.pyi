@@ -113,6 +113,11 @@ class GetClusterResponse(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     REGISTERED_TASKS_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    STORE_WRITABLE_FIELD_NUMBER: _builtins.int
+    CLUSTER_CONNECTED_FIELD_NUMBER: _builtins.int
+    CLUSTER_RESTARTS_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
     mode: Global___ClusterMode.ValueType
     """How the controller owns the cluster."""
     target_size: _builtins.int
@@ -125,6 +130,20 @@ class GetClusterResponse(_message.Message):
     """Tasks running or being interrupted."""
     cluster_id: _builtins.str
     """The ipyparallel cluster id."""
+    serving: _builtins.bool
+    """True when tether takes and runs work: the store writes, the ipyparallel controller
+    answers, and at least one engine is ready (what the health service reports).
+    """
+    store_writable: _builtins.bool
+    """False while the store cannot write (disk full, I/O error, locked): SubmitTask is
+    refused with STORE_UNAVAILABLE until it can.
+    """
+    cluster_connected: _builtins.bool
+    """False while the ipyparallel controller is lost and tether restarts (or reconnects to) it."""
+    cluster_restarts: _builtins.int
+    """Times the cluster was lost (hub dead or frozen) and brought back since this server started."""
+    problem: _builtins.str
+    """What is wrong, in words, when serving is false (empty otherwise)."""
     @_builtins.property
     def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Engine]:
         """Engines, by id."""
@@ -149,10 +168,15 @@ class GetClusterResponse(_message.Message):
         cluster_id: _builtins.str = ...,
         limits: Global___ServerLimits | None = ...,
         registered_tasks: _abc.Iterable[_builtins.str] | None = ...,
+        serving: _builtins.bool = ...,
+        store_writable: _builtins.bool = ...,
+        cluster_connected: _builtins.bool = ...,
+        cluster_restarts: _builtins.int = ...,
+        problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "pending_tasks", b"pending_tasks", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "target_size", b"target_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_connected", b"cluster_connected", "cluster_id", b"cluster_id", "cluster_restarts", b"cluster_restarts", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "pending_tasks", b"pending_tasks", "problem", b"problem", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "serving", b"serving", "store_writable", b"store_writable", "target_size", b"target_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -468,7 +468,8 @@ class TaskError(_message.Message):
     TRACEBACK_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Machine-readable reason: TASK_RAISED, INTERRUPTED, TIMED_OUT, CANCELLED, ENGINE_LOST,
-    CONTROLLER_RESTARTED, QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK.
+    CLUSTER_LOST (the ipyparallel controller died or froze), CONTROLLER_RESTARTED,
+    QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK.
     """
     type: _builtins.str
     """Python exception type name, e.g. "ValueError" (empty when no exception was involved)."""

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tether/v1/cluster_service.proto.
  */
 export const file_tether_v1_cluster_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3QiigIKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCSLwAQoGRW5naW5lEgoKAmlkGAEgASgFEgwKBGhvc3QYAiABKAkSCwoDcGlkGAMgASgFEiUKBXN0YXRlGAQgASgOMhYudGV0aGVyLnYxLkVuZ2luZVN0YXRlEhQKDGN1cnJlbnRfdGFzaxgFIAEoCRISCgp0YXNrc19kb25lGAYgASgDEi0KCWxhc3Rfc2VlbhgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFncxgIIAMoCRIxCg1yZWdpc3Rlcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLJAQoMU2VydmVyTGltaXRzEhYKDm1heF9hcmdzX2J5dGVzGAEgASgDEiwKCW1heF9ncmFjZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgttYXhfdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIYChBtYXhfb3V0cHV0X2J5dGVzGAQgASgDEhUKDW1heF9wYWdlX3NpemUYBSABKAUSEgoKbWF4X2xhYmVscxgGIAEoBSqmAQoLRW5naW5lU3RhdGUSHAoYRU5HSU5FX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRU5HSU5FX1NUQVRFX1NUQVJUSU5HEAESFQoRRU5HSU5FX1NUQVRFX0lETEUQAhIVChFFTkdJTkVfU1RBVEVfQlVTWRADEhUKEUVOR0lORV9TVEFURV9MT1NUEAQSGQoVRU5HSU5FX1NUQVRFX1NUT1BQSU5HEAUqYQoLQ2x1c3Rlck1vZGUSHAoYQ0xVU1RFUl9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVQ0xVU1RFUl9NT0RFX0VNQkVEREVEEAESGQoVQ0xVU1RFUl9NT0RFX0FUVEFDSEVEEAIyWwoOQ2x1c3RlclNlcnZpY2USSQoKR2V0Q2x1c3RlchIcLnRldGhlci52MS5HZXRDbHVzdGVyUmVxdWVzdBodLnRldGhlci52MS5HZXRDbHVzdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3Qi+QIKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCRIPCgdzZXJ2aW5nGBQgASgIEhYKDnN0b3JlX3dyaXRhYmxlGBUgASgIEhkKEWNsdXN0ZXJfY29ubmVjdGVkGBYgASgIEhgKEGNsdXN0ZXJfcmVzdGFydHMYFyABKAMSDwoHcHJvYmxlbRgYIAEoCSLwAQoGRW5naW5lEgoKAmlkGAEgASgFEgwKBGhvc3QYAiABKAkSCwoDcGlkGAMgASgFEiUKBXN0YXRlGAQgASgOMhYudGV0aGVyLnYxLkVuZ2luZVN0YXRlEhQKDGN1cnJlbnRfdGFzaxgFIAEoCRISCgp0YXNrc19kb25lGAYgASgDEi0KCWxhc3Rfc2VlbhgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFncxgIIAMoCRIxCg1yZWdpc3Rlcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLJAQoMU2VydmVyTGltaXRzEhYKDm1heF9hcmdzX2J5dGVzGAEgASgDEiwKCW1heF9ncmFjZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgttYXhfdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIYChBtYXhfb3V0cHV0X2J5dGVzGAQgASgDEhUKDW1heF9wYWdlX3NpemUYBSABKAUSEgoKbWF4X2xhYmVscxgGIAEoBSqmAQoLRW5naW5lU3RhdGUSHAoYRU5HSU5FX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRU5HSU5FX1NUQVRFX1NUQVJUSU5HEAESFQoRRU5HSU5FX1NUQVRFX0lETEUQAhIVChFFTkdJTkVfU1RBVEVfQlVTWRADEhUKEUVOR0lORV9TVEFURV9MT1NUEAQSGQoVRU5HSU5FX1NUQVRFX1NUT1BQSU5HEAUqYQoLQ2x1c3Rlck1vZGUSHAoYQ0xVU1RFUl9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVQ0xVU1RFUl9NT0RFX0VNQkVEREVEEAESGQoVQ0xVU1RFUl9NT0RFX0FUVEFDSEVEEAIyWwoOQ2x1c3RlclNlcnZpY2USSQoKR2V0Q2x1c3RlchIcLnRldGhlci52MS5HZXRDbHVzdGVyUmVxdWVzdBodLnRldGhlci52MS5HZXRDbHVzdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Request of ClusterService.GetCluster.
@@ -97,6 +97,43 @@ export type GetClusterResponse = Message<"tether.v1.GetClusterResponse"> & {
    * @generated from field: repeated string registered_tasks = 9;
    */
   registeredTasks: string[];
+
+  /**
+   * True when tether takes and runs work: the store writes, the ipyparallel controller
+   * answers, and at least one engine is ready (what the health service reports).
+   *
+   * @generated from field: bool serving = 20;
+   */
+  serving: boolean;
+
+  /**
+   * False while the store cannot write (disk full, I/O error, locked): SubmitTask is
+   * refused with STORE_UNAVAILABLE until it can.
+   *
+   * @generated from field: bool store_writable = 21;
+   */
+  storeWritable: boolean;
+
+  /**
+   * False while the ipyparallel controller is lost and tether restarts (or reconnects to) it.
+   *
+   * @generated from field: bool cluster_connected = 22;
+   */
+  clusterConnected: boolean;
+
+  /**
+   * Times the cluster was lost (hub dead or frozen) and brought back since this server started.
+   *
+   * @generated from field: int64 cluster_restarts = 23;
+   */
+  clusterRestarts: bigint;
+
+  /**
+   * What is wrong, in words, when serving is false (empty otherwise).
+   *
+   * @generated from field: string problem = 24;
+   */
+  problem: string;
 };
 
 /**

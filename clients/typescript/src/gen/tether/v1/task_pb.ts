@@ -355,7 +355,8 @@ export const InterruptRecordSchema: GenMessage<InterruptRecord> = /*@__PURE__*/
 export type TaskError = Message<"tether.v1.TaskError"> & {
   /**
    * Machine-readable reason: TASK_RAISED, INTERRUPTED, TIMED_OUT, CANCELLED, ENGINE_LOST,
-   * CONTROLLER_RESTARTED, QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK.
+   * CLUSTER_LOST (the ipyparallel controller died or froze), CONTROLLER_RESTARTED,
+   * QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK.
    *
    * @generated from field: string reason = 1;
    */

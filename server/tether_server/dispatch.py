@@ -1,0 +1,301 @@
+"""The engine side of the controller: set engines up, run tasks on them, signal, kill.
+
+Each coroutine here carries out one core instruction against the cluster
+adapter and turns what comes back (a reply, an EngineError, a data message)
+into a core event. Everything runs on the controller's loop. Runs belong to a
+cluster *generation*: when the cluster is lost, :meth:`EngineDriver.cancel_runs`
+ends the coroutines still waiting on the old hub, and no report of theirs
+reaches the core afterwards (the new hub reuses engine ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from .cluster import EngineDied, IpyparallelCluster
+from .cluster.ipp import DIGEST_HISTORY
+from .core import messages as msg
+from .core.model import EngineState, EscalationStage
+
+if TYPE_CHECKING:
+    from .controller import Controller
+
+log = logging.getLogger(__name__)
+
+_STAGES = {"SIGINT": EscalationStage.SIGINT, "SIGTERM": EscalationStage.SIGTERM}
+
+
+class EngineDriver:
+    """Carries out Dispatch / SignalEngine / KillEngine / StartEngine for one controller."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.ctl = controller
+        self.cluster: IpyparallelCluster = controller.cluster
+        self.config = controller.config
+        self._runs: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        self._received: dict[tuple[str, int], int] = {}
+        self._message_waiters: dict[tuple[str, int], tuple[int, asyncio.Future[None]]] = {}
+
+    # ------------------------------------------------------------------ engines
+    def task_modules(self) -> list[str]:
+        """Demo tasks always; LLM tasks when torch is installed (the [llm] extra); then the operator's."""
+        import importlib.util
+
+        modules = ["tether_server.tasks.demo"]
+        if importlib.util.find_spec("torch") is not None:
+            modules.append("tether_server.tasks.llm")
+        return [*modules, *self.config.task_modules]
+
+    async def setup_engine(self, engine_id: int) -> None:
+        generation = self.cluster.generation
+        modules = self.task_modules()
+        config = {
+            "task_modules": modules,
+            "tags": list(self.config.engine_tags),
+            "digest_history": DIGEST_HISTORY,
+            # LLM engines import torch and the model code at start, not in their first task.
+            "preload_modules": ["tether_server.tasks.llm_model:warm_up"]
+            if "tether_server.tasks.llm" in modules and self.config.warm_up
+            else [],
+        }
+        try:
+            info = await self.cluster.setup_engine(engine_id, config)
+        except EngineDied:
+            if self.cluster.generation == generation:
+                self.ctl.handle(msg.EngineLost(engine_id, time.time()))
+            return
+        except Exception:
+            if self.cluster.generation != generation:
+                return
+            # An engine that cannot run the runtime would sit STARTING forever and shrink
+            # the pool. Embedded: kill it; its loss brings a replacement. Attached: the
+            # engine may be busy with work of a previous controller (setup queues behind
+            # it), and it is not ours to kill; it stays STARTING and the pool degraded.
+            if self.cluster.embedded:
+                log.exception("engine %s could not be set up; killing it", engine_id)
+                await self.kill(engine_id, "setup failed")
+            else:
+                log.exception("engine %s could not be set up; trying again in 30 s", engine_id)
+                self.ctl.spawn(self._setup_engine_later(engine_id, 30.0, generation))
+            return
+        if self.cluster.generation != generation:
+            return
+        host, pid = str(info.get("host", "")), int(info.get("pid", 0))
+        self.ctl.supervisor.track(engine_id, host, pid)
+        self.ctl.handle(
+            msg.EngineReady(
+                engine_id, host=host, pid=pid, tags=frozenset(info.get("tags", ())), now=time.time()
+            )
+        )
+        self.ctl.ready.set()
+
+    async def _setup_engine_later(self, engine_id: int, delay: float, generation: int) -> None:
+        await asyncio.sleep(delay)
+        engine = self.ctl.core_or_raise().engines.get(engine_id)
+        if (
+            engine is not None
+            and engine.state is EngineState.STARTING
+            and self.cluster.generation == generation
+            and not self.ctl.shutting_down
+        ):
+            await self.setup_engine(engine_id)
+
+    async def start_engine(self, replaces: int | None) -> None:
+        if not self.cluster.embedded or self.ctl.shutting_down:
+            log.warning("engine %s lost; attached mode cannot replace it (pool degraded)", replaces)
+            return
+        try:
+            await self.cluster.start_engines(1)
+        except Exception:
+            log.exception("could not start a replacement engine")
+            self.ctl.handle(msg.EngineStartFailed(time.time()))
+
+    # ------------------------------------------------------------------ tasks
+    def dispatch(self, task_id: str, attempt: int, engine_id: int) -> None:
+        run = asyncio.ensure_future(self._run_task(task_id, attempt, engine_id))
+        self._runs[(task_id, attempt)] = run
+        run.add_done_callback(lambda _f: self._runs.pop((task_id, attempt), None))
+        run.add_done_callback(_log_failure)
+
+    def cancel_runs(self) -> None:
+        """The cluster is lost: stop waiting for replies that will never come."""
+        for run in list(self._runs.values()):
+            run.cancel()
+        self._runs.clear()
+        self._received.clear()
+        for _expected, fut in self._message_waiters.values():
+            if not fut.done():
+                fut.cancel()
+        self._message_waiters.clear()
+
+    async def _run_task(self, task_id: str, attempt: int, engine_id: int) -> None:
+        generation = self.cluster.generation
+        task = self.ctl.core_or_raise().tasks[task_id]
+        resume_state = None
+        if task.resume_from:
+            source = task.resume_from.removeprefix("tasks/")
+            text = await self.ctl.checkpoint_text(source)
+            resume_state = json.loads(text) if text else None
+        spec = {
+            "task_id": task_id,
+            "attempt": attempt,
+            "task": task.task,
+            "args": task.args,
+            "resume_state": resume_state,
+            "max_output_chars": self.config.limits.max_output_chars,
+            "rss_tolerance_bytes": self.config.rss_tolerance_bytes,
+            "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
+        }
+        try:
+            raw = await self.cluster.run_task(engine_id, spec)
+        except Exception as exc:
+            if self.cluster.generation != generation:
+                return
+            cause = IpyparallelCluster.unwrap_error(exc)
+            if isinstance(cause, EngineDied):
+                self.ctl.handle(msg.EngineLost(engine_id, time.time()))
+            else:
+                outcome = msg.Outcome(
+                    msg.OutcomeStatus.FAILED,
+                    error_type=getattr(exc, "ename", type(exc).__name__),
+                    error_message=str(getattr(exc, "evalue", exc)),
+                    traceback="".join(getattr(exc, "traceback", "") or ""),
+                )
+                self.ctl.handle(msg.TaskFinished(task_id, attempt, outcome, time.time()))
+        else:
+            # The reply and the IOPub messages travel on different sockets: wait (briefly)
+            # for the task's last progress/output messages so none lands after the end.
+            await self._messages_seen((task_id, attempt), int(raw.get("published", 0) or 0))
+            if self.cluster.generation != generation:
+                return
+            self.ctl.handle(msg.TaskFinished(task_id, attempt, _outcome(raw), time.time()))
+        finally:
+            self._received.pop((task_id, attempt), None)
+
+    async def _messages_seen(self, key: tuple[str, int], expected: int) -> None:
+        if self._received.get(key, 0) >= expected:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._message_waiters[key] = (expected, fut)
+        try:
+            await asyncio.wait_for(fut, timeout=0.5)
+        except TimeoutError:
+            log.warning(
+                "task %s attempt %s: %d of %d messages arrived before its result",
+                key[0],
+                key[1],
+                self._received.get(key, 0),
+                expected,
+            )
+        finally:
+            self._message_waiters.pop(key, None)
+
+    def on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
+        if kind != "started":  # the runtime counts reports only (see _messages_seen)
+            key = (task_id, attempt)
+            count = self._received[key] = self._received.get(key, 0) + 1
+            waiter = self._message_waiters.get(key)
+            if waiter is not None and count >= waiter[0] and not waiter[1].done():
+                waiter[1].set_result(None)
+        now = time.time()
+        if kind == "started":
+            self.ctl.handle(msg.TaskStarted(task_id, attempt, now))
+        elif kind == "progress":
+            fraction, message = payload
+            self.ctl.handle(
+                msg.TaskProgressed(task_id, attempt, float(fraction), str(message), now)
+            )
+        elif kind == "output":
+            self.ctl.handle(msg.TaskOutput(task_id, attempt, str(payload), now))
+        elif kind == "checkpoint":
+            self.ctl.save_checkpoint(task_id, json.dumps(payload))
+            self.ctl.handle(msg.TaskCheckpointed(task_id, attempt, now))
+
+    # ------------------------------------------------------------------ signals
+    async def signal(self, engine_id: int, sig: str) -> None:
+        generation = self.cluster.generation
+        try:
+            await asyncio.wait_for(self.cluster.signal(engine_id, sig), timeout=5.0)
+        except Exception as exc:
+            log.info("signal %s to engine %s failed: %s", sig, engine_id, exc)
+        if self.cluster.generation == generation:
+            self.ctl.handle(msg.SignalDelivered(engine_id, time.time()))
+
+    async def kill(self, engine_id: int, reason: str) -> None:
+        """SIGKILL an engine, and the processes its task started.
+
+        A SIGKILLed engine cannot clean up after itself, so its descendants (but
+        not its nanny, which must report the death to the hub) are listed first
+        and killed right after it. The supervisor finishes the job on its next
+        tick (nanny included) if anything survived.
+        """
+        log.info("killing engine %s: %s", engine_id, reason)
+        orphans = self.ctl.supervisor.task_children(engine_id)
+        local_pid = self.ctl.supervisor.local_pid(engine_id)
+        try:
+            await asyncio.wait_for(self.cluster.signal(engine_id, "SIGKILL"), timeout=2.0)
+        except Exception:
+            # The nanny is gone or slow: kill the process directly when it is local.
+            if local_pid:
+                with contextlib.suppress(OSError):
+                    os.kill(local_pid, signal.SIGKILL)
+        for proc in orphans:
+            with contextlib.suppress(Exception):
+                proc.kill()
+
+    # ------------------------------------------------------------------ resource policy
+    async def resource_policy_loop(self) -> None:
+        import psutil
+
+        limit = self.config.memory_limit_bytes
+        while not self.ctl.shutting_down:
+            await asyncio.sleep(0.25)
+            core = self.ctl.core_or_raise()
+            for engine in list(core.engines.values()):
+                if (
+                    engine.state is not EngineState.BUSY
+                    or not engine.pid
+                    or engine.current_task is None
+                ):
+                    continue
+                try:
+                    rss = psutil.Process(engine.pid).memory_info().rss
+                except psutil.Error:
+                    continue
+                if rss > limit:
+                    self.ctl.handle(
+                        msg.ResourceLimitExceeded(
+                            engine.id,
+                            engine.current_task,
+                            engine.current_attempt,
+                            f"engine RSS {rss} bytes over the limit of {limit} bytes",
+                            time.time(),
+                        )
+                    )
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("background task failed", exc_info=fut.exception())
+
+
+def _outcome(raw: dict[str, Any]) -> msg.Outcome:
+    status = msg.OutcomeStatus(raw.get("status", "failed"))
+    return msg.Outcome(
+        status=status,
+        value=raw.get("value"),
+        error_type=str(raw.get("error_type", "")),
+        error_message=str(raw.get("error_message", "")),
+        traceback=str(raw.get("traceback", "")),
+        stage=_STAGES.get(str(raw.get("stage", "")), EscalationStage.NONE),
+        output=raw.get("output"),
+        output_truncated=bool(raw.get("output_truncated", False)),
+        resources=raw.get("resources"),
+    )

@@ -1,0 +1,154 @@
+"""Task history: what the controller serves about tasks that are no longer live.
+
+Memory holds live work only (DESIGN §13). The core's table keeps PENDING,
+RUNNING and INTERRUPTING tasks, and terminal ones only until their final
+record is committed (``ControlCore.forget``). After that a task is served from
+a small LRU cache of recently finished tasks, then from SQLite. Likewise the
+in-memory event log holds the newest events only; a stream that resumes from
+further back is replayed from the store's log first.
+
+Reads see their own writes: before the store is asked, the journal is flushed,
+so anything the controller already published is on disk (or, while the store
+cannot write, still in memory: finished tasks stay pinned in the core until
+their record is written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+
+from .core.eventlog import LogEntry
+from .core.filters import TaskFilter
+from .core.machine import ControlCore
+from .core.messages import EventKind
+from .core.model import Task
+from .core.records import snapshot
+from .journal import Journal
+from .store import SqliteStore
+
+REPLAY_PAGE = 1_000
+"""Events read from the store per query while a stream replays old history."""
+
+
+class TaskHistory:
+    """Live tasks from the core, recent terminal ones from a cache, the rest from SQLite."""
+
+    def __init__(self, store: SqliteStore, journal: Journal, *, cache_size: int) -> None:
+        self.store = store
+        self.journal = journal
+        self.cache_size = max(1, cache_size)
+        self._cache: collections.OrderedDict[str, Task] = collections.OrderedDict()
+        self.core: ControlCore | None = None
+
+    # ------------------------------------------------------------------ the cache
+    def remember(self, task: Task) -> None:
+        """Keep a terminal snapshot (a copy nobody mutates) near at hand."""
+        self._cache[task.id] = task
+        self._cache.move_to_end(task.id)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def cached(self, task_id: str) -> Task | None:
+        """A task known in memory: live in the core, or recently finished."""
+        core = self.core
+        if core is not None:
+            task = core.tasks.get(task_id)
+            if task is not None:
+                return task
+        task = self._cache.get(task_id)
+        if task is not None:
+            self._cache.move_to_end(task_id)
+        return task
+
+    # ------------------------------------------------------------------ reads
+    async def get(self, task_id: str) -> Task | None:
+        """The freshest version of a task, wherever it lives; None if it never existed."""
+        task = self.cached(task_id)
+        if task is not None:
+            return task
+        stored = await asyncio.to_thread(self.store.get_task, task_id)
+        if stored is not None and stored.state.terminal:
+            self.remember(stored)
+        # Read a second time from memory: the task may have changed while we read.
+        return self.cached(task_id) or stored
+
+    async def list(
+        self, flt: TaskFilter, after_seq: int, limit: int
+    ) -> tuple[list[Task], int | None]:
+        """Tasks with seq > after_seq matching ``flt``: (page, last seq or None at the end).
+
+        The store is queried by seq (narrowed by state and task name in SQL) and
+        each row is replaced by the version in memory when that is newer.
+        """
+        await self._barrier()
+        page: list[Task] = []
+        cursor = after_seq
+        states = [s.name for s in flt.states]
+        names = list(flt.tasks)
+        while True:
+            want = limit + 1 - len(page)
+            rows = await asyncio.to_thread(
+                self.store.list_tasks,
+                after_seq=cursor,
+                limit=max(want, 100),
+                states=states,
+                task_names=names,
+            )
+            for row in rows:
+                cursor = row.seq
+                task = self._fresher(row)
+                if flt.matches(task):
+                    if len(page) == limit:
+                        return page, page[-1].seq
+                    page.append(task)
+            if len(rows) < max(want, 100):
+                return page, None
+
+    async def replay(self, revision: int, *, through: int) -> AsyncIterator[LogEntry]:
+        """Events with ``revision < r <= through`` from the store, oldest first.
+
+        ``through`` is the memory log's ``evicted_through`` when the stream opened:
+        the caller takes every later event from memory (``EventLog.since``) in the
+        same loop turn as it subscribes, so nothing is missed or repeated.
+        """
+        before = through + 1
+        await self._barrier()
+        cursor = revision
+        while cursor < before - 1:
+            rows = await asyncio.to_thread(
+                self.store.events_after, cursor, before=before, limit=REPLAY_PAGE
+            )
+            if not rows:
+                return
+            for ev in rows:
+                cursor = ev.revision
+                yield LogEntry(ev.revision, EventKind(ev.kind), ev.task, ev.time, ev.chunk, [None])
+
+    async def stored_since(self, revision: int) -> bool:
+        """Whether the store's log still holds every event after ``revision``."""
+        oldest = await asyncio.to_thread(self.store.oldest_event_revision)
+        return oldest is not None and revision >= oldest - 1
+
+    async def matching(self, flt: TaskFilter) -> AsyncIterator[Task]:
+        """Every task matching ``flt``, by seq, in pages (for a stream's initial state)."""
+        after = 0
+        while True:
+            page, last = await self.list(flt, after, 500)
+            for task in page:
+                yield snapshot(task, keep_output=True)
+            if last is None:
+                return
+            after = last
+
+    # ------------------------------------------------------------------ helpers
+    async def _barrier(self) -> None:
+        """Make what was published so far readable from the store."""
+        await self.journal.flush()
+
+    def _fresher(self, row: Task) -> Task:
+        mine = self.cached(row.id)
+        if mine is not None and mine.revision >= row.revision:
+            return mine
+        return row
