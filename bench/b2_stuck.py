@@ -7,6 +7,10 @@ Two tasks, graces SIGINT 0.2 s and SIGTERM 0.2 s:
 * ``demo.stubborn`` -- swallows ``KeyboardInterrupt``: SIGTERM (tether's handler raises
   ``TaskTerminated``) ends it and the engine stays.
 
+The c_call ladder runs a second time on a server with one warm spare engine
+(``--spare-engines 1``): the spare takes the killed engine's place at once, so the next
+task should run within the graces + 300 ms (issue 9's target), not after an engine start.
+
 Measured: ``InterruptTask`` sent -> the next task RUNNING on a healthy engine. The other
 engine is kept busy meanwhile, so the next task has to wait for the interrupted one's
 engine (or its replacement). Each stage is timed from the stream's events (the
@@ -31,7 +35,7 @@ from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import task_pb2 as tpb
 
 from .engine_tasks import blocked_sleep, noop
-from .harness import MS, BenchResult, Row, Session, alternate, now_ns, say
+from .harness import MS, BenchResult, Row, Session, TetherServer, alternate, now_ns, say
 from .tether_client import (
     TERMINAL,
     EventTap,
@@ -48,6 +52,8 @@ TITLE = "interrupt of a task stuck in C code / ignoring SIGINT"
 GRACE_SIGINT = 0.2
 GRACE_SIGTERM = 0.2
 SETTLE_S = 0.2
+SPARE_SLACK_MS = 300
+"""With a warm spare, the next task may start this long after the graces (issue 9 target)."""
 
 
 @dataclass(slots=True)
@@ -125,8 +131,7 @@ async def _watch_cluster(tether: Tether, before: set[int], t0: int, t: Timeline)
         await asyncio.sleep(0.02)
 
 
-async def _tether_ladder(session: Session, task_name: str, label: str) -> Timeline:
-    tether = await session.tether()
+async def _tether_ladder(tether: Tether, task_name: str, label: str) -> Timeline:
     before = {e.id for e in await tether.engines()}
     labels = {"bench": label}
     async with EventTap(tether, labels) as tap:
@@ -203,10 +208,23 @@ async def run(session: Session) -> BenchResult:
         async def with_tether(
             i: int, task_name: str = task_name, runs: list[Timeline] = runs
         ) -> None:
-            runs.append(await _tether_ladder(session, task_name, label))
+            runs.append(await _tether_ladder(await session.tether(), task_name, label))
 
         await alternate(pairs, baseline, with_tether)
         tether_runs[task_name] = runs
+
+    # The same c_call ladder on a server with one warm spare engine (--spare-engines 1).
+    spare_server = TetherServer(
+        session.workdir / "b2-spare" / "data", extra_args=["--spare-engines", "1"]
+    )
+    spare_tether = await spare_server.start()
+    try:
+        spare_runs = [
+            await _tether_ladder(spare_tether, "demo.c_call", label)
+            for _ in range(session.size(3, 1))
+        ]
+    finally:
+        await spare_server.stop()
 
     raw_total = statistics.median(t.total for t in raw_runs)
     engine_start = statistics.median(
@@ -257,6 +275,29 @@ async def run(session: Session) -> BenchResult:
             "runs_ms": [t.total for t in runs],
             "bound_ms": bound,
         }
+    spare_total = statistics.median(t.total for t in spare_runs)
+    spare_bound = (GRACE_SIGINT + GRACE_SIGTERM) * 1000 + SPARE_SLACK_MS
+    say(f"tether demo.c_call with one spare engine, median of {len(spare_runs)}:")
+    for k, v in _median_stages(spare_runs).items():
+        say(f"    {v:8.1f} ms  {k}")
+    rows.append(
+        Row(
+            ID,
+            "demo.c_call, one spare engine: interrupt -> next task running",
+            raw_total,
+            spare_total,
+            "ms",
+            f"{len(raw_runs)}+{len(spare_runs)}",
+            f"<= graces + {SPARE_SLACK_MS} ms",
+            spare_total <= spare_bound,
+            why=f"{spare_total:.0f} ms > {spare_bound:.0f} ms",
+        )
+    )
+    details["demo.c_call with a spare"] = {
+        "stages_ms": _median_stages(spare_runs),
+        "runs_ms": [t.total for t in spare_runs],
+        "bound_ms": spare_bound,
+    }
     rows.append(
         Row(
             ID,

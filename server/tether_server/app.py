@@ -207,6 +207,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="do not import torch and create the CUDA context on engines at start (faster engine start; an LLM engine's first task then counts that memory)",
     )
     p.add_argument(
+        "--spare-engines",
+        type=int,
+        default=0,
+        help="warm spare engines beyond --engines: set up and ready, they take no task until an "
+        "engine is lost, then one takes its place at once (no engine start, torch import or "
+        "CUDA context on the critical path) and a new spare starts in the background. On GPU "
+        "hosts a spare costs its CUDA context (default %(default)s)",
+    )
+    p.add_argument(
         "--retain-events",
         type=int,
         default=200_000,
@@ -268,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if a.engines < 1:
         p.error("--engines must be at least 1")
+    if a.spare_engines < 0:
+        p.error("--spare-engines must not be negative")
     if bool(a.tls_cert) != bool(a.tls_key):
         p.error("--tls-cert and --tls-key go together")
     if a.tls_client_ca and not a.tls_cert:
@@ -284,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     return ServerConfig(
         listen=a.listen,
         engines=a.engines,
+        spare_engines=a.spare_engines,
         data_dir=(a.data_dir or default_data_dir()).expanduser().resolve(),
         task_modules=tuple(a.task_modules),
         engine_tags=tuple(a.engine_tags),

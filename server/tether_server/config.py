@@ -43,6 +43,8 @@ class LlmTimeoutPolicy:
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     engines: int = max(2, os.cpu_count() or 2)
+    spare_engines: int = 0
+    """Warm spares beyond ``engines``: ready, given no task until one takes a lost engine's place."""
     data_dir: Path = Path(".tether-data")
     task_modules: tuple[str, ...] = ()
     engine_tags: tuple[str, ...] = ()

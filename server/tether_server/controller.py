@@ -86,7 +86,7 @@ class Controller:
         self.epoch = ""
         self.cluster = IpyparallelCluster(
             ClusterConfig(
-                engines=config.engines,
+                engines=config.engines + config.spare_engines,
                 profile_dir=config.data_dir / "ipython",
                 heartbeat_ms=config.heartbeat_ms,
                 attach_cluster_file=config.attach,
@@ -133,6 +133,7 @@ class Controller:
             self.log.append(_entry(ev))
         self.core = ControlCore(
             target_engines=self.config.engines,
+            spare_engines=self.config.spare_engines,
             replace_lost_engines=not self.config.attach,
             default_grace=self.config.grace,
             first_revision=loaded.next_revision,
@@ -159,7 +160,7 @@ class Controller:
         self.supervisor.stop()
         with contextlib.suppress(Exception):
             self.handle(msg.ShutdownRequested(time.time()))
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 2.5
         while core.running_count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Tasks that ignored SIGINT would hold their engines past the exit deadline

@@ -85,3 +85,49 @@ def test_forget_drops_terminal_tasks_only() -> None:
     assert not core.forget("t1")
     assert core.tasks["t2"].state is TaskState.RUNNING  # the freed engine took it
     assert GRACE.sigint > 0
+
+
+# --------------------------------------------------------------------------- warm spares
+def test_engines_beyond_the_target_are_warm_spares_that_take_no_task() -> None:
+    core = make_core(target_engines=1, spare_engines=1)
+    add_engine(core, 0)
+    add_engine(core, 1)
+    assert [core.engines[0].spare, core.engines[1].spare] == [False, True]
+    submit(core, "t1")
+    submit(core, "t2")
+    assert core.tasks["t1"].engine_id == 0
+    assert core.tasks["t2"].state is TaskState.PENDING  # the spare does not take it
+
+
+def test_a_spare_takes_a_lost_engines_place_at_once_and_a_new_spare_is_started() -> None:
+    core = make_core(target_engines=1, spare_engines=1)
+    start_running(core, "t1", engine_id=0)
+    add_engine(core, 1)
+    submit(core, "t2")
+    out = core.handle(EngineLost(0, 3.0))
+    assert core.tasks["t1"].error is not None
+    assert core.engines[1].spare is False
+    assert any(isinstance(i, Dispatch) and i.engine_id == 1 for i in out)
+    assert any(isinstance(i, StartEngine) for i in out)
+    assert core.tasks["t2"].state is TaskState.RUNNING
+    out = add_engine(core, 2, now=4.0)
+    assert core.engines[2].spare is True
+    assert not any(isinstance(i, Dispatch) for i in out)
+
+
+def test_a_lost_spare_is_replaced_by_a_new_spare() -> None:
+    core = make_core(target_engines=1, spare_engines=1)
+    add_engine(core, 0)
+    add_engine(core, 1)
+    out = core.handle(EngineLost(1, 2.0))
+    assert any(isinstance(i, StartEngine) for i in out)
+    assert core.engines[0].spare is False
+    add_engine(core, 2, now=3.0)
+    assert core.engines[2].spare is True
+
+
+def test_without_spares_every_ready_engine_is_active() -> None:
+    core = make_core(target_engines=1)
+    add_engine(core, 0)
+    add_engine(core, 1)
+    assert not core.engines[0].spare and not core.engines[1].spare

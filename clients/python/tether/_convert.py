@@ -292,4 +292,5 @@ def _engine_from_proto(message: cluster_service_pb2.Engine) -> Engine:
         register_time=timestamp(message.register_time, message.HasField("register_time")),
         tags=tuple(message.tags),
         raw=message,
+        spare=message.spare,
     )

@@ -375,6 +375,8 @@ class Engine:
     register_time: datetime | None
     tags: tuple[str, ...]
     raw: cluster_service_pb2.Engine = field(repr=False, compare=False, hash=False)
+    spare: bool = False
+    """A warm spare: ready, given no task until it takes a lost engine's place."""
 
 
 @dataclass(frozen=True)

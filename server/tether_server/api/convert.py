@@ -214,6 +214,7 @@ def engine_to_pb(e: m.Engine) -> cpb.Engine:
         current_task=f"tasks/{e.current_task}" if e.current_task else "",
         tasks_done=e.tasks_done,
         tags=sorted(e.tags),
+        spare=e.spare,
     )
     if e.last_seen:
         pb.last_seen.CopyFrom(timestamp(e.last_seen))

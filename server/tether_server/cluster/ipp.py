@@ -206,10 +206,10 @@ class IpyparallelCluster:
         if self.embedded and self._cluster is not None:
             pids = self._cluster_pids()
             try:
-                await asyncio.wait_for(self._cluster.stop_cluster(), timeout=6)
+                await asyncio.wait_for(self._cluster.stop_cluster(), timeout=3.5)
             except Exception:
                 log.warning("stop_cluster did not finish cleanly; killing what is left")
-            await asyncio.to_thread(_kill_and_wait, pids + self._cluster_pids(), 3.0)
+            await asyncio.to_thread(_kill_and_wait, pids + self._cluster_pids(), 2.0)
             with contextlib.suppress(Exception):
                 self._cluster.remove_cluster_file()
 

@@ -117,6 +117,7 @@ class ControlCore:
         target_engines: int,
         replace_lost_engines: bool,
         default_grace: GracePeriods,
+        spare_engines: int = 0,
         first_revision: int = 1,
         max_output_chars: int = 1_000_000,
     ) -> None:
@@ -130,7 +131,9 @@ class ControlCore:
         self.max_output_chars = max_output_chars
         self.tasks: dict[str, Task] = {}
         self._pool = EnginePool(
-            target_engines=target_engines, replace_lost_engines=replace_lost_engines
+            target_engines=target_engines,
+            replace_lost_engines=replace_lost_engines,
+            spare_engines=spare_engines,
         )
         self._queue = PendingQueue()
         self._next_revision = first_revision
@@ -353,7 +356,7 @@ class ControlCore:
         engine = self._pool.register(event.engine_id, event.now)
         if engine.state is not EngineState.STARTING:
             return
-        engine.state = EngineState.IDLE
+        self._pool.ready(engine)
         engine.host, engine.pid, engine.tags = event.host, event.pid, event.tags
         engine.last_seen = event.now
         self._dispatch(event.now, out)
@@ -465,6 +468,7 @@ class ControlCore:
         replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
         if replacement is not None:
             out.append(replacement)
+        self._dispatch(now, out)  # a warm spare may have taken the engine's place
 
     def _on_cluster_lost(self, event: ClusterLost, out: list[Instruction]) -> None:
         """End what ran on the lost cluster and forget its engines; keep the queue."""

@@ -10,8 +10,12 @@ engines from stray signals in one place:
   before that, a SIGINT could land outside the task and kill the engine;
 * an engine with a signal in flight (sent, delivery not yet acknowledged by the
   nanny) takes no new task, so a late signal cannot hit the next one;
-* lost engines are replaced up to ``target_engines``, counting the starts that
-  were asked for and have not registered yet, so the pool is never over-started.
+* lost engines are replaced up to ``target_engines`` (plus ``spare_engines``), counting
+  the starts that were asked for and have not registered yet, so the pool is never
+  over-started;
+* warm spares (``spare_engines``) are ready engines that take no task: when an active
+  engine is lost, an idle spare takes its place at once (no engine start on the critical
+  path) and the replacement that is started becomes the new spare.
 """
 
 from __future__ import annotations
@@ -25,9 +29,14 @@ from .records import InvariantViolation
 class EnginePool:
     """Engines by id, plus the replacement bookkeeping."""
 
-    def __init__(self, *, target_engines: int, replace_lost_engines: bool) -> None:
+    def __init__(
+        self, *, target_engines: int, replace_lost_engines: bool, spare_engines: int = 0
+    ) -> None:
+        if spare_engines < 0:
+            raise ValueError("spare_engines must not be negative")
         self.engines: dict[int, Engine] = {}
         self.target_engines = target_engines
+        self.spare_engines = spare_engines
         self.replace_lost_engines = replace_lost_engines
         self.requested_starts = 0
         """StartEngine instructions whose engine has not registered yet."""
@@ -46,12 +55,39 @@ class EnginePool:
         return engine
 
     def dispatchable(self) -> list[Engine]:
-        """Engines that may take a task now: IDLE and no signal in flight."""
+        """Engines that may take a task now: active, IDLE and no signal in flight."""
         return [
             engine
             for engine in self.engines.values()
-            if engine.state is EngineState.IDLE and engine.signals_in_flight == 0
+            if engine.state is EngineState.IDLE
+            and engine.signals_in_flight == 0
+            and not engine.spare
         ]
+
+    def ready(self, engine: Engine) -> None:
+        """A registered engine finished its setup: active while the pool is short, else spare."""
+        engine.state = EngineState.IDLE
+        engine.spare = self.spare_engines > 0 and self._active(besides=engine) >= self.target_engines
+
+    def _active(self, besides: Engine | None = None) -> int:
+        """Ready engines that take tasks (STARTING ones have no role yet)."""
+        return sum(
+            1
+            for e in self.engines.values()
+            if e is not besides
+            and not e.spare
+            and e.state in (EngineState.IDLE, EngineState.BUSY, EngineState.STOPPING)
+        )
+
+    def promote_spare(self) -> Engine | None:
+        """An active engine is gone: an idle spare takes its place (None when there is none)."""
+        if self._active() >= self.target_engines:
+            return None
+        for engine in sorted(self.engines.values(), key=lambda e: e.id):
+            if engine.spare and engine.state is EngineState.IDLE:
+                engine.spare = False
+                return engine
+        return None
 
     def assign(self, engine: Engine, task: Task) -> None:
         """Put (task, task.attempt) on an idle engine; its guard is not armed yet."""
@@ -131,11 +167,14 @@ class EnginePool:
         engine.current_task = None
         engine.armed = False
         engine.signals_in_flight = 0  # nobody is left to acknowledge them
+        was_spare, engine.spare = engine.spare, False
+        if not was_spare:
+            self.promote_spare()
         alive = sum(1 for other in self.engines.values() if other.state is not EngineState.LOST)
         if (
             replace
             and self.replace_lost_engines
-            and alive + self.requested_starts < self.target_engines
+            and alive + self.requested_starts < self.target_engines + self.spare_engines
         ):
             self.requested_starts += 1
             return StartEngine(replaces=engine.id)
