@@ -271,14 +271,19 @@ class StateCollector(Collector):
         yield by_state
         lost, joined = self._engine_history(engines)
         yield CounterMetricFamily("tether_engines_lost", "Engines that died or were killed.", lost)
-        replaced = max(0, joined - ctl.config.engines) if ctl.cluster.embedded else 0
+        first_pool = ctl.config.engines + getattr(ctl.config, "spare_engines", 0)
+        replaced = max(0, joined - first_pool) if ctl.cluster.embedded else 0
         yield CounterMetricFamily(
             "tether_engine_replacements",
             "Engines started beyond the first pool: replacements of lost ones, and the pool "
             "of a restarted cluster.",
             replaced,
         )
-        yield _gauge("tether_engines_target", "The pool's configured size.", ctl.config.engines)
+        yield _gauge(
+            "tether_engines_target",
+            "The pool's configured size (spares not counted).",
+            ctl.config.engines,
+        )
         rss = GaugeMetricFamily(
             "tether_engine_rss_bytes",
             "Resident memory of each live engine on this host (psutil).",
