@@ -106,8 +106,17 @@ class TaskMetrics:
         self._live: dict[str, TaskState] = {}
         self._interrupt_seen: set[str] = set()
         self._pending_since: dict[str, float] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.engine_gpu_bytes: dict[int, int] = {}
         """GPU memory each engine held after its last task that measured it (runtime report)."""
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the fan-out path runs it for every event."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe(self, entry: LogEntry) -> None:
         """One published event. Never raises: metrics must not break the controller."""
@@ -120,23 +129,23 @@ class TaskMetrics:
         task = entry.task
         name = task.task
         if entry.kind is EventKind.OUTPUT:
-            self.output.labels(name).inc()
+            self._child(self.output, name).inc()
             return
         if task.interrupt is not None and task.id not in self._interrupt_seen:
             self._interrupt_seen.add(task.id)
-            self.interrupts.labels(name, task.interrupt.cause.name).inc()
+            self._child(self.interrupts, name, task.interrupt.cause.name).inc()
         if entry.kind is not EventKind.STATE_CHANGED:
             return
         previous = self._live.get(task.id)
         state = task.state
         if state is TaskState.PENDING:
             if previous is None and task.attempt == 0:
-                self.submitted.labels(name).inc()
+                self._child(self.submitted, name).inc()
             self._pending_since[task.id] = entry.time
         elif task.id in self._pending_since and state is TaskState.RUNNING:
             # The RUNNING event is published when the core dispatches the attempt.
             queued = self._pending_since.pop(task.id)
-            self.dispatch_latency.labels(name).observe(max(0.0, entry.time - queued))
+            self._child(self.dispatch_latency, name).observe(max(0.0, entry.time - queued))
         if state.terminal:
             self._live.pop(task.id, None)
             self._pending_since.pop(task.id, None)
@@ -149,15 +158,15 @@ class TaskMetrics:
         task = entry.task
         end = task.end_time or entry.time
         reason = task.error.reason.value if task.error is not None else "NONE"
-        self.finished.labels(task.task, task.state.name, reason).inc()
+        self._child(self.finished, task.task, task.state.name, reason).inc()
         if task.start_time is not None:
-            self.run_time.labels(task.task, task.state.name).observe(
+            self._child(self.run_time, task.task, task.state.name).observe(
                 max(0.0, end - task.start_time)
             )
         record = task.interrupt
         recycled = task.resources is not None and task.resources.engine_recycled
         if recycled:
-            self.recycles.labels(task.task).inc()
+            self._child(self.recycles, task.task).inc()
         res = task.resources
         measured = res is not None and (
             res.gpu_allocated_before_bytes or res.gpu_allocated_after_bytes
@@ -168,9 +177,9 @@ class TaskMetrics:
             return
         stage = record.final_stage.name
         latency = max(0.0, end - record.request_time)
-        self.interrupt_latency.labels(stage).observe(latency)
+        self._child(self.interrupt_latency, stage).observe(latency)
         if task.resources is not None and (task.resources.reclaimed or recycled):
-            self.memory_back.labels(stage, str(recycled).lower()).observe(latency)
+            self._child(self.memory_back, stage, str(recycled).lower()).observe(latency)
 
 
 class StoreMetrics:
