@@ -30,6 +30,9 @@ from .store import SqliteStore
 
 REPLAY_PAGE = 1_000
 """Events read from the store per query while a stream replays old history."""
+MAX_SCAN = 5_000
+"""Rows one ListTasks call reads at most: a filter SQL cannot narrow (labels) that matches
+little ends its page early, with a token to go on, rather than scanning millions of rows."""
 
 
 class TaskHistory:
@@ -80,14 +83,18 @@ class TaskHistory:
         """Tasks with seq > after_seq matching ``flt``: (page, last seq or None at the end).
 
         The store is queried by seq (narrowed by state and task name in SQL) and
-        each row is replaced by the version in memory when that is newer.
+        each row is replaced by the version in memory when that is newer. A page may
+        come back short, with a cursor, after ``MAX_SCAN`` rows (AIP-158 allows it).
         """
         await self._barrier()
         page: list[Task] = []
         cursor = after_seq
         states = [s.name for s in flt.states]
         names = list(flt.tasks)
+        scanned = 0
         while True:
+            if scanned >= MAX_SCAN:
+                return page, cursor
             want = limit + 1 - len(page)
             rows = await asyncio.to_thread(
                 self.store.list_tasks,
@@ -96,6 +103,7 @@ class TaskHistory:
                 states=states,
                 task_names=names,
             )
+            scanned += len(rows)
             for row in rows:
                 cursor = row.seq
                 task = self._fresher(row)

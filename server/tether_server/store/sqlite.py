@@ -725,12 +725,13 @@ class SqliteStore:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (_HIGH_WATER_KEY, str(newest)),
                 )
-            oldest_kept = conn.execute(
-                "SELECT revision FROM events ORDER BY revision DESC LIMIT 1 OFFSET ?",
-                (self._retain_events - 1,),
-            ).fetchone()
-            if oldest_kept is not None:
-                conn.execute("DELETE FROM events WHERE revision < ?", oldest_kept)
+            # Revisions are dense (one event each), so the newest ``retain_events`` are
+            # those above ``newest - retain_events``: found through the primary key, where
+            # an OFFSET would walk the whole log at every start.
+            if newest is not None and newest > self._retain_events:
+                conn.execute(
+                    "DELETE FROM events WHERE revision <= ?", (newest - self._retain_events,)
+                )
             conn.execute("DELETE FROM events WHERE time < ?", (now - self._retain_seconds,))
             conn.execute(
                 "DELETE FROM idempotency WHERE created < ?", (now - IDEMPOTENCY_TTL_SECONDS,)
