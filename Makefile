@@ -6,13 +6,14 @@ STAMP  := $(VENV)/.installed
 TS_DIR := clients/typescript
 ARGS   ?=
 
-.PHONY: help venv run test test-py test-ts proto proto-check lint typecheck bench bench-quick clean
+.PHONY: help venv run test test-py test-ts proto proto-check dashboard dashboard-check browser lint typecheck bench bench-quick clean
 
 help:
 	@echo "make run          start tether-server with an embedded local cluster on 127.0.0.1:50051"
 	@echo "make test         create the environment if needed and run every test"
 	@echo "make proto        regenerate clients/python/tether/v1 from protos/"
 	@echo "make proto-check  fail if generated code is stale, buf lint or buf breaking fails"
+	@echo "make dashboard    recompile the dashboard (clients/dashboard -> server/tether_server/web/static/js)"
 	@echo "make lint         ruff + mypy --strict"
 	@echo "make bench        run the benchmarks (bench/), print the table, write bench/results.json"
 
@@ -27,10 +28,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/tether-server $(ARGS)
 
-test: $(STAMP) proto-check lint test-py test-ts
+test: $(STAMP) proto-check dashboard-check lint test-py test-ts
 
-test-py: $(STAMP)
+test-py: $(STAMP) browser
 	$(PY) -m pytest -q $(ARGS)
+
+# The browser tests drive Debian's chromium through chromium-driver (no browser download).
+browser:
+	scripts/ensure_chromium.sh
 
 test-ts: $(STAMP)
 	@if [ -f $(TS_DIR)/package.json ]; then \
@@ -42,6 +47,12 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	scripts/proto_check.sh
+
+dashboard:
+	cd clients/dashboard && npm ci --no-audit --no-fund --loglevel=error && npx tsc -p .
+
+dashboard-check:
+	scripts/dashboard_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server clients/python tests bench

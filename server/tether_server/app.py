@@ -19,12 +19,15 @@ from grpc_reflection.v1alpha import reflection
 
 from tether.v1 import cluster_service_pb2, task_service_pb2
 
+from . import web
 from .api import ClusterService, TaskService
 from .api.auth import Authenticator
 from .api.reflection import documented_pool
 from .config import Limits, LlmTimeoutPolicy, ServerConfig
 from .controller import Controller
 from .core.model import GracePeriods
+from .logformat import EventLogger, configure
+from .web import HttpSide, split_address
 
 log = logging.getLogger("tether_server")
 
@@ -248,7 +251,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         default=3,
         help="failed probes in a row after which the controller counts as frozen and the cluster is restarted (default %(default)s)",
     )
+    p.add_argument(
+        "--http",
+        default=None,
+        metavar="ADDR",
+        help="serve the dashboard, /metrics, /healthz and /readyz here (default: the --listen host, its port + 1)",
+    )
+    p.add_argument("--no-http", action="store_true", help="serve no HTTP at all")
+    p.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="ADDR",
+        help="serve /metrics (and the probes) on this address instead, without a token (e.g. an internal interface)",
+    )
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text, or one JSON object a line with task and engine ids (default %(default)s)",
+    )
     a = p.parse_args(argv)
     for flag in ("retain_events", "memory_events", "task_cache", "hub_probe_failures"):
         if getattr(a, flag) < 1:
@@ -261,6 +283,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         p.error("--tls-cert and --tls-key go together")
     if a.tls_client_ca and not a.tls_cert:
         p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        http_listen = "" if a.no_http else (a.http or _next_port(a.listen))
+        for address in (http_listen, a.metrics_listen):
+            if address:
+                split_address(address)
+    except ValueError as exc:
+        p.error(str(exc))
+    if a.metrics_listen and not http_listen:
+        p.error("--metrics-listen needs the HTTP side (drop --no-http)")
     return ServerConfig(
         listen=a.listen,
         engines=a.engines,
@@ -296,7 +327,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_client_ca=a.tls_client_ca,
+        http_listen=http_listen,
+        http_required=a.http is not None,
+        metrics_listen=a.metrics_listen,
+        log_format=a.log_format,
     ), str(a.log_level)
+
+
+def _next_port(listen: str) -> str:
+    """The default HTTP address: the gRPC host, the next port (0 stays 0: any free port)."""
+    host, port = split_address(listen)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port + 1 if port else 0}"
 
 
 def _passthrough(message: Any) -> bytes:
@@ -357,6 +399,7 @@ class TetherServer:
             ],
         )
         self.port = 0
+        self.http: HttpSide | None = None
         self._serving: bool | None = None
         self._health_updates: set[asyncio.Future[None]] = set()
 
@@ -367,9 +410,19 @@ class TetherServer:
             if self.config.auth_tokens_file
             else Authenticator()
         )
-        self.server.add_generic_rpc_handlers(
-            _handlers(TaskService(ctl, auth), ClusterService(ctl, auth))
-        )
+        tasks, cluster = TaskService(ctl, auth), ClusterService(ctl, auth)
+        self.server.add_generic_rpc_handlers(_handlers(tasks, cluster))
+        ctl.listeners.append(EventLogger())
+        if self.config.http_listen:
+            self.http = web.build(
+                ctl,
+                tasks,
+                cluster,
+                auth,
+                self.health_of,
+                listen=self.config.http_listen,
+                metrics_listen=self.config.metrics_listen,
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (TASK_SERVICE, CLUSTER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -387,9 +440,30 @@ class TetherServer:
             fut.add_done_callback(self._health_updates.discard)
 
         ctl.on_serving_changed = on_serving_changed
+        await self._start_http()  # first: a taken --http address fails before anything runs
         await self.server.start()
         await ctl.start()
         await ctl.ready.wait()
+
+    async def _start_http(self) -> None:
+        """Before the controller starts, so the probes answer (NOT_SERVING) during start-up."""
+        if self.http is None:
+            return
+        try:
+            await self.http.start()
+        except OSError as exc:
+            if self.config.http_required:
+                raise OSError(f"cannot serve HTTP on {self.config.http_listen}: {exc}") from exc
+            # The default address (gRPC port + 1) is only a convenience: keep serving gRPC.
+            log.warning("HTTP side off: cannot listen on %s: %s", self.config.http_listen, exc)
+            await self.http.stop()
+            self.http = None
+
+    def health_of(self, service: str) -> str | None:
+        """What grpc.health.v1 answers for ``service`` (None: NOT_FOUND), for /healthz and /readyz."""
+        if service not in ("", TASK_SERVICE, CLUSTER_SERVICE):
+            return None
+        return "SERVING" if self._serving else "NOT_SERVING"
 
     def _bind(self) -> int:
         c = self.config
@@ -417,8 +491,13 @@ class TetherServer:
     async def stop(self) -> None:
         self._serving = None
         await self._set_serving(False)
-        await self.controller.stop()
-        await self.server.stop(grace=1.0)
+        try:
+            await self.controller.stop()
+        finally:
+            # Even when the controller never started (a failed start), close the servers.
+            if self.http is not None:
+                await self.http.stop()
+            await self.server.stop(grace=1.0)
 
     @property
     def address(self) -> str:
@@ -433,10 +512,13 @@ def banner(server: TetherServer) -> str:
     if server.config.auth_tokens_file:
         flags += " -H 'authorization: Bearer <token>'"
     payload = '{"task": "demo.sleep", "args": {"seconds": 5}}'
-    return (
+    text = (
         f"tether-server: serving on {addr} ({n} engines, data in {server.config.data_dir})\n"
         f"  try: grpcurl {flags} -d '{payload}' {addr} tether.v1.TaskService/SubmitTask"
     )
+    if server.http is not None:
+        text += f"\n  dashboard: {server.http.url()}\n  metrics:   {server.http.metrics_url()}"
+    return text
 
 
 async def serve(config: ServerConfig) -> int:
@@ -471,10 +553,7 @@ async def serve(config: ServerConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     config, level = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(level, config.log_format)
     # ipyparallel's hub warns once per publish_data call (ipyparallel issue 240).
     logging.getLogger("ipyparallel").setLevel(logging.ERROR)
     return asyncio.run(serve(config))

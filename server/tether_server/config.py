@@ -81,3 +81,12 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     """With TLS: require client certificates signed by this CA (mutual TLS)."""
+    http_listen: str = ""
+    """The HTTP side (dashboard, gateway, /metrics, probes); "" turns it off."""
+    http_required: bool = False
+    """Fail to start when ``http_listen`` cannot be bound (the flag was given explicitly);
+    otherwise the default address that is taken only costs a warning."""
+    metrics_listen: str = ""
+    """Serve /metrics (and the probes) on this address instead, without a token."""
+    log_format: str = "text"
+    """``text`` or ``json`` (one object a line)."""

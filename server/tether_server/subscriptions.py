@@ -56,9 +56,10 @@ class Subscription:
             return bool(entry.task.id == o.task_id)
         return o.filter.matches(entry.task)
 
-    def push(self, entry: Any) -> None:
+    def push(self, entry: Any) -> bool:
+        """Queue one entry; True when this push cut the subscriber off as lagging."""
         if self._error is not None:
-            return
+            return False
         if len(self._queue) >= self.maxsize:
             self._queue.clear()
             self.close(
@@ -67,9 +68,10 @@ class Subscription:
                     metadata={"maxQueue": str(self.maxsize)},
                 )
             )
-            return
+            return True
         self._queue.append(entry)
         self._wakeup.set()
+        return False
 
     def close(self, error: TetherError) -> None:
         if self._error is None:
@@ -111,6 +113,8 @@ class SubscriberIndex:
         self._by_filter: dict[tuple[TaskFilter, bool], set[Subscription]] = {}
         self._all: set[Subscription] = set()
         self._per_principal: dict[str, int] = {}
+        self.lagging_cutoffs = 0
+        """Subscribers ended as lagging so far (the metric tether_stream_lagging_cutoffs_total)."""
 
     def count_of(self, principal: str) -> int:
         """Open subscriptions of one principal (DESIGN §10: limits per principal)."""
@@ -152,14 +156,15 @@ class SubscriberIndex:
         """Push one log entry to every subscription that wants it."""
         progress = entry.kind in (EventKind.PROGRESS, EventKind.OUTPUT)
         for sub in tuple(self._by_task.get(entry.task.id, ())):
-            if not (progress and sub.options.exclude_progress):
-                sub.push(entry)
+            if not (progress and sub.options.exclude_progress) and sub.push(entry):
+                self.lagging_cutoffs += 1
         for (flt, exclude_progress), group in tuple(self._by_filter.items()):
             if progress and exclude_progress:
                 continue
             if flt.matches(entry.task):
                 for sub in tuple(group):
-                    sub.push(entry)
+                    if sub.push(entry):
+                        self.lagging_cutoffs += 1
 
 
 def _remove(index: dict[K, set[Subscription]], key: K, sub: Subscription) -> None:

@@ -261,10 +261,12 @@ class SqliteStore:
         retain_seconds: float = 7 * 86400,
         prune_interval: float = 10.0,
         load_events: int = 5_000,
+        on_commit: Callable[[float, bool], None] | None = None,
     ) -> None:
         """``prune_interval``: the most seconds between two prunes while writes come in;
         ``load_events``: how many of the newest events ``open`` loads (older ones are
-        read on demand with :meth:`events_after`)."""
+        read on demand with :meth:`events_after`); ``on_commit(seconds, ok)``: called on
+        the writer thread after each write transaction."""
         if retain_events < 1:
             raise ValueError("retain_events must be at least 1")
         if retain_seconds <= 0:
@@ -275,6 +277,7 @@ class SqliteStore:
         self._prune_interval = prune_interval
         self._prune_every_events = max(1, retain_events // 10)
         self._load_events = max(0, load_events)
+        self.on_commit = on_commit
 
         # The hand-off to the writer takes no lock: deque.append/popleft are atomic, and
         # a lock shared by a busy submitter and the writer convoys under the GIL (measured:
@@ -539,6 +542,7 @@ class SqliteStore:
                     pending.future.set_result(None)
 
     def _write_group(self, conn: sqlite3.Connection, group: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
             with _transaction(conn):
                 _write_rows(
@@ -555,11 +559,15 @@ class SqliteStore:
                         (repr(time.time()),),
                     )
         except Exception as exc:
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started, False)
             if len(group) == 1:
                 _fail(group, exc)
             else:
                 self._write_one_by_one(conn, group)
             return
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, True)
         self._commits += 1
         for pending in group:
             pending.future.set_result(None)
