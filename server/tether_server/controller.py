@@ -486,6 +486,7 @@ class Controller:
         config = {
             "task_modules": modules,
             "tags": list(self.config.engine_tags),
+            "task_settings": registry.settings(),  # e.g. the --model checkpoints
             # LLM engines import torch and the model code at start, not in their first task.
             "preload_modules": ["tether_server.tasks.llm_model:warm_up"]
             if "tether_server.tasks.llm" in modules and self.config.warm_up
@@ -728,12 +729,12 @@ class Controller:
             ) from None
         try:
             registry.validate_args(spec.task, spec.args)
-        except TypeError as exc:
+        except registry.ArgumentError as exc:
             raise err.InvalidRequest(
-                "INVALID_ARGUMENTS",
+                exc.reason,
                 f"args: {exc}",
-                violations=[err.FieldViolation("args", str(exc))],
-                metadata={"field": "args"},
+                violations=[err.FieldViolation(v.field, v.description) for v in exc.violations],
+                metadata={"field": "args", **exc.metadata},
             ) from None
 
     async def _check_resume_source(self, name: str) -> None:
