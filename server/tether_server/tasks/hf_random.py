@@ -85,7 +85,8 @@ def build_tokenizer(style: str, vocab: int) -> Any:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", bos)]
     )
-    fast = PreTrainedTokenizerFast(
+    tokenizer_class: Any = PreTrainedTokenizerFast  # untyped in transformers' stubs
+    fast = tokenizer_class(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
     fast.chat_template = CHAT_TEMPLATE

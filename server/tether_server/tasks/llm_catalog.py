@@ -174,6 +174,21 @@ def all_entries() -> list[ModelEntry]:
     return [*entries, *(builtin_entry(name) for name in MODEL_CONFIGS if name not in shadowed)]
 
 
+def listed_models() -> list[tuple[ModelEntry, bool]]:
+    """(model, has a chat template) for GetCluster; empty where llm.generate is not loaded."""
+    if "llm.generate" not in registry.names():
+        return []
+    listed = []
+    for entry in all_entries():
+        chat = False
+        if entry.kind == "hf":
+            from . import hf_text
+
+            chat = hf_text.has_chat_template(hf_text.load_tokenizer(entry.path))
+        listed.append((entry, chat))
+    return listed
+
+
 def _client_path_entry(model_path: str) -> ModelEntry:
     roots = model_path_roots()
     if not roots:
