@@ -19,6 +19,7 @@ Two tokenizer styles cover the two ways vocabularies encode text:
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -76,11 +77,12 @@ def build_tokenizer(style: str, vocab: int) -> Any:
                 decoders.Strip(" ", 1, 0),
             ]
         )
-        byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-        trainer = trainers.BpeTrainer(vocab_size=vocab + 256, special_tokens=SPECIALS + byte_tokens)
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS)
     else:
         raise ValueError(f"unknown tokenizer style {style!r}: byte_bpe or metaspace")
     tokenizer.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    if style == "metaspace":
+        tokenizer = _with_byte_fallback_tokens(tokenizer)
     bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", bos)]
@@ -91,6 +93,21 @@ def build_tokenizer(style: str, vocab: int) -> Any:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _with_byte_fallback_tokens(tokenizer: Any) -> Any:
+    """Add ``<0x00>``..``<0xFF>`` as *ordinary* vocabulary entries, as Llama has them.
+
+    (Declared as special tokens instead, a decode that skips special tokens would drop
+    every byte-fallback character.)
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def build_checkpoint(
