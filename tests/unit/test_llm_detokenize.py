@@ -14,10 +14,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tether_server.tasks import hf_text  # noqa: E402
-from tether_server.tasks.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher  # noqa: E402
-from tether_server.tasks.generation import ChunkBatcher  # noqa: E402
-from tether_server.tasks.hf_random import build_tokenizer  # noqa: E402
+from tether_server.tasks import hf_text
+from tether_server.tasks.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher
+from tether_server.tasks.generation import ChunkBatcher
+from tether_server.tasks.hf_random import build_tokenizer
 
 pytestmark = pytest.mark.llm
 

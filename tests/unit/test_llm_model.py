@@ -20,9 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tether_server.runtime import registry  # noqa: E402
 from tether_server.runtime.context import TaskContext  # noqa: E402
 from tether_server.runtime.guard import GUARD, TaskSignals, call_task  # noqa: E402
-from tether_server.runtime import registry  # noqa: E402
 from tether_server.runtime.registry import get as get_task  # noqa: E402
 from tether_server.tasks import llm, llm_catalog, llm_model  # noqa: E402
 from tether_server.tasks.llm_model import (  # noqa: E402
