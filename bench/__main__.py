@@ -31,6 +31,7 @@ from . import (
     b5_fanout,
     b6_progress,
     b7_storm,
+    b11_llm,
 )
 from .harness import (
     BenchResult,
@@ -45,7 +46,16 @@ from .harness import (
 
 BENCHES: dict[str, ModuleType] = {
     m.ID: m
-    for m in (b1_interrupt, b2_stuck, b3_dispatch, b4_throughput, b5_fanout, b6_progress, b7_storm)
+    for m in (
+        b1_interrupt,
+        b2_stuck,
+        b3_dispatch,
+        b4_throughput,
+        b5_fanout,
+        b6_progress,
+        b7_storm,
+        b11_llm,
+    )
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
