@@ -71,8 +71,11 @@ class RawLoop:
 
 async def run(session: Session) -> BenchResult:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from tether_server.tasks.hf_random import build_checkpoint
+
+    hf_logging.disable_progress_bar()
 
     tokens = session.size(200, 60)
     pairs = session.size(5, 2)
@@ -92,14 +95,16 @@ async def run(session: Session) -> BenchResult:
     try:
         client = await server.start()
         label = run_label()
-        async with EventTap(client, label) as tap:
+        async with EventTap(client, {"run": label}, exclude_progress=True) as tap:
             for name, path in paths.items():
                 raw_loop = await asyncio.to_thread(RawLoop, path)
                 raw: list[float] = []
                 through: list[float] = []
                 engine_side: list[float] = []
 
-                async def baseline(i: int, raw_loop: RawLoop = raw_loop, raw: list[float] = raw) -> None:
+                async def baseline(
+                    i: int, raw_loop: RawLoop = raw_loop, raw: list[float] = raw
+                ) -> None:
                     tps = await asyncio.to_thread(raw_loop.tokens_per_second, tokens)
                     if i >= 0:
                         raw.append(tps)
@@ -110,18 +115,18 @@ async def run(session: Session) -> BenchResult:
                     through: list[float] = through,
                     engine_side: list[float] = engine_side,
                 ) -> None:
-                    started = time.perf_counter()
+                    started = time.perf_counter_ns()
                     task = await client.submit(
                         "llm.generate",
                         {"prompt": PROMPT, "model": name, "max_tokens": tokens},
                         labels={"run": label},
                     )
                     seen = await tap.wait(task.name, in_state(*TERMINAL), timeout=300)
-                    elapsed = time.perf_counter() - started
-                    assert seen.task.state == tpb.TASK_STATE_SUCCEEDED, seen.task.error
+                    elapsed = (seen.recv_ns - started) / 1e9
+                    done = await client.get(task.name)
+                    assert seen.state == tpb.TASK_STATE_SUCCEEDED, done.error
                     if i >= 0:
                         through.append(tokens / elapsed)
-                        done = await client.get(task.name)
                         timings = done.result.struct_value.fields["timings"].struct_value
                         engine_side.append(timings.fields["tokens_per_second"].number_value)
 
@@ -186,9 +191,9 @@ async def _interrupt_latencies(client: Any, tap: EventTap, label: str, count: in
         )
         await tap.wait(task.name, in_state(tpb.TASK_STATE_RUNNING), timeout=120)
         await asyncio.sleep(0.5)  # well into the decode loop
-        started = time.perf_counter()
+        started = time.perf_counter_ns()
         await client.interrupt(task.name)
         seen = await tap.wait(task.name, in_state(*TERMINAL), timeout=60)
-        latencies.append((time.perf_counter() - started) * 1000)
-        assert seen.task.state == tpb.TASK_STATE_INTERRUPTED, seen.task.state
+        latencies.append((seen.recv_ns - started) / 1e6)
+        assert seen.state == tpb.TASK_STATE_INTERRUPTED, seen.state
     return latencies
