@@ -58,6 +58,7 @@ def main() -> int:
         suffix = f"   # exits {recipe.exit_code}" if recipe.exit_code else ""
         parts.append(f"```bash\n{recipe.command}{suffix}\n```\n\n```\n{shown}\n```\n\n")
     parts.append(CATALOG)
+    parts.append(LLM_GENERATE)
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}")
     return 0
@@ -79,7 +80,10 @@ wrong fields also get `google.rpc.BadRequest` with one violation per field.
 |---|---|---|
 | INVALID_ARGUMENT | `MISSING_FIELD` | a required field (`task`, `name`) is empty |
 | INVALID_ARGUMENT | `UNKNOWN_TASK` | `task` names no registered task (GetCluster lists them) |
-| INVALID_ARGUMENT | `INVALID_ARGUMENTS` | `args` do not fit the task's signature (unknown or missing names, wrong JSON types) |
+| INVALID_ARGUMENT | `INVALID_ARGUMENTS` | `args` do not fit the task's signature (unknown or missing names, wrong JSON types: field `args`) or break the task's own rules (e.g. `llm.generate`'s `top_p` out of range: field `args.top_p`) |
+| INVALID_ARGUMENT | `UNKNOWN_MODEL` | `llm.generate`'s `model` is not one GetCluster lists (field `args.model`) |
+| INVALID_ARGUMENT | `CONTEXT_LENGTH_EXCEEDED` | the prompt's tokens plus `max_tokens` exceed the model's context (field `args.max_tokens`) |
+| INVALID_ARGUMENT | `MODEL_PATH_NOT_ALLOWED` | a `model_path` while the server allows none, or one outside the allowed directories (field `args.model_path`) |
 | INVALID_ARGUMENT | `ARGS_TOO_LARGE` | serialized `args` exceed the server limit (GetCluster `limits.max_args_bytes`) |
 | INVALID_ARGUMENT | `INVALID_NAME` | a name is not `tasks/{id}` |
 | INVALID_ARGUMENT | `INVALID_LABELS` | too many labels, or a key/value breaks the label rules |
@@ -107,6 +111,60 @@ Interrupt semantics (state on arrival -> what happens -> answer):
 | RUNNING | SIGINT, then SIGTERM after `grace.sigint`, then SIGKILL after `grace.sigterm` (and a replacement engine) | INTERRUPTING; the terminal state follows on the stream with `interrupt.final_stage` |
 | INTERRUPTING, INTERRUPTED, CANCELLED | nothing | the current task |
 | SUCCEEDED, FAILED, TIMED_OUT | nothing | FAILED_PRECONDITION / TASK_ALREADY_TERMINAL |
+
+"""
+
+LLM_GENERATE = """## llm.generate
+
+Text generation on the built-in demo model or on a Hugging Face checkpoint the operator
+configured (`--model NAME=PATH`, see docs/operations.md). `GetCluster` lists the models
+(`models`: name, kind, context length, chat template).
+
+| argument | default | meaning |
+|---|---|---|
+| `prompt` | | the text to continue (the tokenizer's special tokens, e.g. BOS, are added) |
+| `messages` | | instead of `prompt`: `[{"role": "system"/"user"/"assistant", "content": "..."}]`, rendered with the model's chat template, the assistant's turn opened |
+| `max_tokens` | 64 | tokens to generate at most; prompt tokens + `max_tokens` must fit the model's context |
+| `temperature` | 0 | 0: greedy; above 0 (up to 100): sampling |
+| `top_p` | 1 | nucleus sampling, in (0, 1]; 1 is off |
+| `top_k` | 0 | sample among the k most likely tokens; 0 is off |
+| `seed` | 0 | the draw of token n depends on (seed, n) only: a seeded run is reproducible, and resumable exactly |
+| `stop` | none | a string or a list (at most 16, 256 characters each): the text ends before the first one (not included) |
+| `model` | `tiny` | a model GetCluster lists |
+| `model_path` | | a model directory; refused unless the operator allows its directory (`--allow-model-path`) |
+| `device` | `auto` | `auto` (the engine's GPU when it has one), `cpu`, `cuda`, `cuda:N` |
+| `checkpoint_every` | 8 | a checkpoint every N tokens (0: only when interrupted) |
+
+Result:
+
+```json
+{"text": "...", "model": "tiny", "device": "cpu", "finish_reason": "length",
+ "prompt_tokens": 17, "completion_tokens": 24, "tokens": 24, "resumed_tokens": 0,
+ "timings": {"time_to_first_token_seconds": 0.004, "decode_seconds": 0.03,
+             "tokens_per_second": 780.0, "total_seconds": 0.035}}
+```
+
+- `finish_reason`: `length` (`max_tokens` reached), `stop` (a stop sequence), `eos` (the model
+  ended the text).
+- `completion_tokens` (also `tokens`) counts every generated token, those an interrupted
+  attempt generated before a resume included; `resumed_tokens` is how many came from the
+  checkpoint.
+- `timings`, measured on the engine: time to first token from the task's start (for a
+  resumed task, after the old tokens were replayed), decode time and tokens/s from the
+  first new token to the last.
+
+Streaming: the text arrives as OUTPUT events (`output_chunk`), one per token, or one per few
+milliseconds when the model is faster than that (the chunks of 5 ms are sent together).
+Chunks never split a character (a token that ends inside a multi-byte character waits for
+the one that completes it) and keep the spaces of SentencePiece and byte-level BPE
+vocabularies; their concatenation is exactly the result's `text` and the task's `output`.
+
+Interrupts and resumption: an interrupt ends the task between two decode steps, after the
+pending text was sent and a checkpoint written; the KV cache is freed before the task ends
+(the task's `resources` report shows the memory back). Submit the same arguments with
+`resume_from: "tasks/ID"`: the new task streams the old text as one chunk, rebuilds the KV
+cache, and continues to the text an uninterrupted run gives (identical at temperature 0
+and with a seed, on the same device type).
 """
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ def validate_generate(args: Mapping[str, Any]) -> None:
     """The submit-time validator of ``llm.generate`` (raises ArgumentError)."""
     problems = check(args, resolve_model)
     if problems:
-        raise ArgumentError(TASK, problems)
+        # ErrorInfo metadata: the first field at fault and the model asked for.
+        model = str(args.get("model_path") or args.get("model", "tiny"))
+        raise ArgumentError(TASK, problems, {"field": problems[0].field, "model": model})
 
 
 def resolve_model(model: str, model_path: str) -> ModelView:
