@@ -240,34 +240,31 @@ def bind_args(registered: RegisteredTask, args: Mapping[str, Any]) -> dict[str, 
     if not isinstance(args, Mapping):
         problem = Violation("args", f"arguments must be a JSON object, not {_kind(args)}")
         raise ArgumentError(registered.name, [problem])
-    problems: list[Violation] = []
+    problems: list[str] = []
     bound: dict[str, Any] = {}
     known = {p.name: p for p in registered.parameters}
-    # Signature problems are reported on the field "args" as a whole (as they always
-    # were); validators name the argument (``args.max_tokens``).
-    field = "args"
     for key in args:
         if registered.takes_context and key == CONTEXT_PARAMETER:
-            problems.append(
-                Violation(field, f"{CONTEXT_PARAMETER!r} is reserved for the task context")
-            )
+            problems.append(f"{CONTEXT_PARAMETER!r} is reserved for the task context")
         elif not isinstance(key, str):
-            problems.append(Violation("args", f"argument names must be strings, got {key!r}"))
+            problems.append(f"argument names must be strings, got {key!r}")
         elif key not in known and not registered.accepts_any_keyword:
             accepted = ", ".join(registered.argument_names) or "none"
-            problems.append(Violation(field, f"unexpected argument {key!r} (accepted: {accepted})"))
+            problems.append(f"unexpected argument {key!r} (accepted: {accepted})")
     for parameter in registered.parameters:
         if parameter.name not in args:
             if parameter.required:
-                problems.append(Violation(field, f"missing required argument {parameter.name!r}"))
+                problems.append(f"missing required argument {parameter.name!r}")
             continue
         value = args[parameter.name]
         try:
             bound[parameter.name] = _convert(parameter, value)
         except TypeError as exc:
-            problems.append(Violation(field, str(exc)))
+            problems.append(str(exc))
     if problems:
-        raise ArgumentError(registered.name, problems)
+        # One violation on the field "args" as a whole (as it always was); validators
+        # name the argument at fault (``args.max_tokens``).
+        raise ArgumentError(registered.name, [Violation("args", "; ".join(problems))])
     for key, value in args.items():
         if key not in known:
             bound[key] = value
