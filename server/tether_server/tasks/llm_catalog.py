@@ -238,7 +238,10 @@ def prepare() -> list[ModelEntry]:
         directory = Path(path)
         if not directory.is_dir():
             raise ValueError(f"--model {name}={path}: not a directory")
-        length = read_context_length(directory)
+        try:
+            length = read_context_length(directory)
+        except ValueError as exc:
+            raise ValueError(f"--model {name}={path}: {exc}") from None
         if length <= 0:
             raise ValueError(f"--model {name}={path}: config.json declares no context length")
         try:
