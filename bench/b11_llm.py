@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from tether.v1 import task_pb2 as tpb
 
 from .harness import BenchResult, Row, Session, Summary, TetherServer, alternate, say
+from .raw_decode import RawLoop
 from .tether_client import TERMINAL, EventTap, in_state, run_label
 
 ID = "B11"
@@ -40,33 +40,6 @@ def _shapes() -> dict[str, Any]:
         ),
         "b11-tiny": Shape(context=2048),
     }
-
-
-class RawLoop:
-    """The checkpoint in this process, decoded greedily with transformers alone."""
-
-    def __init__(self, path: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32
-        ).eval()
-        self.prompt = AutoTokenizer.from_pretrained(path, local_files_only=True).encode(PROMPT)
-
-    def tokens_per_second(self, tokens: int) -> float:
-        from transformers import DynamicCache
-
-        torch = self.torch
-        started = time.perf_counter()
-        with torch.inference_mode():
-            cache = DynamicCache(config=self.model.config)
-            ids = torch.tensor([self.prompt])
-            for _ in range(tokens):
-                out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-                ids = out.logits[0, -1].float().argmax().view(1, 1)
-        return tokens / (time.perf_counter() - started)
 
 
 async def run(session: Session) -> BenchResult:
@@ -97,7 +70,7 @@ async def run(session: Session) -> BenchResult:
         label = run_label()
         async with EventTap(client, {"run": label}, exclude_progress=True) as tap:
             for name, path in paths.items():
-                raw_loop = await asyncio.to_thread(RawLoop, path)
+                raw_loop = await asyncio.to_thread(RawLoop, path, PROMPT)
                 raw: list[float] = []
                 through: list[float] = []
                 engine_side: list[float] = []

@@ -52,6 +52,13 @@ class Shape:
     vocab: int = 400
 
 
+SHAPES: Final = {
+    "test": Shape(context=4096),  # the test shape, with room for gpu_check's 2000 tokens
+    # About 0.76 B parameters (1.5 GB in bf16): a real GPU load for bench/gpu_check.py.
+    "1b": Shape(hidden=2048, layers=16, heads=16, kv_heads=8, intermediate=5632, context=4096),
+}
+
+
 def build_tokenizer(style: str, vocab: int) -> Any:
     """A ``PreTrainedTokenizerFast`` of ``style`` trained on :data:`TRAINING_TEXT`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -111,9 +118,17 @@ def _with_byte_fallback_tokens(tokenizer: Any) -> Any:
 
 
 def build_checkpoint(
-    directory: Path, *, style: str = "byte_bpe", shape: Shape | None = None, seed: int = 0
+    directory: Path,
+    *,
+    style: str = "byte_bpe",
+    shape: Shape | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
 ) -> Path:
-    """Write a random-weights Llama checkpoint with a trained tokenizer into ``directory``."""
+    """Write a random-weights Llama checkpoint with a trained tokenizer into ``directory``.
+
+    ``dtype`` is the weights' type on disk (``bfloat16`` halves a large checkpoint).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -132,7 +147,7 @@ def build_checkpoint(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -153,9 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intermediate", type=int, default=Shape.intermediate)
     p.add_argument("--context", type=int, default=Shape.context)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a named shape (overrides the sizes)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = p.parse_args(argv)
-    shape = Shape(a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.context)
-    build_checkpoint(a.directory, style=a.tokenizer, shape=shape, seed=a.seed)
+    shape = (
+        SHAPES[a.shape]
+        if a.shape
+        else Shape(a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, a.context)
+    )
+    build_checkpoint(a.directory, style=a.tokenizer, shape=shape, seed=a.seed, dtype=a.dtype)
     print(f"wrote {a.directory}")
     return 0
 
