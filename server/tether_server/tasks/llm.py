@@ -103,7 +103,7 @@ def generate(
     try:
         entry = llm_catalog.entry_for(model, model_path)
     except (LookupError, PermissionError) as exc:
-        raise ValueError(llm_request._text(exc)) from None
+        raise ValueError(llm_request.message_of(exc)) from None
     target = llm_model.resolve_device(device)
     backend: generation.Backend
     if entry.kind == "hf":

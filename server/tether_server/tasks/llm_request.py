@@ -142,15 +142,15 @@ def _resolve(
     try:
         return resolve(model, model_path)
     except LookupError as exc:
-        problems.append(Violation("args.model", _text(exc), UNKNOWN_MODEL))
+        problems.append(Violation("args.model", message_of(exc), UNKNOWN_MODEL))
     except PermissionError as exc:
-        problems.append(Violation("args.model_path", _text(exc), MODEL_PATH_NOT_ALLOWED))
+        problems.append(Violation("args.model_path", message_of(exc), MODEL_PATH_NOT_ALLOWED))
     except ValueError as exc:
-        problems.append(Violation("args.model_path", _text(exc)))
+        problems.append(Violation("args.model_path", message_of(exc)))
     return None
 
 
-def _text(exc: BaseException) -> str:
+def message_of(exc: BaseException) -> str:
     # KeyError-like exceptions quote their message; LookupError's str does not.
     return str(exc.args[0]) if exc.args else type(exc).__name__
 
