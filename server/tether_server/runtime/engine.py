@@ -87,7 +87,8 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
 
     Installs the guarded SIGINT/SIGTERM handlers, stops the kernel from swapping SIGINT
     handlers around each request, applies ``config["task_settings"]`` (see
-    ``registry.configure``) and imports ``config["task_modules"]`` (plus the demo tasks). Returns ``{"pid", "host", "tags", "tasks", "python"}``; ``tags`` is
+    ``registry.configure``) and imports ``config["task_modules"]`` (plus the demo
+    tasks). Returns ``{"pid", "host", "tags", "tasks", "python"}``; ``tags`` is
     ``config["tags"]`` plus ``"gpu"`` where ``nvidia-smi`` exists and
     ``CUDA_VISIBLE_DEVICES`` is not empty. Safe to call again.
     """
