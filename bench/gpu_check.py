@@ -15,6 +15,12 @@ Starts a tether-server (embedded cluster) with the Python that runs this script,
     killed engine's memory, when a replacement engine registered and became idle
     (GetCluster), and when the next task ran.
 
+With ``--hf-shape 1b`` (issue 11) the model is a Hugging Face checkpoint instead: a
+random-weight Llama of about 0.76 B parameters built here (bf16, ``hf_random``), served
+with ``--model hf=DIR``; (a) runs on it, and (a') compares ``llm.generate`` tokens/s with a
+raw transformers decode loop of the same checkpoint on the same device (A B A B).
+The device's wheel directory must then hold transformers, tokenizers and safetensors.
+
 Prints a report and writes JSON (``--out``); with ``--out`` the server's log is written
 beside it (``<out stem>.server.log``). Every wait is bounded; the server is always
 stopped (SIGTERM, then SIGKILL) and any engine left is killed by PID. Runs without
@@ -23,6 +29,7 @@ naming the repo's ``server/`` and ``clients/python/`` (the engines inherit it).
 
     python3 bench/gpu_check.py --device cuda --out results.json
     python3 bench/gpu_check.py --device cpu               # same path, no GPU numbers
+    python3 bench/gpu_check.py --device cuda --hf-shape 1b --out hf.json   # transformers
     python3 bench/gpu_check.py --print-device-command     # the line for the GPU machine
 """
 
@@ -57,7 +64,7 @@ for _path in reversed(SOURCE_DIRS):
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
-from google.protobuf import duration_pb2, struct_pb2  # noqa: E402
+from google.protobuf import duration_pb2, json_format, struct_pb2  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from tether.v1 import cluster_service_pb2 as cpb  # noqa: E402
@@ -214,7 +221,14 @@ def gpu_sample(engine_pid: int | None = None) -> dict[str, Any] | None:
 class Server:
     """``sys.executable -m tether_server`` in its own session, stopped by PID."""
 
-    def __init__(self, work: Path, engines: int, grace: tuple[float, float, float]) -> None:
+    def __init__(
+        self,
+        work: Path,
+        engines: int,
+        grace: tuple[float, float, float],
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.extra_args = list(extra_args or [])
         self.work = work
         self.data_dir = work / "data"
         self.log_path = work / "server.log"
@@ -249,6 +263,7 @@ class Server:
             "--grace-sigterm", f"{sigterm}s",
             "--grace-sigkill", f"{sigkill}s",
             "--task-module", "tether_server.tasks.llm",
+            *self.extra_args,
         ]  # fmt: skip
         started = now()
         with open(self.log_path, "ab") as log:
@@ -501,6 +516,51 @@ class Check:
             "stream_error": w.error,
         }
         return summary
+
+    # ---------------------------------------------------------------- (a') tokens/s
+    def scenario_compare(self, checkpoint: Path) -> dict[str, Any]:
+        """tokens/s of llm.generate (submit -> end) against a raw transformers loop, A B A B.
+
+        The raw loop runs in this process on the same device; its weights are dropped
+        before each tether run, so the two never share the GPU's memory.
+        """
+        sys.path.insert(0, str(REPO))
+        from bench.raw_decode import RawLoop
+
+        a = self.args
+        tokens = a.compare_tokens
+        args = {"prompt": PROMPT, "model": a.model, "max_tokens": tokens, "device": a.device}
+        raw: list[float] = []
+        ours: list[float] = []
+        engine: list[float] = []
+        for pair in range(3):  # the first pair warms both sides up and is not counted
+            loop = RawLoop(checkpoint, PROMPT, a.device)
+            raw_tps = loop.tokens_per_second(tokens)
+            loop.close()
+            del loop
+            done = self.run_to_end("llm.generate", args, 240)
+            end_ms = done["client"]["submit_to_end_ms"]
+            result = self.result(done["name"])
+            if pair and end_ms:
+                raw.append(raw_tps)
+                ours.append(tokens / (end_ms / 1000.0))
+                engine.append(float(result.get("timings", {}).get("tokens_per_second", 0.0)))
+            self.log(f"[a'] pair {pair}: raw {raw_tps:.1f} tok/s, tether "
+                     f"{tokens / (end_ms / 1000.0) if end_ms else float('nan'):.1f} tok/s")  # fmt: skip
+        ratios = sorted(t / r for t, r in zip(ours, raw, strict=True))
+        return {
+            "tokens": tokens,
+            "raw_tokens_per_second": raw,
+            "tether_tokens_per_second": ours,
+            "engine_reported_tokens_per_second": engine,
+            "ratio_median": ratios[len(ratios) // 2] if ratios else None,
+            "completed": bool(ratios),
+        }
+
+    def result(self, name: str) -> dict[str, Any]:
+        task = self.get(name)
+        value = json_format.MessageToDict(task.result) if task.HasField("result") else {}
+        return value if isinstance(value, dict) else {}
 
     # ---------------------------------------------------------------- (a) generate
     def scenario_generate(self) -> dict[str, Any]:
@@ -941,6 +1001,14 @@ def report(results: dict[str, Any]) -> str:
     else:
         lines.append("  not run")
 
+    compare = results.get("raw_vs_tether")
+    if compare:
+        lines.append("")
+        lines.append("(a') llm.generate tokens/s against a raw transformers loop (same device)")
+        lines.append(f"  raw {compare['raw_tokens_per_second']} tok/s; tether (submit -> end) "
+                     f"{compare['tether_tokens_per_second']}; engine-reported "
+                     f"{compare['engine_reported_tokens_per_second']}")  # fmt: skip
+        lines.append(f"  median ratio {compare['ratio_median']} ({compare['tokens']} tokens a run)")
     lines.append("")
     done = results.get("completed", {})
     lines.append(f"completed: generate_interrupt={done.get('generate_interrupt')}, "
@@ -964,6 +1032,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model", default=None, help="model of llm.generate (default: large on cuda, tiny on cpu)"
+    )
+    p.add_argument(
+        "--hf-shape",
+        choices=["test", "1b"],
+        default=None,
+        help="build a random-weight Llama checkpoint of this shape (1b: ~0.76 B parameters, "
+        "bf16 on cuda), serve it with --model hf=DIR, run (a) on it and compare tokens/s "
+        "with a raw transformers decode loop (needs transformers, tokenizers, safetensors)",
+    )
+    p.add_argument(
+        "--compare-tokens", type=int, default=256, help="tokens of each --hf-shape comparison run"
     )
     p.add_argument("--tokens", type=int, default=2000, help="max_tokens of the long generation")
     p.add_argument(
@@ -999,6 +1078,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "auto":
         info = gpu_info()
         args.device = "cuda" if info and info["gpus"] else "cpu"
+    if args.hf_shape:
+        args.model = "hf"
     if args.model is None:
         args.model = "large" if args.device == "cuda" else "tiny"
     if not 1 <= args.interrupt_after < args.tokens:
@@ -1018,6 +1099,20 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "pythonpath": os.environ.get("PYTHONPATH", ""),
         "gpu": gpu_info() if args.device == "cuda" else None,
     }
+
+
+def build_hf_checkpoint(work: Path, args: argparse.Namespace) -> Path:
+    """A random-weight Llama of ``--hf-shape`` (bf16 on disk for CUDA) in the work dir."""
+    from tether_server.tasks.hf_random import SHAPES, build_checkpoint
+
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    started = now()
+    path = build_checkpoint(
+        work / "hf", style="metaspace", shape=SHAPES[args.hf_shape], seed=args.seed, dtype=dtype
+    )
+    print(f"gpu_check: built the {args.hf_shape} checkpoint ({dtype}) in {now() - started:.1f}s",
+          flush=True)  # fmt: skip
+    return path
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
@@ -1045,7 +1140,12 @@ def main(argv: list[str] | None = None) -> int:
         results["errors"].append("--device cuda but no nvidia-smi on PATH")
     budget = Budget(args.budget)
     work = Path(tempfile.mkdtemp(prefix="tether-gpu-check-"))
-    server = Server(work, args.engines, grace=(2.0, 2.0, 5.0))
+    checkpoint: Path | None = None
+    extra: list[str] = []
+    if args.hf_shape:
+        checkpoint = build_hf_checkpoint(work, args)
+        extra = ["--model", f"hf={checkpoint}"]
+    server = Server(work, args.engines, grace=(2.0, 2.0, 5.0), extra_args=extra)
     print(f"gpu_check: device {args.device}, model {args.model}, server {server.address}, "
           f"work dir {work}", flush=True)  # fmt: skip
     try:
@@ -1055,15 +1155,21 @@ def main(argv: list[str] | None = None) -> int:
         check = Check(args, server, budget)
         results["server"]["engines_at_start"] = check.engine_table()
         print(f"gpu_check: server SERVING after {start_s:.1f}s", flush=True)
-        for key, run, flag in (
+        scenarios: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
             ("generate_interrupt", check.scenario_generate, "generate"),
             ("stuck_kernel", check.scenario_stuck, "stuck"),
-        ):
+        ]
+        if checkpoint is not None:
+            scenarios.insert(
+                1, ("raw_vs_tether", lambda: check.scenario_compare(checkpoint), "generate")
+            )
+        for key, run, flag in scenarios:
             if args.only and args.only != flag:
                 continue
             try:
                 results[key] = run()
-                results["completed"][key] = bool(results[key].get("completed"))
+                if key in results["completed"]:
+                    results["completed"][key] = bool(results[key].get("completed"))
             except (Exception, KeyboardInterrupt) as exc:
                 results["errors"].append(f"{key}: {''.join(traceback.format_exception(exc))}")
                 print(f"gpu_check: {key} failed: {exc!r}", flush=True)

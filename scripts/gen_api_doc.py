@@ -58,6 +58,8 @@ def main() -> int:
         suffix = f"   # exits {recipe.exit_code}" if recipe.exit_code else ""
         parts.append(f"```bash\n{recipe.command}{suffix}\n```\n\n```\n{shown}\n```\n\n")
     parts.append(CATALOG)
+    parts.append(LLM_GENERATE)
+    parts.append("\n" + CONNECT_GATEWAY)
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}")
     return 0
@@ -79,7 +81,10 @@ wrong fields also get `google.rpc.BadRequest` with one violation per field.
 |---|---|---|
 | INVALID_ARGUMENT | `MISSING_FIELD` | a required field (`task`, `name`) is empty |
 | INVALID_ARGUMENT | `UNKNOWN_TASK` | `task` names no registered task (GetCluster lists them) |
-| INVALID_ARGUMENT | `INVALID_ARGUMENTS` | `args` do not fit the task's signature (unknown or missing names, wrong JSON types) |
+| INVALID_ARGUMENT | `INVALID_ARGUMENTS` | `args` do not fit the task's signature (unknown or missing names, wrong JSON types: field `args`) or break the task's own rules (e.g. `llm.generate`'s `top_p` out of range: field `args.top_p`) |
+| INVALID_ARGUMENT | `UNKNOWN_MODEL` | `llm.generate`'s `model` is not one GetCluster lists (field `args.model`) |
+| INVALID_ARGUMENT | `CONTEXT_LENGTH_EXCEEDED` | the prompt's tokens plus `max_tokens` exceed the model's context (field `args.max_tokens`) |
+| INVALID_ARGUMENT | `MODEL_PATH_NOT_ALLOWED` | a `model_path` while the server allows none, or one outside the allowed directories (field `args.model_path`) |
 | INVALID_ARGUMENT | `ARGS_TOO_LARGE` | serialized `args` exceed the server limit (GetCluster `limits.max_args_bytes`) |
 | INVALID_ARGUMENT | `INVALID_NAME` | a name is not `tasks/{id}` |
 | INVALID_ARGUMENT | `INVALID_LABELS` | too many labels, or a key/value breaks the label rules |
@@ -96,8 +101,21 @@ wrong fields also get `google.rpc.BadRequest` with one violation per field.
 | OUT_OF_RANGE | `RESUME_TOKEN_EXPIRED` | the token is older than the retained log (metadata `cause: expired`) or from another controller (`cause: foreign_epoch`): re-list with ListTasks and watch from its `resume_token` |
 | UNAVAILABLE | `SUBSCRIBER_LAGGING` | a stream fell more than the server's queue behind; resume from the last token |
 | UNAVAILABLE | `SHUTTING_DOWN` | the server is stopping; streams end with this; resume after it is back |
+| UNAVAILABLE | `STORE_UNAVAILABLE` | the store cannot write (disk full, I/O error, the database locked by another process): nothing of the request was recorded and nothing of it runs; retry later with the same `request_id` (metadata `cause`). Health is NOT_SERVING meanwhile |
 | RESOURCE_EXHAUSTED | `RESOURCE_EXHAUSTED` | too many open streams |
 | INTERNAL | `INTERNAL` | a bug: please report it with the server log |
+
+Messages and metadata never echo unbounded input: a status message is cut at 512
+characters, an ErrorInfo metadata value or a BadRequest description at 256 (the cut
+says how much was left out), so a 10 KB task name is answered INVALID_ARGUMENT within
+the client's metadata limit.
+
+Failure reasons of tasks (`Task.error.reason`): `TASK_RAISED`, `INTERRUPTED`,
+`TIMED_OUT`, `CANCELLED`, `QUEUE_TIMEOUT`, `RESOURCE_LIMIT`, `ENGINE_LOST` (the engine
+died, froze, or lost its nanny while the task ran), `CLUSTER_LOST` (the ipyparallel
+controller died or stopped answering while the task ran; tether restarts the cluster and
+runs the PENDING tasks afterwards), `CONTROLLER_RESTARTED` (tether itself restarted
+while the task ran).
 
 Interrupt semantics (state on arrival -> what happens -> answer):
 
@@ -107,7 +125,109 @@ Interrupt semantics (state on arrival -> what happens -> answer):
 | RUNNING | SIGINT, then SIGTERM after `grace.sigint`, then SIGKILL after `grace.sigterm` (and a replacement engine) | INTERRUPTING; the terminal state follows on the stream with `interrupt.final_stage` |
 | INTERRUPTING, INTERRUPTED, CANCELLED | nothing | the current task |
 | SUCCEEDED, FAILED, TIMED_OUT | nothing | FAILED_PRECONDITION / TASK_ALREADY_TERMINAL |
+
 """
+
+LLM_GENERATE = """## llm.generate
+
+Text generation on the built-in demo model or on a Hugging Face checkpoint the operator
+configured (`--model NAME=PATH`, see docs/operations.md). `GetCluster` lists the models
+(`models`: name, kind, context length, chat template).
+
+| argument | default | meaning |
+|---|---|---|
+| `prompt` | | the text to continue (the tokenizer's special tokens, e.g. BOS, are added) |
+| `messages` | | instead of `prompt`: `[{"role": "system"/"user"/"assistant", "content": "..."}]`, rendered with the model's chat template, the assistant's turn opened |
+| `max_tokens` | 64 | tokens to generate at most; prompt tokens + `max_tokens` must fit the model's context |
+| `temperature` | 0 | 0: greedy; above 0 (up to 100): sampling |
+| `top_p` | 1 | nucleus sampling, in (0, 1]; 1 is off |
+| `top_k` | 0 | sample among the k most likely tokens; 0 is off |
+| `seed` | 0 | the draw of token n depends on (seed, n) only: a seeded run is reproducible, and resumable exactly |
+| `stop` | none | a string or a list (at most 16, 256 characters each): the text ends before the first one (not included) |
+| `model` | `tiny` | a model GetCluster lists |
+| `model_path` | | a model directory; refused unless the operator allows its directory (`--allow-model-path`) |
+| `device` | `auto` | `auto` (the engine's GPU when it has one), `cpu`, `cuda`, `cuda:N` |
+| `checkpoint_every` | 8 | a checkpoint every N tokens (0: only when interrupted) |
+
+Result:
+
+```json
+{"text": "...", "model": "tiny", "device": "cpu", "finish_reason": "length",
+ "prompt_tokens": 17, "completion_tokens": 24, "tokens": 24, "resumed_tokens": 0,
+ "timings": {"time_to_first_token_seconds": 0.004, "decode_seconds": 0.03,
+             "tokens_per_second": 780.0, "total_seconds": 0.035}}
+```
+
+- `finish_reason`: `length` (`max_tokens` reached), `stop` (a stop sequence), `eos` (the model
+  ended the text).
+- `completion_tokens` (also `tokens`) counts every generated token, those an interrupted
+  attempt generated before a resume included; `resumed_tokens` is how many came from the
+  checkpoint.
+- `timings`, measured on the engine: time to first token from the task's start (for a
+  resumed task, after the old tokens were replayed), decode time and tokens/s from the
+  first new token to the last.
+
+Streaming: the text arrives as OUTPUT events (`output_chunk`), one per token, or one per few
+milliseconds when the model is faster than that (the chunks of 5 ms are sent together).
+Chunks never split a character (a token that ends inside a multi-byte character waits for
+the one that completes it) and keep the spaces of SentencePiece and byte-level BPE
+vocabularies; their concatenation is exactly the result's `text` and the task's `output`.
+
+Interrupts and resumption: an interrupt ends the task between two decode steps, after the
+pending text was sent and a checkpoint written; the KV cache is freed before the task ends
+(the task's `resources` report shows the memory back). Submit the same arguments with
+`resume_from: "tasks/ID"`: the new task streams the old text as one chunk, rebuilds the KV
+cache, and continues to the text an uninterrupted run gives (identical at temperature 0
+and with a seed, on the same device type).
+"""
+
+CONNECT_GATEWAY = """## Over HTTP: the Connect gateway (browsers, curl)
+
+The HTTP side (`--http`, by default the gRPC port + 1) serves every tether.v1 RPC in the
+[Connect protocol](https://connectrpc.com/docs/protocol): the same messages in protobuf's
+JSON mapping (exactly what grpcurl prints), the same codes, the same `ErrorInfo`. The
+dashboard uses it; so can `curl` and any Connect client. With `--auth-tokens`, send
+`Authorization: Bearer TOKEN` as with gRPC.
+
+Unary RPCs are a POST of the request as JSON:
+
+```bash
+curl -s -H 'Content-Type: application/json' -d '{"task": "demo.count", "args": {"n": 3, "interval": 0.1}}' http://127.0.0.1:50052/tether.v1.TaskService/SubmitTask
+```
+
+```json
+{"task": {"name": "tasks/ef2c1e67797a492c921350a66d205c07", "task": "demo.count", "args": {"interval": 0.1, "n": 3.0}, "state": "TASK_STATE_PENDING", "createTime": "2026-12-01T21:46:47.454438912Z", "updateTime": "2026-12-01T21:46:47.454438912Z", "grace": {"sigint": "2s", "sigterm": "2s", "sigkill": "5s"}, "owner": "anonymous"}}
+```
+
+A refusal has the HTTP status Connect assigns to the code (400 for INVALID_ARGUMENT,
+FAILED_PRECONDITION and OUT_OF_RANGE, 401, 403, 404, 409 for ALREADY_EXISTS, 429, 503 for
+UNAVAILABLE, 500) and a body with the code, the message and the details, each both packed
+(`value`, base64 of the protobuf, as Connect clients expect) and readable (`debug`):
+
+```bash
+curl -s -H 'Content-Type: application/json' -d '{"name": "tasks/x"}' http://127.0.0.1:50052/tether.v1.TaskService/GetTask
+```
+
+```json
+{"code": "not_found", "message": "task tasks/x does not exist", "details": [{"type": "google.rpc.ErrorInfo", "value": "Cg5UQVNLX05PVF9GT1VORBIKdGV0aGVyLmRldhoPCgRuYW1lEgd0YXNrcy94", "debug": {"reason": "TASK_NOT_FOUND", "domain": "tether.dev", "metadata": {"name": "tasks/x"}}}]}
+```
+
+`StreamTaskStatus` is a Connect server stream: `Content-Type: application/connect+json`,
+the request and each response in an envelope (one flag byte, a 4-byte big-endian length,
+the JSON); the last envelope has flag `0x02` and holds `{}` or `{"error": {...}}` (a
+stream answers HTTP 200 even when it ends with an error, as in Connect). `fetch` reads it
+in a browser (see `clients/dashboard/src/api.ts`); from a shell, `buf curl` (in `.venv/bin`)
+speaks the protocol, in its binary codec, which the gateway serves too:
+
+```bash
+.venv/bin/buf curl --schema protos -d '{"name": "tasks/ID"}' http://127.0.0.1:50052/tether.v1.TaskService/StreamTaskStatus
+```
+
+Errors of the gateway itself use the same shape: `INVALID_JSON` (400, a request that is not
+the message in protobuf's JSON mapping: unknown fields are refused), `INVALID_ENVELOPE`
+(400) and `UNSUPPORTED_CONTENT_TYPE` (415).
+"""
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

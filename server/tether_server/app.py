@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -27,6 +28,8 @@ from .config import Limits, LlmTimeoutPolicy, ServerConfig
 from .controller import Controller
 from .core.model import GracePeriods
 from .logformat import EventLogger, configure
+from .runtime import registry
+from .tasks import llm_catalog
 from .web import HttpSide, split_address
 
 log = logging.getLogger("tether_server")
@@ -50,6 +53,31 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB)")
     unit = (match.group(2) or "").upper()[:1]
     return int(match.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _model_flag(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` of --model; the path made absolute (engines may run elsewhere)."""
+    name, sep, path = text.partition("=")
+    if not sep or not _MODEL_NAME.fullmatch(name) or not path:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use NAME=PATH (NAME: letters, digits, '.', '_', '-')"
+        )
+    return name, str(Path(path).expanduser().resolve())
+
+
+def _models_file(path: Path) -> list[tuple[str, str]]:
+    import tomllib
+
+    table = tomllib.loads(path.read_text()).get("models")
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise ValueError('needs a [models] table of NAME = "PATH"')
+    base = path.expanduser().resolve().parent
+    return [
+        _model_flag(f"{name}={base / Path(value).expanduser()}") for name, value in table.items()
+    ]
 
 
 def default_data_dir() -> Path:
@@ -91,6 +119,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         default=[],
         dest="task_modules",
         help="import this module on the server and engines to register tasks (repeatable)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        dest="models",
+        metavar="NAME=PATH",
+        type=_model_flag,
+        help="serve the Hugging Face checkpoint in directory PATH as llm.generate model NAME (repeatable; loaded on every engine at start)",
+    )
+    p.add_argument(
+        "--models-file",
+        type=Path,
+        default=None,
+        help='TOML file with a [models] table of NAME = "PATH" (relative paths: from the file), as --model',
+    )
+    p.add_argument(
+        "--allow-model-path",
+        action="append",
+        default=[],
+        dest="model_path_roots",
+        metavar="DIR",
+        help="let clients name a model directory (llm.generate model_path) inside DIR (repeatable; default: clients cannot name paths)",
     )
     p.add_argument(
         "--engine-tag",
@@ -292,6 +343,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         p.error(str(exc))
     if a.metrics_listen and not http_listen:
         p.error("--metrics-listen needs the HTTP side (drop --no-http)")
+    models = list(a.models)
+    if a.models_file is not None:
+        try:
+            models += _models_file(a.models_file)
+        except (OSError, ValueError) as exc:
+            p.error(f"--models-file {a.models_file}: {exc}")
+    names = [name for name, _ in models]
+    if len(set(names)) != len(names):
+        p.error("--model: a model name is given twice")
     return ServerConfig(
         listen=a.listen,
         engines=a.engines,
@@ -324,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         hub_probe_timeout=max(0.05, a.hub_probe_timeout),
         hub_probe_failures=a.hub_probe_failures,
         warm_up=not a.no_warm_up,
+        models=tuple(models),
+        model_path_roots=tuple(str(Path(r).expanduser().resolve()) for r in a.model_path_roots),
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
         tls_client_ca=a.tls_client_ca,
@@ -404,6 +466,7 @@ class TetherServer:
         self._health_updates: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
+        await configure_models(self.config)
         ctl = self.controller
         auth = (
             Authenticator.from_file(self.config.auth_tokens_file)
@@ -503,6 +566,18 @@ class TetherServer:
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+
+async def configure_models(config: ServerConfig) -> None:
+    """Hand the --model checkpoints to the task registry (engines get them at setup) and
+    check each one now, tokenizer loaded, so a wrong path stops the server at start."""
+    settings = llm_catalog.operator_settings(dict(config.models), config.model_path_roots)
+    registry.configure(settings)
+    if not config.models:
+        return
+    if importlib.util.find_spec("transformers") is None:
+        raise RuntimeError("--model needs the [llm] extra (torch, transformers)")
+    await asyncio.to_thread(llm_catalog.prepare)
 
 
 def banner(server: TetherServer) -> str:

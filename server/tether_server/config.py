@@ -74,6 +74,10 @@ class ServerConfig:
     heartbeat_ms: int = 500
     warm_up: bool = True
     """LLM engines import torch and create their CUDA context at start."""
+    models: tuple[tuple[str, str], ...] = ()
+    """Hugging Face checkpoints behind llm.generate: (name, directory), from --model."""
+    model_path_roots: tuple[str, ...] = ()
+    """Directories a client's ``model_path`` may point into (--allow-model-path); none: off."""
     limits: Limits = field(default_factory=Limits)
     auth_tokens_file: Path | None = None
     """Bearer tokens (``TOKEN PRINCIPAL [admin]`` per line); None: auth off."""

@@ -562,12 +562,12 @@ class Controller:
             ) from None
         try:
             registry.validate_args(spec.task, spec.args)
-        except TypeError as exc:
+        except registry.ArgumentError as exc:
             raise err.InvalidRequest(
-                "INVALID_ARGUMENTS",
+                exc.reason,
                 f"args: {exc}",
-                violations=[err.FieldViolation("args", str(exc))],
-                metadata={"field": "args"},
+                violations=[err.FieldViolation(v.field, v.description) for v in exc.violations],
+                metadata={"field": "args", **exc.metadata},
             ) from None
 
     async def _check_resume_source(self, name: str) -> None:

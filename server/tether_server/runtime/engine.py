@@ -86,7 +86,8 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
     """Prepare this engine for tether; run once per engine, in its main thread.
 
     Installs the guarded SIGINT/SIGTERM handlers, stops the kernel from swapping SIGINT
-    handlers around each request, and imports ``config["task_modules"]`` (plus the demo
+    handlers around each request, applies ``config["task_settings"]`` (see
+    ``registry.configure``) and imports ``config["task_modules"]`` (plus the demo
     tasks). Returns ``{"pid", "host", "tags", "tasks", "python"}``; ``tags`` is
     ``config["tags"]`` plus ``"gpu"`` where ``nvidia-smi`` exists and
     ``CUDA_VISIBLE_DEVICES`` is not empty. Safe to call again.
@@ -96,6 +97,8 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
     modules = [str(m) for m in config.get("task_modules") or []]
     if DEMO_MODULE not in modules:
         modules.append(DEMO_MODULE)
+    # Operator settings (e.g. the models behind llm.generate) before the preloads use them.
+    registry.configure(config.get("task_settings") or {})
     registry.load_modules(modules)
     # Import heavy libraries now, not inside the first task: their memory would
     # otherwise count against that task (and an interrupt there would recycle the engine).

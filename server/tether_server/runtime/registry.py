@@ -16,6 +16,13 @@ controller (to refuse a bad request with a clear message) and again on the engin
 JSON numbers from a protobuf ``Struct`` always arrive as floats, so an integral float is
 accepted for an ``int`` parameter and converted (``3.0`` -> ``3``); ``3.5`` is refused.
 
+A task may also declare a *validator* (``@task("llm.generate", validator=check)``): the
+controller calls it with the bound arguments at submit time, so a request that could only
+fail on an engine (an unknown model, a prompt longer than the model's context) is refused
+before it is queued. It raises :class:`ArgumentError`, whose violations name the fields.
+Operator settings that tasks read (``--model NAME=PATH`` for ``llm.generate``) travel with
+:func:`configure` / :func:`settings`: the controller hands them to every engine at setup.
+
 Registration happens at import time of the task module, so task modules must be free of
 other import-time side effects: engines import them by reference (DESIGN.md section 11).
 """
@@ -31,18 +38,25 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar, Union, get_args, get_origin
 
 __all__ = [
+    "ArgumentError",
     "RegisteredTask",
     "UnknownTaskError",
+    "Validator",
+    "Violation",
     "bind_args",
+    "configure",
     "get",
     "load_modules",
     "names",
+    "settings",
     "task",
     "unregister",
     "validate_args",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+Validator = Callable[[Mapping[str, Any]], None]
+"""Checks bound arguments at submit time; raises :class:`ArgumentError`."""
 
 CONTEXT_PARAMETER: Final = "ctx"
 """A first parameter with this name receives the :class:`~.context.TaskContext`."""
@@ -72,6 +86,42 @@ class UnknownTaskError(KeyError):
 
 
 @dataclass(frozen=True, slots=True)
+class Violation:
+    """One wrong field of a request: ``field`` is a path such as ``args.max_tokens``."""
+
+    field: str
+    description: str
+    reason: str = "INVALID_ARGUMENTS"
+    """The ErrorInfo reason this violation stands for (UPPER_SNAKE_CASE)."""
+
+
+class ArgumentError(TypeError):
+    """Arguments that do not fit a task: its signature or its validator's rules.
+
+    A ``TypeError`` (what :func:`bind_args` always raised), carrying one
+    :class:`Violation` per wrong field so the API can answer with a ``BadRequest`` that
+    names them. ``reason`` is the first violation's, ``metadata`` extra ErrorInfo data.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        violations: list[Violation],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        if not violations:
+            raise ValueError("an ArgumentError needs at least one violation")
+        super().__init__(f"{task}: " + "; ".join(v.description for v in violations))
+        self.task = task
+        self.violations = list(violations)
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    @property
+    def reason(self) -> str:
+        return self.violations[0].reason
+
+
+@dataclass(frozen=True, slots=True)
 class _Parameter:
     name: str
     required: bool
@@ -94,6 +144,8 @@ class RegisteredTask:
     parameters: tuple[_Parameter, ...]
     accepts_any_keyword: bool
     """The function has ``**kwargs``: unknown argument names are passed through."""
+    validator: Validator | None = None
+    """Submit-time checks beyond the signature (see the module docstring)."""
 
     @property
     def module(self) -> str:
@@ -105,9 +157,12 @@ class RegisteredTask:
 
 
 _REGISTRY: dict[str, RegisteredTask] = {}
+_SETTINGS: dict[str, Any] = {}
 
 
-def task(name: str, *, cooperative: bool = False) -> Callable[[F], F]:
+def task(
+    name: str, *, cooperative: bool = False, validator: Validator | None = None
+) -> Callable[[F], F]:
     """Register the decorated function as task ``name``; the function is returned unchanged.
 
     ``cooperative=True`` means SIGINT never raises inside the task: it sets
@@ -116,12 +171,13 @@ def task(name: str, *, cooperative: bool = False) -> Callable[[F], F]:
 
     Registering a different function under a name already taken raises ``ValueError``;
     re-registering the same function (a module imported again) replaces the entry.
+    ``validator`` runs in the controller at submit time, after the arguments bound.
     """
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
         raise ValueError(f"invalid task name {name!r}: use dotted identifiers like 'demo.sleep'")
 
     def register(function: F) -> F:
-        registered = _describe(name, function, cooperative)
+        registered = _describe(name, function, cooperative, validator)
         existing = _REGISTRY.get(name)
         if existing is not None and _identity(existing.function) != _identity(function):
             raise ValueError(
@@ -153,20 +209,37 @@ def names() -> list[str]:
 
 
 def validate_args(name: str, args: Mapping[str, Any]) -> None:
-    """Raise ``TypeError`` (with a message fit for a client) unless ``args`` bind to task ``name``.
+    """Raise :class:`ArgumentError` (a ``TypeError``) unless ``args`` suit task ``name``.
 
-    Raises :class:`UnknownTaskError` when no such task is registered.
+    The arguments must bind to the signature, then pass the task's validator if it has
+    one. Raises :class:`UnknownTaskError` when no such task is registered.
     """
-    bind_args(get(name), args)
+    registered = get(name)
+    bound = bind_args(registered, args)
+    if registered.validator is not None:
+        registered.validator(bound)
+
+
+def configure(values: Mapping[str, Any]) -> None:
+    """Replace the operator settings tasks read (JSON data, keyed by task family)."""
+    _SETTINGS.clear()
+    _SETTINGS.update(values)
+
+
+def settings() -> dict[str, Any]:
+    """The operator settings (a copy): what the controller hands to engines at setup."""
+    return dict(_SETTINGS)
 
 
 def bind_args(registered: RegisteredTask, args: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``args`` against the task's signature and return the keyword arguments to call with.
 
-    Integral floats given for ``int`` parameters come back as ints. Raises ``TypeError``.
+    Integral floats given for ``int`` parameters come back as ints. Raises
+    :class:`ArgumentError` (a ``TypeError``) with one violation per wrong argument.
     """
     if not isinstance(args, Mapping):
-        raise TypeError(f"{registered.name}: arguments must be a JSON object, not {_kind(args)}")
+        problem = Violation("args", f"arguments must be a JSON object, not {_kind(args)}")
+        raise ArgumentError(registered.name, [problem])
     problems: list[str] = []
     bound: dict[str, Any] = {}
     known = {p.name: p for p in registered.parameters}
@@ -189,7 +262,9 @@ def bind_args(registered: RegisteredTask, args: Mapping[str, Any]) -> dict[str, 
         except TypeError as exc:
             problems.append(str(exc))
     if problems:
-        raise TypeError(f"{registered.name}: " + "; ".join(problems))
+        # One violation on the field "args" as a whole (as it always was); validators
+        # name the argument at fault (``args.max_tokens``).
+        raise ArgumentError(registered.name, [Violation("args", "; ".join(problems))])
     for key, value in args.items():
         if key not in known:
             bound[key] = value
@@ -213,7 +288,9 @@ def _identity(function: Callable[..., Any]) -> tuple[str, str]:
     return (str(getattr(function, "__module__", "")), function.__qualname__)
 
 
-def _describe(name: str, function: Callable[..., Any], cooperative: bool) -> RegisteredTask:
+def _describe(
+    name: str, function: Callable[..., Any], cooperative: bool, validator: Validator | None
+) -> RegisteredTask:
     if not callable(function):
         raise TypeError(f"task {name!r}: {function!r} is not callable")
     try:
@@ -255,6 +332,7 @@ def _describe(name: str, function: Callable[..., Any], cooperative: bool) -> Reg
         takes_context=takes_context,
         parameters=tuple(described),
         accepts_any_keyword=accepts_any_keyword,
+        validator=validator,
     )
 
 

@@ -3,42 +3,18 @@
 Registered names:
 
 - ``llm.generate``: autoregressive generation with a KV cache on the engine's GPU (or
-  CPU), streaming one chunk per token, checkpointing every few tokens, resumable.
+  CPU), on the built-in demo transformer (``model`` ``tiny``...) or on a Hugging Face
+  checkpoint the operator configured (``--model NAME=PATH``); streams text as it is
+  generated, checkpoints every few tokens, resumable exactly.
 - ``llm.stuck_cuda``: one long GPU kernel (a long C call without CUDA) that no SIGINT
   can end; it exists to show that the escalation ladder needs SIGKILL.
 - ``llm.hold_memory``: holds a task-local buffer while it sleeps; interrupting it shows
   whether the runtime gives an interrupted task's memory back.
 
 torch is imported inside the task functions only: the controller imports this module to
-know the task names and must not pay for ``import torch``. The model itself (tokenizer,
-transformer, KV cache, seeded sampling) lives in ``tether_server.tasks.llm_model``.
-
-Interrupts and resumption in ``llm.generate``
----------------------------------------------
-Each decode step (choose a token, emit it, feed it to the model) runs inside
-``ctx.uninterruptible()``, so a SIGINT never tears a step: the step finishes, a
-checkpoint is written, and the task ends with ``KeyboardInterrupt`` (INTERRUPTED).
-Periodic checkpoints (every ``checkpoint_every`` tokens) cover the harsher stages of the
-ladder, where no Python runs after the signal.
-
-A checkpoint is ``{"version": 1, "prompt", "seed", "temperature", "model",
-"generated_ids", "text"}``. An attempt started with ``ctx.resume_state`` must have the
-same prompt, seed, temperature and model (else ``ValueError``); ``max_tokens`` may
-differ. It emits the text generated so far as ONE chunk up front, rebuilds the KV cache,
-then emits one chunk per new token: the resumed task's output, like its result's
-``text``, is the full text, the text of an uninterrupted run. Two things make it so:
-
-- sampling draws from a generator seeded by (seed, step), never from a running RNG;
-- the KV cache is rebuilt as the first attempt built it (one prefill of the prompt,
-  then one decode step per generated token), so every logit is bit for bit the same on
-  the same device. One prefill of prompt + generated ids would be much faster, but other
-  kernel shapes round differently: measured on an H200 in bf16, a sampled continuation
-  then left the uninterrupted text within 30-70 tokens. The price is one decode step per
-  recovered token, about what generating them cost, without the streaming.
-
-Chunks: one ``ctx.emit`` per token, except that a token ending inside a multi-byte UTF-8
-character emits nothing; the token that completes the character emits all of it. No
-chunk is ever empty and no character is ever split between chunks.
+know the task names and to validate requests (:mod:`.llm_request`), and must not pay for
+``import torch``. The decode loop, streaming, checkpoints and resumption live in
+:mod:`.generation`; the models in :mod:`.llm_model` (demo) and :mod:`.hf` (checkpoints).
 """
 
 from __future__ import annotations
@@ -46,17 +22,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from tether_server.runtime.registry import task
 
-if TYPE_CHECKING:
-    import torch
+from . import llm_request
 
-    from tether_server.tasks.llm_model import LanguageModel
-
-CHECKPOINT_VERSION = 1
-PROGRESS_EVERY = 4  # tokens between two progress reports
 MAX_STUCK_SECONDS = 3600.0
 
 
@@ -80,171 +51,91 @@ class LLMTaskContext(Protocol):
     def uninterruptible(self) -> AbstractContextManager[Any]: ...
 
 
-@task("llm.generate")
+@task("llm.generate", validator=llm_request.validate_generate)
 def generate(
     ctx: LLMTaskContext,
-    prompt: str,
+    prompt: str | None = None,
+    messages: list[Any] | None = None,
     max_tokens: int = 64,
     temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
     seed: int = 0,
+    stop: Any = None,
     model: str = "tiny",
     model_path: str = "",
     device: str = "auto",
     checkpoint_every: int = 8,
 ) -> dict[str, Any]:
-    """Generate up to ``max_tokens`` byte tokens after ``prompt``.
+    """Generate up to ``max_tokens`` tokens after ``prompt`` (or the chat ``messages``).
 
-    ``temperature`` 0 is greedy; above 0, tokens are drawn with ``seed``. ``model`` names
-    a built-in size (``tiny``, ``small``, ``large``, ``xl``: seeded random weights);
-    ``model_path`` instead loads local weights (a directory with ``config.json`` and
-    ``model.pt``, written by ``llm_model.save_model``). ``device`` is ``auto`` (CUDA when
-    the engine has it), ``cpu`` or ``cuda``. ``checkpoint_every`` 0 checkpoints only on
+    ``messages`` (``[{"role": "system"|"user"|"assistant", "content": ...}]``) are
+    rendered with the model's chat template, the assistant's turn opened. ``temperature``
+    0 is greedy; above 0, tokens are drawn with ``seed`` after ``top_k`` (0: off) and
+    ``top_p`` (1: off) filtering. ``stop`` (a string or a list) ends the text before the
+    first stop sequence. ``model`` names an operator checkpoint or a built-in size
+    (``tiny``, ``small``, ``large``, ``xl``: seeded random weights); ``model_path`` (only
+    where the operator allows it) a directory. ``device`` is ``auto`` (CUDA when the
+    engine has it), ``cpu`` or ``cuda``. ``checkpoint_every`` 0 checkpoints only on
     interrupt.
 
-    Returns ``{"text", "tokens", "finish_reason": "length"|"stop", "device", "model"}``;
-    ``tokens`` counts every generated token, those of a resumed attempt included.
+    Returns ``{"text", "model", "device", "finish_reason": "length"|"stop"|"eos",
+    "prompt_tokens", "completion_tokens", "tokens", "resumed_tokens", "timings"}``;
+    ``completion_tokens`` (and its older name ``tokens``) counts every generated token,
+    those of a resumed attempt included.
     """
-    from tether_server.tasks import llm_model
+    started = time.perf_counter()
+    from . import generation, llm_catalog, llm_model
 
-    _validate_generate_args(max_tokens, temperature, checkpoint_every)
-    lm = llm_model.get_model(model, model_path, llm_model.resolve_device(device))
-    prompt_ids = [llm_model.BOS_ID, *llm_model.ByteTokenizer.encode(prompt)]
-    if len(prompt_ids) + max_tokens > lm.config.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt_ids) - 1} bytes) + max_tokens ({max_tokens}) exceed the "
-            f"{lm.config.max_seq_len} positions of model {lm.config.name!r}"
-        )
-    generated = _resumed_ids(ctx.resume_state, prompt, seed, temperature, lm.config.name)
-    del generated[max_tokens:]
-    text, finish_reason = _decode_loop(
-        ctx, lm, prompt, prompt_ids, generated, max_tokens, temperature, seed, checkpoint_every
-    )
-    return {
-        "text": text,
-        "tokens": len(generated),
-        "finish_reason": finish_reason,
-        "device": lm.device.type,
-        "model": lm.config.name,
+    arguments = {
+        "prompt": prompt,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": stop,
+        "device": device,
+        "checkpoint_every": checkpoint_every,
     }
-
-
-def _validate_generate_args(max_tokens: int, temperature: float, checkpoint_every: int) -> None:
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    if not 0.0 <= temperature <= 100.0:
-        raise ValueError(f"temperature must be in [0, 100], got {temperature}")
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be 0 or more, got {checkpoint_every}")
-
-
-def _resumed_ids(state: Any, prompt: str, seed: int, temperature: float, model: str) -> list[int]:
-    """The token ids a previous attempt generated, after checking they belong to this task.
-
-    Ids may come back as integral floats (JSON through ``google.protobuf.Struct``).
-    """
-    if state is None:
-        return []
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError("resume_state is not an llm.generate checkpoint of version 1")
-    expected = {"prompt": prompt, "seed": seed, "temperature": temperature, "model": model}
-    for key, value in expected.items():
-        if state.get(key) != value:
-            raise ValueError(
-                f"resume_state belongs to another generation: its {key} is "
-                f"{state.get(key)!r}, this task's is {value!r}"
-            )
-    ids = state.get("generated_ids")
-    if not isinstance(ids, list) or not all(_is_byte_id(i) for i in ids):
-        raise ValueError("resume_state generated_ids must be a list of byte ids (0-255)")
-    return [int(i) for i in ids]
-
-
-def _is_byte_id(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return float(value).is_integer() and 0 <= value < 256
-
-
-def _decode_loop(
-    ctx: LLMTaskContext,
-    lm: LanguageModel,
-    prompt: str,
-    prompt_ids: list[int],
-    generated: list[int],
-    max_tokens: int,
-    temperature: float,
-    seed: int,
-    checkpoint_every: int,
-) -> tuple[str, str]:
-    """Extend ``generated`` in place; the full text and the finish reason."""
-    from tether_server.tasks import llm_model
-
-    decoder = llm_model.StreamDecoder()
-    pieces: list[str] = []
-
-    def emit(piece: str) -> None:
-        if piece:
-            pieces.append(piece)
-            ctx.emit(piece)
-
-    def save_checkpoint() -> None:
-        ctx.checkpoint(
-            {
-                "version": CHECKPOINT_VERSION,
-                "prompt": prompt,
-                "seed": seed,
-                "temperature": temperature,
-                "model": lm.config.name,
-                "generated_ids": list(generated),
-                "text": "".join(pieces),
-            }
-        )
-
-    if generated:  # a resumed attempt: the old text as one chunk
-        emit(decoder.push(generated))
-    finish_reason = "length"
-    if len(generated) >= max_tokens:
-        emit(decoder.flush())
-        return "".join(pieces), finish_reason
-    cache = lm.new_cache(len(prompt_ids) + max_tokens)
-    logits: torch.Tensor | None = None
+    _raise_for(llm_request.check(arguments, None))
     try:
-        logits = lm.prefill(prompt_ids, cache)
-        if generated:
-            ctx.progress(0.0, f"resuming: replaying {len(generated)} generated tokens")
-            # One decode step per token, exactly as the first attempt computed them: one
-            # prefill of prompt + generated ids would be faster but not bit-identical (other
-            # kernel shapes), and in bf16 the continuation then drifts within tens of tokens.
-            for token in generated:
-                logits = lm.decode(token, cache)
-            ctx.progress(len(generated) / max_tokens, f"resumed at token {len(generated)}")
-        for step in range(len(generated), max_tokens):
-            with ctx.uninterruptible():
-                token = llm_model.choose_token(logits, temperature, seed, step)
-                if token == llm_model.EOS_ID:
-                    finish_reason = "stop"
-                    break
-                generated.append(token)
-                emit(decoder.push([token]))
-                count = len(generated)
-                if count % PROGRESS_EVERY == 0 or count == max_tokens:
-                    ctx.progress(count / max_tokens, f"token {count}/{max_tokens}")
-                periodic = checkpoint_every > 0 and count % checkpoint_every == 0
-                if periodic or ctx.interrupted:
-                    save_checkpoint()
-                if count < max_tokens and not ctx.interrupted:
-                    logits = lm.decode(token, cache)
-            # uninterruptible() raises on exit when interrupted; check() covers a
-            # context that only records the flag.
-            if ctx.interrupted:
-                ctx.check()
-        emit(decoder.flush())
-    finally:
-        # Give the KV cache back now, even when interrupted: the runtime's cleanup then
-        # has nothing of ours to find in this frame.
-        cache.release()
-        del logits
-    return "".join(pieces), finish_reason
+        entry = llm_catalog.entry_for(model, model_path)
+    except (LookupError, PermissionError) as exc:
+        raise ValueError(llm_request.message_of(exc)) from None
+    target = llm_model.resolve_device(device)
+    backend: generation.Backend
+    if entry.kind == "hf":
+        from . import hf
+
+        checkpoint = hf.get_model(entry.name, entry.path, target)
+        prompt_ids = checkpoint.encode(prompt, messages)
+        backend = checkpoint
+    else:
+        if messages is not None:
+            raise ValueError(f"model {entry.name!r} has no chat template: send a prompt")
+        demo = llm_model.get_model(model, entry.path, target)
+        prompt_ids = demo.encode_prompt(prompt or "")
+        backend = demo
+    _raise_for(
+        llm_request.context_violations(
+            entry.name, len(prompt_ids), max_tokens, entry.context_length
+        )
+    )
+    request = generation.Generation(
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        sampling=generation.Sampling(temperature, top_p, top_k, seed),
+        stop=llm_request.stop_sequences(stop),
+        checkpoint_every=checkpoint_every,
+    )
+    return generation.run(ctx, backend, request, started)
+
+
+def _raise_for(problems: list[Any]) -> None:
+    if problems:
+        raise ValueError("; ".join(problem.description for problem in problems))
 
 
 @task("llm.stuck_cuda")

@@ -26,10 +26,9 @@ What is here:
 from __future__ import annotations
 
 import codecs
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
@@ -39,21 +38,47 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..runtime.resources import register_resident_probe
+from .llm_catalog import (
+    BOS_ID,
+    BYTE_VOCAB,
+    DEMO_CONFIG_FILE,
+    DEMO_WEIGHTS_FILE,
+    EOS_ID,
+    MODEL_CONFIGS,
+    VOCAB_SIZE,
+    ModelConfig,
+)
+from .sampling import choose_token as _choose
+from .sampling import step_seed
 
-BYTE_VOCAB = 256
-BOS_ID = 256
-EOS_ID = 257
-# 256 bytes and the specials, padded to a multiple of 8; ids 258-263 are reserved and
-# never sampled.
-VOCAB_SIZE = 264
+__all__ = [
+    "BOS_ID",
+    "BYTE_VOCAB",
+    "EOS_ID",
+    "MODEL_CONFIGS",
+    "VOCAB_SIZE",
+    "ByteTokenizer",
+    "KVCache",
+    "LanguageModel",
+    "ModelConfig",
+    "StreamDecoder",
+    "build_model",
+    "choose_token",
+    "get_model",
+    "load_model",
+    "resolve_device",
+    "save_model",
+    "step_seed",
+    "warm_up",
+]
 
 # Attention kernels for CUDA. cuDNN attention is left out: it builds an execution plan
 # for every new sequence length, and a decode step is a new length every time (measured
 # on an H200, torch 2.11: 53-85 ms per token on unseen lengths, 2-12 ms without cuDNN).
-_CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = DEMO_CONFIG_FILE
+WEIGHTS_FILE = DEMO_WEIGHTS_FILE
 
 
 class ByteTokenizer:
@@ -88,58 +113,6 @@ class StreamDecoder:
     def flush(self) -> str:
         """What is left at the end: U+FFFD for a trailing incomplete character, else ``""``."""
         return self._decoder.decode(b"", final=True)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The shape of a model. Saved as ``config.json`` beside a state dict."""
-
-    name: str
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_ff: int
-    max_seq_len: int
-    vocab_size: int = VOCAB_SIZE
-    weights_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.vocab_size < VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be at least {VOCAB_SIZE}")
-
-    @property
-    def parameter_count(self) -> int:
-        """Number of parameters (the LM head is the token embedding, so it is not counted twice)."""
-        d, f = self.d_model, self.d_ff
-        per_layer = 4 * d * d + 2 * d * f + 2 * d  # qkv + out, MLP in + out, two norms
-        embeddings = (self.vocab_size + self.max_seq_len) * d
-        return embeddings + self.n_layers * per_layer + d + self.vocab_size  # final norm, bias
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        fields = json.loads(text)
-        if not isinstance(fields, dict):
-            raise ValueError("model config must be a JSON object")
-        return cls(**fields)
-
-
-MODEL_CONFIGS: dict[str, ModelConfig] = {
-    # ~1 ms per token on one CPU core: for tests and demos.
-    "tiny": ModelConfig("tiny", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=2048),
-    # ~10 ms per token on one CPU core.
-    "small": ModelConfig("small", d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_seq_len=2048),
-    # ~4.9 B parameters, ~9 GiB in bf16, ~8 ms per token on an H200: a real GPU load.
-    "large": ModelConfig(
-        "large", d_model=4096, n_layers=24, n_heads=32, d_ff=16384, max_seq_len=4096
-    ),
-    # ~18 B parameters, ~34 GiB in bf16, ~13 ms per token on an H200; fits one H100.
-    "xl": ModelConfig("xl", d_model=6144, n_layers=40, n_heads=48, d_ff=24576, max_seq_len=4096),
-}
 
 
 class _Placement(TypedDict):
@@ -289,7 +262,7 @@ class LanguageModel:
             if self.device.type != "cuda":
                 logits: torch.Tensor = self.module(tensor, cache)
                 return logits
-            with sdpa_kernel(_CUDA_ATTENTION):
+            with sdpa_kernel(CUDA_ATTENTION):
                 logits = self.module(tensor, cache)
                 return logits
 
@@ -304,6 +277,46 @@ class LanguageModel:
     def full_logits(self, ids: list[int]) -> torch.Tensor:
         """Logits ``[len, vocab]`` of a full forward without a cache (the reference)."""
         return self._forward(ids, None)[0]
+
+    # The generation.Backend protocol.
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def vocab_size(self) -> int:
+        """Generated ids are bytes: EOS ends a generation and is never kept."""
+        return BYTE_VOCAB
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return frozenset({EOS_ID})
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return byte_scores(logits)
+
+    def detokenizer(self, prompt_ids: Sequence[int]) -> ByteDetokenizer:
+        return ByteDetokenizer()
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [BOS_ID, *ByteTokenizer.encode(prompt)]
+
+
+class ByteDetokenizer:
+    """``StreamDecoder`` one token at a time (the generation.Detokenizer protocol)."""
+
+    def __init__(self) -> None:
+        self._decoder = StreamDecoder()
+
+    def push(self, token: int) -> str:
+        return self._decoder.push([token])
+
+    def flush(self) -> str:
+        return self._decoder.flush()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -421,17 +434,22 @@ def cached_models() -> dict[tuple[str, str], LanguageModel]:
     return dict(_MODELS)
 
 
-def _resident_bytes() -> tuple[int, int]:
-    """(host, GPU) bytes of cached model weights: kept on purpose, not leaked."""
+def module_bytes(modules: Iterable[nn.Module]) -> tuple[int, int]:
+    """(host, GPU) bytes of these modules' parameters and buffers."""
     host = gpu = 0
-    for model in list(_MODELS.values()):
-        for tensor in [*model.module.parameters(), *model.module.buffers()]:
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
             size = tensor.numel() * tensor.element_size()
             if tensor.device.type == "cuda":
                 gpu += size
             else:
                 host += size
     return host, gpu
+
+
+def _resident_bytes() -> tuple[int, int]:
+    """(host, GPU) bytes of cached model weights: kept on purpose, not leaked."""
+    return module_bytes(model.module for model in list(_MODELS.values()))
 
 
 register_resident_probe(_resident_bytes)
@@ -444,18 +462,22 @@ def warm_up() -> None:
     H200) and the first matmul loads kernels; done inside a task, that memory would count
     as the task's and an interrupt would recycle the engine. A tiny model runs a few
     tokens here instead (it stays cached: a few MiB).
+
+    Then every checkpoint the operator configured (``--model``) is loaded on the
+    engine's default device and generates two tokens: a serving engine pays for its
+    weights once, at start, and they are declared resident from then on.
     """
     from ..runtime.context import TaskContext
     from .llm import generate
+    from .llm_catalog import configured_models
+
+    def quiet() -> TaskContext:
+        return TaskContext("warm-up", 0, sink=lambda _data: None)
 
     for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-        generate(
-            TaskContext("warm-up", 0, sink=lambda _data: None),
-            prompt="warm up",
-            max_tokens=4,
-            device=device,
-            checkpoint_every=0,
-        )
+        generate(quiet(), prompt="warm up", max_tokens=4, device=device, checkpoint_every=0)
+    for name in configured_models():
+        generate(quiet(), prompt="warm up", max_tokens=2, model=name, checkpoint_every=0)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -465,26 +487,14 @@ def clear_model_cache() -> None:
     _MODELS.clear()
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The sampling seed for token ``step`` of a generation seeded with ``seed``.
-
-    A hash of (seed, step), so the draw for a step never depends on how many draws came
-    before it in this process: a resumed run samples as the uninterrupted one did.
-    """
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def choose_token(logits: torch.Tensor, temperature: float, seed: int, step: int) -> int:
-    """The next token: argmax at temperature 0, else a seeded draw.
+    """The next byte token (or EOS) of the built-in model: argmax at temperature 0, else a
+    seeded draw (see :mod:`.sampling`)."""
+    return _choose(byte_scores(logits), temperature, seed, step)
 
-    Only bytes and ``EOS`` can be chosen. The draw runs on the CPU, so it is the same
-    whichever device computed the logits.
-    """
+
+def byte_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Only bytes and ``EOS`` can be chosen (BOS and the reserved ids never)."""
     scores = logits.detach().to("cpu", torch.float32)[: EOS_ID + 1].clone()
     scores[BOS_ID] = -math.inf
-    if temperature <= 0.0:
-        return int(scores.argmax())
-    probs = torch.softmax(scores / temperature, dim=-1)
-    generator = torch.Generator().manual_seed(step_seed(seed, step))
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return scores

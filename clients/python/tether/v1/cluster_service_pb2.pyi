@@ -113,6 +113,8 @@ class GetClusterResponse(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     REGISTERED_TASKS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    MODEL_PATHS_ALLOWED_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
     STORE_WRITABLE_FIELD_NUMBER: _builtins.int
     CLUSTER_CONNECTED_FIELD_NUMBER: _builtins.int
@@ -130,6 +132,10 @@ class GetClusterResponse(_message.Message):
     """Tasks running or being interrupted."""
     cluster_id: _builtins.str
     """The ipyparallel cluster id."""
+    model_paths_allowed: _builtins.bool
+    """True when llm.generate accepts a client's "model_path" (inside the directories the
+    operator allowed with --allow-model-path); false: only the models listed here.
+    """
     serving: _builtins.bool
     """True when tether takes and runs work: the store writes, the ipyparallel controller
     answers, and at least one engine is ready (what the health service reports).
@@ -156,6 +162,12 @@ class GetClusterResponse(_message.Message):
     def registered_tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Registered task names that can be submitted."""
 
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
+        """Models llm.generate can run (its "model" argument): the operator's checkpoints
+        (--model NAME=PATH) first, then the built-in demo sizes. Empty without the [llm] extra.
+        """
+
     def __init__(
         self,
         *,
@@ -168,6 +180,8 @@ class GetClusterResponse(_message.Message):
         cluster_id: _builtins.str = ...,
         limits: Global___ServerLimits | None = ...,
         registered_tasks: _abc.Iterable[_builtins.str] | None = ...,
+        models: _abc.Iterable[Global___Model] | None = ...,
+        model_paths_allowed: _builtins.bool = ...,
         serving: _builtins.bool = ...,
         store_writable: _builtins.bool = ...,
         cluster_connected: _builtins.bool = ...,
@@ -176,11 +190,49 @@ class GetClusterResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_connected", b"cluster_connected", "cluster_id", b"cluster_id", "cluster_restarts", b"cluster_restarts", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "pending_tasks", b"pending_tasks", "problem", b"problem", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "serving", b"serving", "store_writable", b"store_writable", "target_size", b"target_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_connected", b"cluster_connected", "cluster_id", b"cluster_id", "cluster_restarts", b"cluster_restarts", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "model_paths_allowed", b"model_paths_allowed", "models", b"models", "pending_tasks", b"pending_tasks", "problem", b"problem", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "serving", b"serving", "store_writable", b"store_writable", "target_size", b"target_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetClusterResponse: _TypeAlias = GetClusterResponse  # noqa: Y015
+
+@_typing.final
+class Model(_message.Message):
+    """A model llm.generate can run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name to pass as llm.generate's "model" argument."""
+    kind: _builtins.str
+    """Where it comes from: "hf" (a Hugging Face checkpoint the operator configured) or
+    "builtin" (tether's seeded random demo transformer).
+    """
+    context_length: _builtins.int
+    """Tokens the model can attend to: prompt tokens + max_tokens may not exceed it
+    (SubmitTask refuses with CONTEXT_LENGTH_EXCEEDED).
+    """
+    chat: _builtins.bool
+    """True when the model has a chat template, so llm.generate accepts "messages"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        context_length: _builtins.int = ...,
+        chat: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "context_length", b"context_length", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Model: _TypeAlias = Model  # noqa: Y015
 
 @_typing.final
 class Engine(_message.Message):

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tether/v1/cluster_service.proto.
  */
 export const file_tether_v1_cluster_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3Qi+QIKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCRIPCgdzZXJ2aW5nGBQgASgIEhYKDnN0b3JlX3dyaXRhYmxlGBUgASgIEhkKEWNsdXN0ZXJfY29ubmVjdGVkGBYgASgIEhgKEGNsdXN0ZXJfcmVzdGFydHMYFyABKAMSDwoHcHJvYmxlbRgYIAEoCSL/AQoGRW5naW5lEgoKAmlkGAEgASgFEgwKBGhvc3QYAiABKAkSCwoDcGlkGAMgASgFEiUKBXN0YXRlGAQgASgOMhYudGV0aGVyLnYxLkVuZ2luZVN0YXRlEhQKDGN1cnJlbnRfdGFzaxgFIAEoCRISCgp0YXNrc19kb25lGAYgASgDEi0KCWxhc3Rfc2VlbhgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFncxgIIAMoCRIxCg1yZWdpc3Rlcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVzcGFyZRgUIAEoCCLJAQoMU2VydmVyTGltaXRzEhYKDm1heF9hcmdzX2J5dGVzGAEgASgDEiwKCW1heF9ncmFjZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgttYXhfdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIYChBtYXhfb3V0cHV0X2J5dGVzGAQgASgDEhUKDW1heF9wYWdlX3NpemUYBSABKAUSEgoKbWF4X2xhYmVscxgGIAEoBSqmAQoLRW5naW5lU3RhdGUSHAoYRU5HSU5FX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRU5HSU5FX1NUQVRFX1NUQVJUSU5HEAESFQoRRU5HSU5FX1NUQVRFX0lETEUQAhIVChFFTkdJTkVfU1RBVEVfQlVTWRADEhUKEUVOR0lORV9TVEFURV9MT1NUEAQSGQoVRU5HSU5FX1NUQVRFX1NUT1BQSU5HEAUqYQoLQ2x1c3Rlck1vZGUSHAoYQ0xVU1RFUl9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVQ0xVU1RFUl9NT0RFX0VNQkVEREVEEAESGQoVQ0xVU1RFUl9NT0RFX0FUVEFDSEVEEAIyWwoOQ2x1c3RlclNlcnZpY2USSQoKR2V0Q2x1c3RlchIcLnRldGhlci52MS5HZXRDbHVzdGVyUmVxdWVzdBodLnRldGhlci52MS5HZXRDbHVzdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3QiuAMKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCRIgCgZtb2RlbHMYCiADKAsyEC50ZXRoZXIudjEuTW9kZWwSGwoTbW9kZWxfcGF0aHNfYWxsb3dlZBgLIAEoCBIPCgdzZXJ2aW5nGBQgASgIEhYKDnN0b3JlX3dyaXRhYmxlGBUgASgIEhkKEWNsdXN0ZXJfY29ubmVjdGVkGBYgASgIEhgKEGNsdXN0ZXJfcmVzdGFydHMYFyABKAMSDwoHcHJvYmxlbRgYIAEoCSJJCgVNb2RlbBIMCgRuYW1lGAEgASgJEgwKBGtpbmQYAiABKAkSFgoOY29udGV4dF9sZW5ndGgYAyABKAUSDAoEY2hhdBgEIAEoCCL/AQoGRW5naW5lEgoKAmlkGAEgASgFEgwKBGhvc3QYAiABKAkSCwoDcGlkGAMgASgFEiUKBXN0YXRlGAQgASgOMhYudGV0aGVyLnYxLkVuZ2luZVN0YXRlEhQKDGN1cnJlbnRfdGFzaxgFIAEoCRISCgp0YXNrc19kb25lGAYgASgDEi0KCWxhc3Rfc2VlbhgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFncxgIIAMoCRIxCg1yZWdpc3Rlcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVzcGFyZRgUIAEoCCLJAQoMU2VydmVyTGltaXRzEhYKDm1heF9hcmdzX2J5dGVzGAEgASgDEiwKCW1heF9ncmFjZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgttYXhfdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIYChBtYXhfb3V0cHV0X2J5dGVzGAQgASgDEhUKDW1heF9wYWdlX3NpemUYBSABKAUSEgoKbWF4X2xhYmVscxgGIAEoBSqmAQoLRW5naW5lU3RhdGUSHAoYRU5HSU5FX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRU5HSU5FX1NUQVRFX1NUQVJUSU5HEAESFQoRRU5HSU5FX1NUQVRFX0lETEUQAhIVChFFTkdJTkVfU1RBVEVfQlVTWRADEhUKEUVOR0lORV9TVEFURV9MT1NUEAQSGQoVRU5HSU5FX1NUQVRFX1NUT1BQSU5HEAUqYQoLQ2x1c3Rlck1vZGUSHAoYQ0xVU1RFUl9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVQ0xVU1RFUl9NT0RFX0VNQkVEREVEEAESGQoVQ0xVU1RFUl9NT0RFX0FUVEFDSEVEEAIyWwoOQ2x1c3RlclNlcnZpY2USSQoKR2V0Q2x1c3RlchIcLnRldGhlci52MS5HZXRDbHVzdGVyUmVxdWVzdBodLnRldGhlci52MS5HZXRDbHVzdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Request of ClusterService.GetCluster.
@@ -99,6 +99,22 @@ export type GetClusterResponse = Message<"tether.v1.GetClusterResponse"> & {
   registeredTasks: string[];
 
   /**
+   * Models llm.generate can run (its "model" argument): the operator's checkpoints
+   * (--model NAME=PATH) first, then the built-in demo sizes. Empty without the [llm] extra.
+   *
+   * @generated from field: repeated tether.v1.Model models = 10;
+   */
+  models: Model[];
+
+  /**
+   * True when llm.generate accepts a client's "model_path" (inside the directories the
+   * operator allowed with --allow-model-path); false: only the models listed here.
+   *
+   * @generated from field: bool model_paths_allowed = 11;
+   */
+  modelPathsAllowed: boolean;
+
+  /**
    * True when tether takes and runs work: the store writes, the ipyparallel controller
    * answers, and at least one engine is ready (what the health service reports).
    *
@@ -142,6 +158,50 @@ export type GetClusterResponse = Message<"tether.v1.GetClusterResponse"> & {
  */
 export const GetClusterResponseSchema: GenMessage<GetClusterResponse> = /*@__PURE__*/
   messageDesc(file_tether_v1_cluster_service, 1);
+
+/**
+ * A model llm.generate can run.
+ *
+ * @generated from message tether.v1.Model
+ */
+export type Model = Message<"tether.v1.Model"> & {
+  /**
+   * The name to pass as llm.generate's "model" argument.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Where it comes from: "hf" (a Hugging Face checkpoint the operator configured) or
+   * "builtin" (tether's seeded random demo transformer).
+   *
+   * @generated from field: string kind = 2;
+   */
+  kind: string;
+
+  /**
+   * Tokens the model can attend to: prompt tokens + max_tokens may not exceed it
+   * (SubmitTask refuses with CONTEXT_LENGTH_EXCEEDED).
+   *
+   * @generated from field: int32 context_length = 3;
+   */
+  contextLength: number;
+
+  /**
+   * True when the model has a chat template, so llm.generate accepts "messages".
+   *
+   * @generated from field: bool chat = 4;
+   */
+  chat: boolean;
+};
+
+/**
+ * Describes the message tether.v1.Model.
+ * Use `create(ModelSchema)` to create a new message.
+ */
+export const ModelSchema: GenMessage<Model> = /*@__PURE__*/
+  messageDesc(file_tether_v1_cluster_service, 2);
 
 /**
  * One ipyparallel engine.
@@ -226,7 +286,7 @@ export type Engine = Message<"tether.v1.Engine"> & {
  * Use `create(EngineSchema)` to create a new message.
  */
 export const EngineSchema: GenMessage<Engine> = /*@__PURE__*/
-  messageDesc(file_tether_v1_cluster_service, 2);
+  messageDesc(file_tether_v1_cluster_service, 3);
 
 /**
  * Limits the server enforces on requests.
@@ -282,7 +342,7 @@ export type ServerLimits = Message<"tether.v1.ServerLimits"> & {
  * Use `create(ServerLimitsSchema)` to create a new message.
  */
 export const ServerLimitsSchema: GenMessage<ServerLimits> = /*@__PURE__*/
-  messageDesc(file_tether_v1_cluster_service, 3);
+  messageDesc(file_tether_v1_cluster_service, 4);
 
 /**
  * What an engine is doing.
