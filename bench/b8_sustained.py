@@ -2,9 +2,9 @@
 
 A fresh tether server runs ``demo.echo`` tasks with at most 128 in flight (64
 submitters, completions counted on one filter stream). Every 2% of the run the RSS
-of the server, of the ipyparallel hub (its main process) and of each engine is
-sampled; the figure is the least-squares slope over the second half of the run, in
-bytes per task: what a server that runs for months gains per task once warm.
+of the server, of the ipyparallel hub (with the scheduler processes it forks) and of
+each engine is sampled; the figure is the least-squares slope over the second half of
+the run, in bytes per task: what a server that runs for months gains per task once warm.
 Targets: server < 200, hub < 100, engines < 50 bytes per task.
 There is no raw baseline: raw ipyparallel's client and hub keep every task's id.
 """
@@ -47,7 +47,10 @@ def _cluster_rss(server_pid: int) -> tuple[int, list[int]]:
         try:
             cmd = " ".join(proc.cmdline())
             if "ipyparallel_hub" in cmd and proc.ppid() == server_pid:
-                hub = proc.memory_info().rss
+                # The hub and the schedulers it forks (their traffic is per task too).
+                hub = proc.memory_info().rss + sum(
+                    child.memory_info().rss for child in proc.children(recursive=True)
+                )
             elif "ipyparallel.engine" in cmd and "nanny" not in cmd:
                 engines.append(proc.memory_info().rss)
         except psutil.Error:
