@@ -230,9 +230,9 @@ def map_results(
             if not in_flight:
                 return
             name = next(iter(in_flight)) if ordered else finished.get()
-            future = in_flight.pop(name)
-            watcher.finish(name, future)
-            yield _core.outcome(future.result(), return_exceptions=return_exceptions)
+            task = in_flight[name].result()
+            watcher.finish(name, in_flight.pop(name))
+            yield _core.outcome(task, return_exceptions=return_exceptions)
     finally:
         for name, future in in_flight.items():
             watcher.finish(name, future)
