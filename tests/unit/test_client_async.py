@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import struct_pb2
 from grpc_status import rpc_status
 
 import tether
@@ -228,3 +229,52 @@ def test_list_iterates_across_pages() -> None:
 
     run(scenario)
     assert [r.page_token for r in service.requests["ListTasks"]] == ["", "p2"]
+
+
+# --------------------------------------------------------------------------- the outcome stream
+
+
+def _finals(*names_values: tuple[str, int]) -> Messages:
+    return [
+        ended(task_pb2.Task(name=name, state=task_pb2.TASK_STATE_SUCCEEDED, result=_number(v)), rev)
+        for rev, (name, v) in enumerate(names_values, start=5)
+    ]
+
+
+def _number(value: int) -> struct_pb2.Value:
+    return struct_pb2.Value(number_value=value)
+
+
+def test_many_results_share_one_stream_across_an_unavailable() -> None:
+    service = ScriptedTaskService()
+    for name in ("tasks/a", "tasks/b", "tasks/c"):
+        service.tasks[name] = [task_pb2.Task(name=name, state=task_pb2.TASK_STATE_RUNNING)]
+    finals = _finals(("tasks/a", 1), ("tasks/b", 2), ("tasks/c", 3))
+    service.streams = [
+        (finals[:1], grpc.StatusCode.UNAVAILABLE, "SUBSCRIBER_LAGGING"),
+        (finals, None, ""),  # resumed after a's end, which the server replays: dropped
+    ]
+
+    async def scenario() -> None:
+        async with serving(service) as client:
+            handles = [client.get_handle(name) for name in ("a", "b", "c")]
+            results = await asyncio.gather(*(handle.result() for handle in handles))
+            assert results == [1, 2, 3]
+
+    run(scenario)
+    streams = service.requests["StreamTaskStatus"]
+    assert [r.resume_token for r in streams] == ["now", "tok-5"]
+
+
+def test_async_map_yields_in_order_with_backpressure() -> None:
+    service = ScriptedTaskService()
+    service.streams = [(_finals(("tasks/t1", 7)), None, "")]
+
+    async def scenario() -> None:
+        async with serving(service) as client:
+            values = [v async for v in client.map("demo.echo", [{"n": 1}], max_in_flight=1)]
+            assert values == [7]
+
+    run(scenario)
+    assert [r.resume_token for r in service.requests["StreamTaskStatus"]] == ["now"]
+    assert "GetTask" not in service.requests  # submitted after the stream started: covered
