@@ -151,12 +151,20 @@ class AsyncOutcomeWatcher:
         await asyncio.gather(*(self._check_one(name) for name in names))
 
     async def _check_one(self, name: str) -> None:
-        """Asks the server whether ``name`` already ended; resolves its waiters if so."""
-        try:
-            task = await self._client.get(name)
-        except TetherError as error:
-            _fail(self._board.take(name), error)
-            return
+        """Asks the server whether ``name`` already ended; resolves its waiters if so.
+
+        UNAVAILABLE is retried until the server answers, as ``OutcomeWatcher`` does.
+        """
+        backoff = _core.Backoff(self._client._config.retry)
+        while True:
+            try:
+                task = await self._client.get(name)
+                break
+            except Unavailable:
+                await asyncio.sleep(backoff.next_delay())
+            except TetherError as error:
+                _fail(self._board.take(name), error)
+                return
         if task.state.is_terminal:
             self._resolve(task, from_stream=False)
 

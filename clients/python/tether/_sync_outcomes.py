@@ -172,14 +172,24 @@ class OutcomeWatcher:
             self._check_one(name)
 
     def _check_one(self, name: str) -> None:
-        """Asks the server whether ``name`` already ended; resolves its waiters if so."""
-        try:
-            task = self._client.get(name)
-        except TetherError as error:
-            with self._lock:
-                waiters = self._board.take(name)
-            _fail(waiters, error)
-            return
+        """Asks the server whether ``name`` already ended; resolves its waiters if so.
+
+        UNAVAILABLE (the server restarting) is retried until it answers: a wait
+        fails only with the task's own error (TaskNotFound...).
+        """
+        backoff = _core.Backoff(self._client._config.retry)
+        while True:
+            try:
+                task = self._client.get(name)
+                break
+            except Unavailable:
+                if self._stop.wait(backoff.next_delay()):
+                    return
+            except TetherError as error:
+                with self._lock:
+                    waiters = self._board.take(name)
+                _fail(waiters, error)
+                return
         if task.state.is_terminal:
             self._resolve(task, from_stream=False)
 
