@@ -3,8 +3,10 @@
 tether: 64 asyncio workers of one ``tether.AsyncClient`` each loop ``await
 client.submit("demo.echo")`` then ``await handle.result()``; the clock runs from the
 first submit to the last result. Every ``result()`` goes over the client's one
-outcome stream. An info row runs the same count through the blocking
-``Client.map(max_in_flight=64)``.
+outcome stream. Info rows run the same count through the blocking
+``Client.map(max_in_flight=64)``, and through the raw generated stubs as B4 does (64
+submitters, one filter stream counting SUCCEEDED): the client's own cost is the gap
+between that row and the first.
 Baseline: raw DirectView round-robin over the same 2 engines -- submit everything, then
 ``get()`` every result (as B4).
 Target: ratio >= 0.5.
@@ -16,10 +18,12 @@ import asyncio
 import statistics
 
 import tether
+from tether.v1 import task_pb2 as tpb
 
 from .engine_tasks import noop
 from .harness import BenchResult, RawCluster, Row, Session, alternate, now_ns, say
 from .probes import CpuMeter
+from .tether_client import EventTap, Tether, run_label
 
 ID = "B4c"
 TITLE = "throughput through the Python client, submit + result, 64 in flight"
@@ -54,6 +58,37 @@ async def submit_and_result(address: str, count: int) -> float:
         return count / ((now_ns() - t0) / 1e9)
 
 
+async def raw_stubs(stubs: Tether, count: int) -> float:
+    """Tasks/s of ``count`` echo tasks through the generated stubs, as B4 measures tether."""
+    label = run_label()
+    finished = asyncio.Event()
+    succeeded = 0
+
+    def on_event(name: str, seen: object) -> None:
+        nonlocal succeeded
+        succeeded += 1
+        if succeeded == count:
+            finished.set()
+
+    tap = EventTap(
+        stubs, {"bench": label}, states=(tpb.TASK_STATE_SUCCEEDED,), exclude_progress=True
+    )
+    tap.on_event = on_event
+    async with tap:
+        next_index = 0
+
+        async def submitter() -> None:
+            nonlocal next_index
+            while next_index < count:
+                next_index += 1
+                await stubs.submit("demo.echo", {"value": None}, labels={"bench": label})
+
+        t0 = now_ns()
+        await asyncio.gather(*(submitter() for _ in range(IN_FLIGHT)))
+        await asyncio.wait_for(finished.wait(), timeout=120)
+        return count / ((now_ns() - t0) / 1e9)
+
+
 def blocking_map(address: str, count: int) -> float:
     """Tasks/s of ``count`` echo tasks through ``Client.map(max_in_flight=64)``."""
     with tether.Client(address) as client:
@@ -75,6 +110,8 @@ async def run(session: Session) -> BenchResult:
     raw_rates: list[float] = []
     client_rates: list[float] = []
     map_rates: list[float] = []
+    stub_rates: list[float] = []
+    stubs = await session.tether()
 
     async def baseline(i: int) -> None:
         count = n if i >= 0 else n // 10
@@ -89,19 +126,27 @@ async def run(session: Session) -> BenchResult:
         with CpuMeter(server.pid) as cpu:
             rate = await submit_and_result(address, count)
         mapped = await asyncio.to_thread(blocking_map, address, count)
+        raw_api = await raw_stubs(stubs, count)
         if i >= 0:
             client_rates.append(rate)
             map_rates.append(mapped)
+            stub_rates.append(raw_api)
             say(f"AsyncClient submit + result rep {i}: {rate:.0f} tasks/s")
             say(f"  CPU (100% = one core): {cpu.text()}")
             say(f"Client.map rep {i}: {mapped:.0f} tasks/s")
+            say(f"generated stubs (B4's method) rep {i}: {raw_api:.0f} tasks/s")
 
     await alternate(reps, baseline, with_client, warmup=1)
     base = statistics.median(raw_rates)
     rows = [
         _row(f"{n} no-ops, AsyncClient submit + result", base, client_rates, raw_rates, True),
         _row(f"{n} no-ops, Client.map", base, map_rates, raw_rates, False),
+        _row(f"{n} no-ops, generated stubs (as B4)", base, stub_rates, raw_rates, False),
     ]
+    say(
+        "client against the generated stubs: "
+        f"{statistics.median(client_rates) / statistics.median(stub_rates):.2f}"
+    )
     say(f"ratio {statistics.median(client_rates) / base:.2f} (target {TARGET_RATIO})")
     details = {
         "tasks": n,
@@ -109,6 +154,7 @@ async def run(session: Session) -> BenchResult:
         "raw_rates": raw_rates,
         "async_client_rates": client_rates,
         "client_map_rates": map_rates,
+        "generated_stub_rates": stub_rates,
     }
     return BenchResult(ID, TITLE, rows, details)
 

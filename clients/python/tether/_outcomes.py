@@ -53,7 +53,7 @@ _Waiter = TypeVar("_Waiter")
 
 TERMINAL_STATES = tuple(state for state in TaskState if state.is_terminal)
 UNCLAIMED_LIMIT = 4096
-"""Terminal tasks kept for waiters that have not registered yet (newest first out last)."""
+"""Terminal tasks kept for waiters that have not registered yet; the oldest goes first."""
 
 
 @dataclass(frozen=True)
