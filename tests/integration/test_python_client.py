@@ -407,9 +407,7 @@ def test_map_yields_in_order_and_raises_a_failure_where_it_stands(client: tether
 def test_async_map_and_results_share_the_clients_stream(server: ServerProcess) -> None:
     async def scenario() -> None:
         async with tether.AsyncClient(server.address) as client:
-            values = [
-                v async for v in client.map("demo.echo", ({"value": n} for n in range(20)))
-            ]
+            values = [v async for v in client.map("demo.echo", ({"value": n} for n in range(20)))]
             assert values == list(range(20))
             handles = [await client.submit("demo.echo", {"value": n}) for n in range(20)]
             assert await asyncio.gather(*(h.result(timeout=WAIT) for h in handles)) == list(

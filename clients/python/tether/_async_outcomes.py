@@ -78,7 +78,11 @@ class AsyncOutcomeWatcher:
         if registration.task is not None:
             future.set_result(registration.task)
         elif registration.check:
-            await self._check_one(name)
+            try:
+                await self._check_one(name)
+            except BaseException:  # cancelled (a timeout) before the caller got the future
+                self._board.discard(name, future)
+                raise
         return future
 
     def finish(self, name: str, future: asyncio.Future[Task]) -> None:
