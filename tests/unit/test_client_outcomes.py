@@ -247,6 +247,21 @@ def test_map_as_completed_yields_failures_when_asked_to(
     assert background(list, results).result(timeout=WAIT) == [5]
 
 
+def test_map_in_order_raises_a_failure_when_its_result_is_reached(
+    server: ScriptedServer, client: tether.Client, background: Callable[..., Future[Any]]
+) -> None:
+    results = client.map("demo.echo", [{}, {}])
+    gathered = background(list, results)
+    start_outcomes(server)
+    _, rpc = server.stream()
+    submitted(server, "tasks/t0")
+    submitted(server, "tasks/t1")
+    rpc.send_response(ended(done("tasks/t0", None, FAILED), 3))
+    with pytest.raises(tether.TaskFailed) as caught:
+        gathered.result(timeout=WAIT)
+    assert caught.value.task.name == "tasks/t0"
+
+
 def test_closing_the_client_ends_pending_waits(
     server: ScriptedServer, background: Callable[..., Future[Any]]
 ) -> None:
