@@ -1,7 +1,9 @@
 """The asyncio client: :class:`AsyncClient`, :class:`AsyncTaskHandle`, :class:`AsyncTaskWatch`.
 
 The twin of :mod:`tether._sync` over ``grpc.aio``: the same methods with the
-same parameters, awaited. Both carry out what ``_core`` and ``_watch`` decide.
+same parameters, awaited. Both carry out what ``_core`` and ``_watch`` decide;
+the watch iterator is in ``_async_watch``, the shared outcome stream in
+``_async_outcomes``.
 """
 
 from __future__ import annotations

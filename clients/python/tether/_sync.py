@@ -1,8 +1,10 @@
 """The blocking client: :class:`Client`, :class:`TaskHandle` and :class:`TaskWatch`.
 
 A thin shell over ``_core`` and ``_watch``: it sends what they build, sleeps
-the delays they choose and raises what they map. :mod:`tether._async` is its
-twin for asyncio; both expose the same methods with the same parameters.
+the delays they choose and raises what they map. The watch iterator lives in
+``_sync_watch``, the one stream that every ``result`` and ``map`` shares in
+``_sync_outcomes``. :mod:`tether._async` is its twin for asyncio; both expose
+the same methods with the same parameters.
 """
 
 from __future__ import annotations
