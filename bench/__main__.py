@@ -28,6 +28,7 @@ from . import (
     b2_stuck,
     b3_dispatch,
     b4_throughput,
+    b4c_client,
     b5_fanout,
     b6_progress,
     b7_storm,
@@ -53,6 +54,7 @@ BENCHES: dict[str, ModuleType] = {
         b2_stuck,
         b3_dispatch,
         b4_throughput,
+        b4c_client,
         b5_fanout,
         b6_progress,
         b7_storm,
@@ -78,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="sample the tether server with py-spy into DIR and print where it spends its time",
     )
     args = p.parse_args(argv)
-    wanted = [s.strip().upper() for s in args.only.split(",") if s.strip()]
+    by_upper = {bench_id.upper(): bench_id for bench_id in BENCHES}  # --only b4c finds B4c
+    wanted = [by_upper.get(s.strip().upper(), s.strip()) for s in args.only.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in BENCHES]
     if unknown:
         p.error(f"unknown bench id(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")

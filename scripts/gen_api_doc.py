@@ -60,6 +60,7 @@ def main() -> int:
     parts.append(CATALOG)
     parts.append(LLM_GENERATE)
     parts.append("\n" + CONNECT_GATEWAY)
+    parts.append("\n" + PYTHON_CLIENT)
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}")
     return 0
@@ -226,6 +227,75 @@ speaks the protocol, in its binary codec, which the gateway serves too:
 Errors of the gateway itself use the same shape: `INVALID_JSON` (400, a request that is not
 the message in protobuf's JSON mapping: unknown fields are refused), `INVALID_ENVELOPE`
 (400) and `UNSUPPORTED_CONTENT_TYPE` (415).
+"""
+
+
+PYTHON_CLIENT = """## Python client
+
+`clients/python/tether` (`pip install -e .`, `import tether`) wraps every RPC above in a
+typed client: `tether.Client` (blocking) and `tether.AsyncClient` (asyncio) take the same
+arguments and have the same methods. Users see dataclasses (`Task`, `TaskEvent`, ...),
+handles and the exception tree of `tether._exceptions` (`TaskFailed`, `TaskNotFound`,
+`InvalidArgument` with its `violations`, ...), never protobuf messages unless they read
+`.raw`. Unary calls are retried on UNAVAILABLE with the same `request_id`; watches resume
+from their last token.
+
+```python
+import tether
+
+with tether.Client("127.0.0.1:50051") as client:
+    handle = client.submit("demo.echo", {"value": 1})
+    print(handle.result(timeout=60))                 # 1; TaskFailed etc. if it did not succeed
+
+    # Many tasks: submitted lazily, at most 64 not yet yielded, results in input order.
+    for value in client.map("demo.echo", ({"value": n} for n in range(1000))):
+        ...
+    # As they finish, failures returned instead of raised:
+    for item in client.map("demo.echo", args, ordered=False, return_exceptions=True):
+        ...
+```
+
+```python
+async with tether.AsyncClient("127.0.0.1:50051") as client:
+    handles = [await client.submit("demo.echo", {"value": n}) for n in range(100)]
+    values = await asyncio.gather(*(h.result() for h in handles))
+    async for value in client.map("demo.echo", ({"value": n} for n in range(1000))):
+        ...
+```
+
+**Waiting on many tasks costs one stream.** Each client keeps one *outcome stream*,
+opened on its first wait and closed with the client: `StreamTaskStatus` with `filter.states`
+= the five terminal states, `view: TASK_VIEW_FULL` (the result travels with the event) and
+`exclude_progress`, starting from the `resume_token` of a one-task `ListTasks` page taken
+just before. Every `result()` and every `map` item of that client waits on it; none opens a
+stream of its own or needs a GetTask afterwards. The stream carries one message per task
+that ends on the server (this client's or not), which is what lets it work without labelling
+your tasks. No end is lost:
+
+- UNAVAILABLE (a restart, `SUBSCRIBER_LAGGING`): the stream resumes from its last token with
+  the retry policy's backoff; replayed events are dropped by revision.
+- A task submitted while the stream runs needs no GetTask: all its events come after the
+  stream's start. An end that arrives before anyone waits for it is kept (the newest 4,096)
+  for the waiter that comes later.
+- Anything else (a `get_handle` handle, a submit before the stream started, an end that may
+  have been evicted): the waiter registers first, then asks GetTask once; a terminal answer
+  ends the wait, otherwise the stream (already covering) brings the end.
+- `RESUME_TOKEN_EXPIRED` (the log no longer reaches the token, or the server came back as a
+  new controller): a fresh token, the stream again from it, and one GetTask per waiting task.
+- `result()` of a task already known to have ended, or while no stream runs, starts with a
+  GetTask and opens nothing when the task is over.
+
+`map(task, args, *, ordered=True, max_in_flight=64, return_exceptions=False, labels=None,
+priority=0, timeout=None, required_tags=None)` reads `args` lazily (one keyword-argument
+mapping per run): a task is submitted only while fewer than `max_in_flight` are submitted and
+not yet yielded, so a slow consumer holds submissions back. A failed task raises its
+`TaskOutcomeError` subclass when its result is reached (with `ordered=False`, when it ends) and
+iteration stops there; with `return_exceptions=True` the exception is yielded instead. Tasks
+already submitted when iteration stops keep running.
+
+`handle.watch()` and `client.watch(filter)` are separate streams (they carry every event,
+progress included); `close()` ends them and fails pending waits with `TetherError`
+(CANCELLED).
 """
 
 

@@ -368,3 +368,64 @@ def test_an_async_watch_survives_a_server_restart_and_delivers_every_event_once(
         thread.join(timeout=10)
         loop.close()
     _assert_same_as_a_fresh_replay(client, task_filter, token, watched)
+
+
+# --------------------------------------------------------------------------- many waits
+
+
+def test_many_results_wait_over_one_stream(server: ServerProcess) -> None:
+    with tether.Client(server.address) as waiter:
+        handles = [waiter.submit("demo.echo", {"value": n}) for n in range(40)]
+        results: dict[int, Any] = {}
+
+        def wait(n: int) -> None:
+            results[n] = handles[n].result(timeout=WAIT)
+
+        threads = [threading.Thread(target=wait, args=(n,)) for n in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=WAIT)
+        assert results == {n: n for n in range(40)}
+        assert waiter._outcomes.running  # one stream served them all, and still runs
+
+
+def test_map_yields_in_order_and_raises_a_failure_where_it_stands(client: tether.Client) -> None:
+    values = list(client.map("demo.echo", ({"value": n} for n in range(30)), max_in_flight=8))
+    assert values == list(range(30))
+    unordered = client.map(
+        "demo.echo", ({"value": n} for n in range(30)), ordered=False, max_in_flight=8
+    )
+    assert sorted(unordered) == list(range(30))
+    failing = client.map("demo.fail", [{"message": "boom"}], return_exceptions=True)
+    (failure,) = list(failing)
+    assert isinstance(failure, tether.TaskFailed)
+    with pytest.raises(tether.TaskFailed):
+        list(client.map("demo.fail", [{"message": "boom"}]))
+
+
+def test_async_map_and_results_share_the_clients_stream(server: ServerProcess) -> None:
+    async def scenario() -> None:
+        async with tether.AsyncClient(server.address) as client:
+            values = [v async for v in client.map("demo.echo", ({"value": n} for n in range(20)))]
+            assert values == list(range(20))
+            handles = [await client.submit("demo.echo", {"value": n}) for n in range(20)]
+            assert await asyncio.gather(*(h.result(timeout=WAIT) for h in handles)) == list(
+                range(20)
+            )
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+
+
+def test_results_pending_across_a_server_restart_all_arrive(server: ServerProcess) -> None:
+    with tether.Client(server.address) as waiter:
+        first = waiter.submit("demo.echo", {"value": "before"})
+        assert first.result(timeout=WAIT) == "before"  # the outcome stream runs
+        handles = [waiter.submit("demo.sleep", {"seconds": 0.5}) for _ in range(6)]
+        server.stop(timeout=15)
+        server.start(timeout=60)
+        for handle in handles:  # each ends one way or another, none is lost
+            try:
+                handle.result(timeout=WAIT)
+            except tether.TaskOutcomeError as exc:
+                assert exc.task.state.is_terminal

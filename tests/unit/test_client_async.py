@@ -16,15 +16,18 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import struct_pb2
 from grpc_status import rpc_status
 
 import tether
 from tests.unit.test_client_core import rich_status
+from tests.unit.test_client_sync import ended
 from tests.unit.test_client_watch import event, listing
 from tether.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
 
 FAST = tether.RetryPolicy(initial_backoff=0.001, max_backoff=0.01, jitter=0)
 SNAPSHOT = task_service_pb2.TASK_EVENT_TYPE_SNAPSHOT
+RUNNING_T1 = task_pb2.Task(name="tasks/t1", state=task_pb2.TASK_STATE_RUNNING)
 Messages = list[task_service_pb2.StreamTaskStatusResponse]
 
 
@@ -42,7 +45,8 @@ class ScriptedTaskService(task_service_pb2_grpc.TaskServiceServicer):
         self.unavailable_submits = 0
         self.streams: list[tuple[Messages, grpc.StatusCode | None, str]] = []
         self.pages: list[task_service_pb2.ListTasksResponse] = []
-        self.tasks: dict[str, task_pb2.Task] = {}
+        self.tasks: dict[str, list[task_pb2.Task]] = {}
+        """GetTask's answers per task, in turn; the last one repeats."""
 
     def _record(self, method: str, request: Any) -> None:
         self.requests.setdefault(method, []).append(request)
@@ -55,20 +59,25 @@ class ScriptedTaskService(task_service_pb2_grpc.TaskServiceServicer):
 
     async def GetTask(self, request: Any, context: Any) -> Any:
         self._record("GetTask", request)
-        if request.name not in self.tasks:
+        answers = self.tasks.get(request.name)
+        if not answers:
             await _abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"task {request.name} does not exist",
                 "TASK_NOT_FOUND",
             )
-        return task_service_pb2.GetTaskResponse(task=self.tasks[request.name])
+            raise AssertionError("unreachable")
+        found = answers.pop(0) if len(answers) > 1 else answers[0]
+        return task_service_pb2.GetTaskResponse(task=found)
 
     async def InterruptTask(self, request: Any, context: Any) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
     async def ListTasks(self, request: Any, context: Any) -> Any:
         self._record("ListTasks", request)
+        if request.page_size == 1 and not self.pages:  # the outcome stream's start token
+            return task_service_pb2.ListTasksResponse(resume_token="now")
         return self.pages.pop(0)
 
     async def StreamTaskStatus(self, request: Any, context: Any) -> AsyncIterator[Any]:
@@ -176,10 +185,10 @@ def test_result_raises_task_interrupted_carrying_the_final_task() -> None:
     service = ScriptedTaskService()
     final = task_pb2.Task(name="tasks/t1", state=task_pb2.TASK_STATE_INTERRUPTED)
     final.error.reason = "INTERRUPTED"
-    service.tasks["tasks/t1"] = final
+    service.tasks["tasks/t1"] = [RUNNING_T1]
     service.streams = [
-        ([event("tasks/t1", 1, kind=SNAPSHOT)], grpc.StatusCode.UNAVAILABLE, ""),
-        ([event("tasks/t1", 2, state=task_pb2.TASK_STATE_INTERRUPTED)], None, ""),
+        ([], grpc.StatusCode.UNAVAILABLE, ""),
+        ([ended(final, 2)], None, ""),
     ]
 
     async def scenario() -> None:
@@ -189,11 +198,14 @@ def test_result_raises_task_interrupted_carrying_the_final_task() -> None:
             assert caught.value.task.name == "tasks/t1"
 
     run(scenario)
-    assert all(r.name == "tasks/t1" for r in service.requests["StreamTaskStatus"])
+    streams = service.requests["StreamTaskStatus"]
+    assert [(r.name, r.resume_token) for r in streams] == [("", "now"), ("", "now")]
+    assert all(r.view == task_pb2.TASK_VIEW_FULL and r.exclude_progress for r in streams)
 
 
 def test_result_gives_up_at_its_timeout_while_the_task_goes_on() -> None:
     service = ScriptedTaskService()
+    service.tasks["tasks/t1"] = [RUNNING_T1]
 
     async def scenario() -> None:
         async with serving(service) as client:
@@ -217,3 +229,52 @@ def test_list_iterates_across_pages() -> None:
 
     run(scenario)
     assert [r.page_token for r in service.requests["ListTasks"]] == ["", "p2"]
+
+
+# --------------------------------------------------------------------------- the outcome stream
+
+
+def _finals(*names_values: tuple[str, int]) -> Messages:
+    return [
+        ended(task_pb2.Task(name=name, state=task_pb2.TASK_STATE_SUCCEEDED, result=_number(v)), rev)
+        for rev, (name, v) in enumerate(names_values, start=5)
+    ]
+
+
+def _number(value: int) -> struct_pb2.Value:
+    return struct_pb2.Value(number_value=value)
+
+
+def test_many_results_share_one_stream_across_an_unavailable() -> None:
+    service = ScriptedTaskService()
+    for name in ("tasks/a", "tasks/b", "tasks/c"):
+        service.tasks[name] = [task_pb2.Task(name=name, state=task_pb2.TASK_STATE_RUNNING)]
+    finals = _finals(("tasks/a", 1), ("tasks/b", 2), ("tasks/c", 3))
+    service.streams = [
+        (finals[:1], grpc.StatusCode.UNAVAILABLE, "SUBSCRIBER_LAGGING"),
+        (finals, None, ""),  # resumed after a's end, which the server replays: dropped
+    ]
+
+    async def scenario() -> None:
+        async with serving(service) as client:
+            handles = [client.get_handle(name) for name in ("a", "b", "c")]
+            results = await asyncio.gather(*(handle.result() for handle in handles))
+            assert results == [1, 2, 3]
+
+    run(scenario)
+    streams = service.requests["StreamTaskStatus"]
+    assert [r.resume_token for r in streams] == ["now", "tok-5"]
+
+
+def test_async_map_yields_in_order_with_backpressure() -> None:
+    service = ScriptedTaskService()
+    service.streams = [(_finals(("tasks/t1", 7)), None, "")]
+
+    async def scenario() -> None:
+        async with serving(service) as client:
+            values = [v async for v in client.map("demo.echo", [{"n": 1}], max_in_flight=1)]
+            assert values == [7]
+
+    run(scenario)
+    assert [r.resume_token for r in service.requests["StreamTaskStatus"]] == ["now"]
+    assert "GetTask" not in service.requests  # submitted after the stream started: covered

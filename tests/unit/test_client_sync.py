@@ -341,17 +341,45 @@ def test_a_watch_that_is_refused_raises_the_typed_error(
 # --------------------------------------------------------------------------- handles
 
 
+def ended(final: task_pb2.Task, revision: int) -> task_service_pb2.StreamTaskStatusResponse:
+    """The outcome stream's message for ``final`` reaching its terminal state."""
+    finished = task_pb2.Task()
+    finished.CopyFrom(final)
+    finished.revision = revision
+    return task_service_pb2.StreamTaskStatusResponse(
+        resume_token=f"tok-{revision}",
+        task_event=task_service_pb2.TaskEvent(
+            type=task_service_pb2.TASK_EVENT_TYPE_STATE_CHANGED, task=finished, revision=revision
+        ),
+    )
+
+
+def start_outcomes(server: ScriptedServer, token: str = "start") -> None:
+    """Answers the ListTasks the outcome stream takes its first token from."""
+    request, rpc = server.unary("ListTasks")
+    assert request.page_size == 1
+    answer(rpc, task_service_pb2.ListTasksResponse(resume_token=token))
+
+
+def still_running(server: ScriptedServer, name: str) -> None:
+    """Answers one GetTask of ``name``: it has not ended yet."""
+    request, rpc = server.unary("GetTask")
+    assert request.name == name
+    answer(rpc, task_service_pb2.GetTaskResponse(task=task(name, task_pb2.TASK_STATE_RUNNING)))
+
+
 def _finish(
     server: ScriptedServer, final: task_pb2.Task
 ) -> task_service_pb2.StreamTaskStatusRequest:
-    """Plays a task's stream to its end, then its final GetTask."""
+    """Plays a wait on a task of ``get_handle``: checks, then the outcome stream, restarted once."""
+    still_running(server, final.name)  # not over yet: no stream needed?
+    start_outcomes(server)
+    still_running(server, final.name)  # the stream now covers it: still not over
     request, rpc = server.stream()
-    rpc.send_response(event(final.name, 1, kind=task_service_pb2.TASK_EVENT_TYPE_SNAPSHOT))
     fail(rpc, grpc.StatusCode.UNAVAILABLE, "server restarting")
-    request, rpc = server.stream()
-    rpc.send_response(event(final.name, 2, state=final.state))
-    _, rpc = server.unary("GetTask")
-    answer(rpc, task_service_pb2.GetTaskResponse(task=final))
+    resumed, rpc = server.stream()
+    assert resumed.resume_token == "start"
+    rpc.send_response(ended(final, 2))
     return request
 
 
@@ -363,8 +391,11 @@ def test_result_returns_the_decoded_value_of_a_succeeded_task(
     result = background(client.get_handle("t1").result)
     request = _finish(server, final)
     assert result.result(timeout=WAIT) == {"echo": "hi", "n": 20}
-    assert request.name == "tasks/t1"
-    assert request.exclude_progress
+    assert (request.name, request.resume_token) == ("", "start")
+    assert request.exclude_progress and request.view == task_pb2.TASK_VIEW_FULL
+    assert {tether.TaskState(s) for s in request.filter.states} == {
+        s for s in tether.TaskState if s.is_terminal
+    }
 
 
 def test_result_raises_task_interrupted_carrying_the_final_task(

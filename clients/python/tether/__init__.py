@@ -13,6 +13,10 @@ them change live, and stop them while they run::
         except tether.TaskInterrupted as exc:
             print(exc.task.interrupt)
 
+Many tasks at once: ``client.map("demo.echo", ({"value": n} for n in range(1000)))``
+yields results in order with at most 64 in flight; every ``result()`` and ``map`` of
+a client waits over one shared stream (``tether._outcomes``).
+
 ``AsyncClient`` offers the same methods for asyncio. Users see the dataclasses
 and enums exported here (``Task``, ``TaskEvent``, ``TaskState``...) and the
 exceptions of ``tether._exceptions``; the generated protobuf code lives in

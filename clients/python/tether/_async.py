@@ -1,25 +1,26 @@
 """The asyncio client: :class:`AsyncClient`, :class:`AsyncTaskHandle`, :class:`AsyncTaskWatch`.
 
 The twin of :mod:`tether._sync` over ``grpc.aio``: the same methods with the
-same parameters, awaited. Both carry out what ``_core`` and ``_watch`` decide.
+same parameters, awaited. Both carry out what ``_core`` and ``_watch`` decide;
+the watch iterator is in ``_async_watch``, the shared outcome stream in
+``_async_outcomes``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeVar, cast, overload
+from typing import Any, Literal, Self, TypeVar, overload
 
 import grpc
 import grpc.aio
-from grpc_status import rpc_status
 
-from tether import _convert, _core, _watch
+from tether import _convert, _core, _outcomes, _watch
+from tether._async_outcomes import AsyncOutcomeWatcher, map_results
+from tether._async_watch import AsyncTaskWatch, _error
 from tether._convert import Seconds
 from tether._core import RetryPolicy
-from tether._exceptions import TetherError
 from tether._models import Checkpoint, Cluster, GracePeriods, Task, TaskEvent, TaskFilter, TaskView
 from tether.v1 import (
     cluster_service_pb2,
@@ -32,16 +33,6 @@ __all__ = ["AsyncClient", "AsyncTaskHandle", "AsyncTaskWatch"]
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
-_Item = TypeVar("_Item")
-
-
-async def _error(call: grpc.aio.Call, exc: grpc.aio.AioRpcError) -> TetherError:
-    """The typed exception for a failed call (``_core.error_from_status`` decides which)."""
-    try:
-        status = await rpc_status.aio.from_call(call)
-    except ValueError:  # the rich status contradicts the call's code or message
-        status = None
-    return _core.error_from_status(exc.code(), exc.details(), status)
 
 
 class AsyncClient:
@@ -80,6 +71,7 @@ class AsyncClient:
         self._channel = channel
         self._tasks = task_service_pb2_grpc.TaskServiceStub(channel)
         self._cluster = cluster_service_pb2_grpc.ClusterServiceStub(channel)
+        self._outcomes = AsyncOutcomeWatcher(self)
 
     @property
     def address(self) -> str:
@@ -87,7 +79,11 @@ class AsyncClient:
         return self._config.address
 
     async def close(self) -> None:
-        """Closes the channel (unless it was passed in); open watches end."""
+        """Closes the channel (unless it was passed in); open watches end.
+
+        Waits still pending (``result``, ``map``) raise TetherError (CANCELLED).
+        """
+        await self._outcomes.close()
         if self._owns_channel:
             await self._channel.close()
 
@@ -131,12 +127,54 @@ class AsyncClient:
             required_tags=required_tags,
             queue_timeout=queue_timeout,
         )
+        coverage = self._outcomes.mark()
         response = await self._unary(self._tasks.SubmitTask, request)
         return AsyncTaskHandle(
             self,
             response.task.name,
             submitted=_convert.task_from_proto(response.task),
             deduplicated=response.deduplicated,
+            coverage=coverage,
+        )
+
+    def map(
+        self,
+        task: str,
+        args: Iterable[Mapping[str, Any] | None],
+        *,
+        ordered: bool = True,
+        max_in_flight: int = 64,
+        return_exceptions: bool = False,
+        labels: Mapping[str, str] | None = None,
+        priority: int = 0,
+        timeout: Seconds | None = None,
+        required_tags: Sequence[str] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Runs ``task`` once per item of ``args``, yielding results; see ``Client.map``.
+
+        Not a coroutine: iterate the result with ``async for``::
+
+            async for square in client.map("demo.square", ({"x": x} for x in range(9))):
+                ...
+        """
+
+        async def submit(item: Mapping[str, Any] | None) -> AsyncTaskHandle:
+            return await self.submit(
+                task,
+                item,
+                labels=labels,
+                priority=priority,
+                timeout=timeout,
+                required_tags=required_tags,
+            )
+
+        return map_results(
+            self._outcomes,
+            submit,
+            args,
+            ordered=ordered,
+            max_in_flight=max_in_flight,
+            return_exceptions=return_exceptions,
         )
 
     def get_handle(self, name_or_id: str) -> AsyncTaskHandle:
@@ -277,106 +315,6 @@ class AsyncClient:
         return await self._unary(self._tasks.ListTasks, request)
 
 
-class AsyncTaskWatch(Generic[_Item]):
-    """An async iterator over task events that resumes across failures.
-
-    Use it as an async context manager, or call ``aclose``, to end the stream
-    early; ``resume_token`` is the position reached so far.
-    """
-
-    def __init__(self, client: AsyncClient, machine: _watch.WatchMachine) -> None:
-        self._client = client
-        self._machine = machine
-        self._call: (
-            grpc.aio.UnaryStreamCall[
-                task_service_pb2.StreamTaskStatusRequest,
-                task_service_pb2.StreamTaskStatusResponse,
-            ]
-            | None
-        ) = None
-        self._messages: AsyncIterator[task_service_pb2.StreamTaskStatusResponse] | None = None
-        self._pending: deque[TaskEvent] = deque()
-        self._closed = False
-
-    @property
-    def resume_token(self) -> str:
-        """Token of the last message received; resuming from it loses and repeats nothing."""
-        return self._machine.resume_token
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> _Item:
-        while True:
-            if self._pending:
-                return cast(_Item, self._pending.popleft())
-            if self._closed or self._machine.finished:
-                await self.aclose()
-                raise StopAsyncIteration
-            if self._call is None or self._messages is None:
-                self._call = self._client._open_stream(self._machine)
-                self._messages = self._call.__aiter__()
-            call = self._call
-            try:
-                message = await anext(self._messages)
-            except StopAsyncIteration:
-                self._drop_call()
-                await self._act(self._machine.on_end())
-                continue
-            except grpc.aio.AioRpcError as exc:
-                self._drop_call()
-                if not self._closed:  # else aclose() from another task cancelled the call
-                    await self._act(self._machine.on_error(await _error(call, exc)))
-                continue
-            item = self._machine.on_message(message)
-            if item is not None:
-                return cast(_Item, item)
-
-    def _drop_call(self) -> None:
-        self._call = None
-        self._messages = None
-
-    async def _act(self, action: _watch.WatchAction) -> None:
-        while isinstance(action, _watch.Relist):
-            await asyncio.sleep(action.delay)
-            try:
-                await self._relist()
-            except TetherError as error:
-                self._machine.abandon_relist()
-                action = self._machine.on_relist_error(error)
-            else:
-                action = self._machine.finish_relist()
-        if isinstance(action, _watch.Reconnect):
-            await asyncio.sleep(action.delay)
-
-    async def _relist(self) -> None:
-        page_token = ""
-        while True:
-            response = await self._client._list_page(self._machine.list_request(page_token))
-            self._pending.extend(self._machine.on_list_page(response))
-            page_token = response.next_page_token
-            if not page_token:
-                return
-
-    async def aclose(self) -> None:
-        """Ends the stream; iteration stops."""
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-            self._drop_call()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
 class AsyncTaskHandle(_watch.TaskHandleBase):
     """One submitted task, for asyncio; the twin of :class:`tether.TaskHandle`."""
 
@@ -387,9 +325,11 @@ class AsyncTaskHandle(_watch.TaskHandleBase):
         *,
         submitted: Task | None = None,
         deduplicated: bool = False,
+        coverage: _outcomes.Coverage | None = None,
     ) -> None:
         super().__init__(name, submitted=submitted, deduplicated=deduplicated)
         self._client = client
+        self._coverage = coverage
 
     async def refresh(self) -> Task:
         """The task as it is now (FULL view)."""
@@ -414,8 +354,22 @@ class AsyncTaskHandle(_watch.TaskHandleBase):
 
     async def result(self, timeout: Seconds | None = None) -> Any:
         """Waits for the task to end and returns its result; see ``TaskHandle.result``."""
-        machine = self._watch_machine(self._client._config.retry, True, timeout)
-        async with AsyncTaskWatch[TaskEvent](self._client, machine) as events:
-            async for _ in events:
-                pass
-        return _core.task_result(await self.refresh())
+        return _core.task_result(await self._final_task(timeout))
+
+    async def _final_task(self, timeout: Seconds | None) -> Task:
+        outcomes = self._client._outcomes
+        if not outcomes.running or self._known_terminal():
+            task = await self.refresh()
+            if task.state.is_terminal:
+                return task
+        seconds = _core.wait_seconds(timeout)
+        future: asyncio.Future[Task] | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                future = await outcomes.begin(self.name, self._coverage)
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise _core.wait_ran_out() from None
+        finally:
+            if future is not None:
+                outcomes.finish(self.name, future)

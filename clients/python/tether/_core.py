@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from tether import _convert
 from tether._convert import Seconds
@@ -238,6 +239,29 @@ def task_result(task: Task) -> Any:
     raise TaskOutcomeError.from_task(task)
 
 
+def wait_seconds(timeout: Seconds | None) -> float | None:
+    """A ``result(timeout=...)`` in seconds (None: wait as long as it takes)."""
+    return None if timeout is None else _convert.to_timedelta(timeout).total_seconds()
+
+
+def wait_ran_out() -> DeadlineExceeded:
+    """What ``result`` raises when its timeout passes first."""
+    return DeadlineExceeded(
+        "the task did not reach a terminal state within the timeout",
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+
+
+def outcome(task: Task, *, return_exceptions: bool) -> Any:
+    """One ``map`` item: the result, or the failure raised (or returned, when asked)."""
+    if task.state is TaskState.SUCCEEDED:
+        return task.result
+    error = TaskOutcomeError.from_task(task)
+    if return_exceptions:
+        return error
+    raise error
+
+
 # --------------------------------------------------------------------------- errors
 
 _ERROR_BY_REASON: dict[str, type[TetherError]] = {
@@ -297,6 +321,17 @@ def error_from_status(
             message, code=code, reason=reason, metadata=metadata, violations=violations
         )
     return error_type(message, code=code, reason=reason, metadata=metadata)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> TetherError:
+    """The typed exception for a failed blocking call (:func:`error_from_status` decides which)."""
+    if not isinstance(exc, grpc.Call):
+        return TetherError(str(exc) or "the call failed", code=grpc.StatusCode.UNKNOWN)
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # the rich status contradicts the call's code or message
+        status = None
+    return error_from_status(exc.code(), exc.details(), status)
 
 
 class UnaryAttempts:

@@ -1,26 +1,28 @@
 """The blocking client: :class:`Client`, :class:`TaskHandle` and :class:`TaskWatch`.
 
 A thin shell over ``_core`` and ``_watch``: it sends what they build, sleeps
-the delays they choose and raises what they map. :mod:`tether._async` is its
-twin for asyncio; both expose the same methods with the same parameters.
+the delays they choose and raises what they map. The watch iterator lives in
+``_sync_watch``, the one stream that every ``result`` and ``map`` shares in
+``_sync_outcomes``. :mod:`tether._async` is its twin for asyncio; both expose
+the same methods with the same parameters.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from types import TracebackType
-from typing import Any, Generic, Literal, Protocol, Self, TypeVar, cast, overload
+from typing import Any, Literal, Self, TypeVar, overload
 
 import grpc
-from grpc_status import rpc_status
 
-from tether import _convert, _core, _watch
+from tether import _convert, _core, _outcomes, _watch
 from tether._convert import Seconds
 from tether._core import RetryPolicy
-from tether._exceptions import TetherError
 from tether._models import Checkpoint, Cluster, GracePeriods, Task, TaskEvent, TaskFilter, TaskView
+from tether._sync_outcomes import OutcomeWatcher, map_results
+from tether._sync_watch import ResponseStream, TaskWatch
 from tether.v1 import (
     cluster_service_pb2,
     cluster_service_pb2_grpc,
@@ -32,26 +34,9 @@ __all__ = ["Client", "TaskHandle", "TaskWatch"]
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
-_Item = TypeVar("_Item")
 
 
-class _ResponseStream(Protocol):
-    """What a server-streaming call returns (grpc's own type is for type checkers only)."""
-
-    def __next__(self) -> task_service_pb2.StreamTaskStatusResponse: ...
-
-    def cancel(self) -> bool: ...
-
-
-def _error(exc: grpc.RpcError) -> TetherError:
-    """The typed exception for a failed call (``_core.error_from_status`` decides which)."""
-    if not isinstance(exc, grpc.Call):
-        return TetherError(str(exc) or "the call failed", code=grpc.StatusCode.UNKNOWN)
-    try:
-        status = rpc_status.from_call(exc)
-    except ValueError:  # the rich status contradicts the call's code or message
-        status = None
-    return _core.error_from_status(exc.code(), exc.details(), status)
+_error = _core.error_from_rpc
 
 
 class Client:
@@ -97,6 +82,7 @@ class Client:
         self._channel = channel
         self._tasks = task_service_pb2_grpc.TaskServiceStub(channel)
         self._cluster = cluster_service_pb2_grpc.ClusterServiceStub(channel)
+        self._outcomes = OutcomeWatcher(self)
 
     @property
     def address(self) -> str:
@@ -104,7 +90,11 @@ class Client:
         return self._config.address
 
     def close(self) -> None:
-        """Closes the channel (unless it was passed in); open watches end."""
+        """Closes the channel (unless it was passed in); open watches end.
+
+        Waits still pending (``result``, ``map``) raise TetherError (CANCELLED).
+        """
+        self._outcomes.close()
         if self._owns_channel:
             self._channel.close()
 
@@ -166,12 +156,74 @@ class Client:
             required_tags=required_tags,
             queue_timeout=queue_timeout,
         )
+        coverage = self._outcomes.mark()
         response = self._unary(self._tasks.SubmitTask, request)
         return TaskHandle(
             self,
             response.task.name,
             submitted=_convert.task_from_proto(response.task),
             deduplicated=response.deduplicated,
+            coverage=coverage,
+        )
+
+    def map(
+        self,
+        task: str,
+        args: Iterable[Mapping[str, Any] | None],
+        *,
+        ordered: bool = True,
+        max_in_flight: int = 64,
+        return_exceptions: bool = False,
+        labels: Mapping[str, str] | None = None,
+        priority: int = 0,
+        timeout: Seconds | None = None,
+        required_tags: Sequence[str] | None = None,
+    ) -> Iterator[Any]:
+        """Runs ``task`` once per item of ``args`` and yields the results as they come.
+
+        Example::
+
+            for square in client.map("demo.square", ({"x": x} for x in range(1000))):
+                ...
+
+        ``args`` is read lazily: a task is submitted only while fewer than
+        ``max_in_flight`` are submitted and not yet yielded, so a slow consumer holds
+        the submissions back (backpressure) and an endless iterable is fine. Every
+        wait goes over the client's one outcome stream.
+
+        Args:
+            task: The registered task, e.g. ``"demo.echo"``.
+            args: The keyword arguments of each run (None: none).
+            ordered: Yield in the order of ``args`` (True) or as the tasks end (False).
+            max_in_flight: Most tasks submitted and not yet yielded.
+            return_exceptions: Yield a task's failure (a TaskOutcomeError) instead of
+                raising it.
+            labels, priority, timeout, required_tags: As for ``submit``, for every run.
+
+        Raises:
+            TaskFailed, TaskInterrupted, TaskTimedOut, TaskCancelled: When the failed
+                task's result is reached (unless ``return_exceptions``); iteration ends
+                there. Tasks already submitted keep running: ``map`` neither waits for
+                nor interrupts them once iteration stops.
+        """
+
+        def submit(item: Mapping[str, Any] | None) -> TaskHandle:
+            return self.submit(
+                task,
+                item,
+                labels=labels,
+                priority=priority,
+                timeout=timeout,
+                required_tags=required_tags,
+            )
+
+        return map_results(
+            self._outcomes,
+            submit,
+            args,
+            ordered=ordered,
+            max_in_flight=max_in_flight,
+            return_exceptions=return_exceptions,
         )
 
     def get_handle(self, name_or_id: str) -> TaskHandle:
@@ -314,7 +366,7 @@ class Client:
                     raise error from exc
             time.sleep(delay)
 
-    def _open_stream(self, machine: _watch.WatchMachine) -> _ResponseStream:
+    def _open_stream(self, machine: _watch.WatchMachine) -> ResponseStream:
         return self._tasks.StreamTaskStatus(
             machine.stream_request(),
             timeout=machine.stream_timeout(),
@@ -325,98 +377,6 @@ class Client:
         self, request: task_service_pb2.ListTasksRequest
     ) -> task_service_pb2.ListTasksResponse:
         return self._unary(self._tasks.ListTasks, request)
-
-
-class TaskWatch(Generic[_Item]):
-    """An iterator over task events that resumes across failures (see ``Client.watch``).
-
-    Use it as a context manager, or call ``close``, to end the stream early::
-
-        with client.watch(TaskFilter(states=[TaskState.RUNNING])) as events:
-            for event in events:
-                ...
-
-    ``resume_token`` is the position reached so far: store it to continue later.
-    """
-
-    def __init__(self, client: Client, machine: _watch.WatchMachine) -> None:
-        self._client = client
-        self._machine = machine
-        self._call: _ResponseStream | None = None
-        self._pending: deque[TaskEvent] = deque()
-        self._closed = False
-
-    @property
-    def resume_token(self) -> str:
-        """Token of the last message received; resuming from it loses and repeats nothing."""
-        return self._machine.resume_token
-
-    def __iter__(self) -> Self:
-        return self
-
-    def __next__(self) -> _Item:
-        while True:
-            if self._pending:
-                return cast(_Item, self._pending.popleft())
-            if self._closed or self._machine.finished:
-                self.close()
-                raise StopIteration
-            if self._call is None:
-                self._call = self._client._open_stream(self._machine)
-            try:
-                message = next(self._call)
-            except StopIteration:
-                self._call = None
-                self._act(self._machine.on_end())
-                continue
-            except grpc.RpcError as exc:
-                self._call = None
-                if not self._closed:  # else close() from another thread cancelled the call
-                    self._act(self._machine.on_error(_error(exc)))
-                continue
-            item = self._machine.on_message(message)
-            if item is not None:
-                return cast(_Item, item)
-
-    def _act(self, action: _watch.WatchAction) -> None:
-        while isinstance(action, _watch.Relist):
-            time.sleep(action.delay)
-            try:
-                self._relist()
-            except TetherError as error:
-                self._machine.abandon_relist()
-                action = self._machine.on_relist_error(error)
-            else:
-                action = self._machine.finish_relist()
-        if isinstance(action, _watch.Reconnect):
-            time.sleep(action.delay)
-
-    def _relist(self) -> None:
-        page_token = ""
-        while True:
-            response = self._client._list_page(self._machine.list_request(page_token))
-            self._pending.extend(self._machine.on_list_page(response))
-            page_token = response.next_page_token
-            if not page_token:
-                return
-
-    def close(self) -> None:
-        """Ends the stream; iteration stops."""
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class TaskHandle(_watch.TaskHandleBase):
@@ -433,9 +393,11 @@ class TaskHandle(_watch.TaskHandleBase):
         *,
         submitted: Task | None = None,
         deduplicated: bool = False,
+        coverage: _outcomes.Coverage | None = None,
     ) -> None:
         super().__init__(name, submitted=submitted, deduplicated=deduplicated)
         self._client = client
+        self._coverage = coverage
 
     def refresh(self) -> Task:
         """The task as it is now (FULL view)."""
@@ -462,16 +424,28 @@ class TaskHandle(_watch.TaskHandleBase):
     def result(self, timeout: Seconds | None = None) -> Any:
         """Waits for the task to end and returns its JSON-decoded result.
 
-        Waits on the task's event stream (resuming across server restarts), then
-        fetches the final task in the FULL view.
+        Every wait of a client shares one server stream (see ``tether._outcomes``):
+        many handles waiting at once cost one stream, not one each, and the stream
+        resumes across server restarts without losing a task's end. A task already
+        known to have ended is fetched with one GetTask and no stream.
 
         Raises:
             TaskFailed, TaskInterrupted, TaskTimedOut, TaskCancelled: The task ended
                 without succeeding; ``.task`` holds it, error and interrupt record included.
             DeadlineExceeded: ``timeout`` passed first (the task goes on running).
         """
-        machine = self._watch_machine(self._client._config.retry, True, timeout)
-        with TaskWatch[TaskEvent](self._client, machine) as events:
-            for _ in events:
-                pass
-        return _core.task_result(self.refresh())
+        return _core.task_result(self._final_task(timeout))
+
+    def _final_task(self, timeout: Seconds | None) -> Task:
+        outcomes = self._client._outcomes
+        if not outcomes.running or self._known_terminal():
+            task = self.refresh()
+            if task.state.is_terminal:
+                return task
+        future = outcomes.begin(self.name, self._coverage)
+        try:
+            return future.result(timeout=_core.wait_seconds(timeout))
+        except FutureTimeout:
+            raise _core.wait_ran_out() from None
+        finally:
+            outcomes.finish(self.name, future)

@@ -10,16 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from tether import _convert
 from tether._convert import Seconds
-from tether._core import Backoff, RetryPolicy, list_request, task_name, view_proto
-from tether._exceptions import DeadlineExceeded, ResumeTokenExpired, TetherError, Unavailable
+from tether._core import Backoff, RetryPolicy, list_request, task_name, view_proto, wait_ran_out
+from tether._exceptions import ResumeTokenExpired, TetherError, Unavailable
 from tether._models import Checkpoint, Task, TaskEvent, TaskFilter, TaskView
 from tether.v1 import task_service_pb2
-
-_WAIT_RAN_OUT = "the task did not reach a terminal state within the timeout"
 
 
 @dataclass(frozen=True)
@@ -152,7 +148,7 @@ class WatchMachine:
             return None
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
-            raise DeadlineExceeded(_WAIT_RAN_OUT, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise wait_ran_out()
         return remaining
 
     def list_request(self, page_token: str) -> task_service_pb2.ListTasksRequest:
@@ -263,7 +259,7 @@ class WatchMachine:
     def _delay(self) -> float:
         delay = self._backoff.next_delay()
         if self._deadline is not None and time.monotonic() + delay >= self._deadline:
-            raise DeadlineExceeded(_WAIT_RAN_OUT, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise wait_ran_out()
         return delay
 
 
@@ -285,6 +281,10 @@ class TaskHandleBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+    def _known_terminal(self) -> bool:
+        """True when the task was already over when this client last saw it."""
+        return self.submitted is not None and self.submitted.state.is_terminal
 
     def _watch_machine(
         self, policy: RetryPolicy, exclude_progress: bool, timeout: Seconds | None
