@@ -449,7 +449,8 @@ def test_failures_are_outcomes_not_remote_errors(harness: Harness) -> None:
     unknown = harness.run(1, "demo.nope")
     assert (unknown["status"], unknown["error_type"]) == ("failed", "UnknownTask")
     bad_args = harness.run(1, "demo.sleep", seconds="soon")
-    assert (bad_args["status"], bad_args["error_type"]) == ("failed", "TypeError")
+    # The runtime's ArgumentError (a TypeError) names the argument that does not fit.
+    assert (bad_args["status"], bad_args["error_type"]) == ("failed", "ArgumentError")
     assert "'seconds' must be a number" in bad_args["error_message"]
 
 
