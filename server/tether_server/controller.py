@@ -37,8 +37,8 @@ from .core.filters import TaskFilter
 from .core.machine import ALREADY_ENDED, ControlCore
 from .core.model import EngineState, GracePeriods, InterruptCause, Task, TaskState
 from .core.records import snapshot
-from .dispatch import EngineDriver
-from .history import TaskHistory
+from .dispatch import EngineDriver, log_failure
+from .history import TaskHistory, entry_of
 from .journal import Journal
 from .runtime import registry
 from .store import IdempotencyRecord, SqliteStore, StoredEvent, WriteBatch
@@ -130,7 +130,7 @@ class Controller:
             loaded.epoch, max_events=self.config.memory_events, evicted_through=first - 1
         )
         for ev in loaded.events:
-            self.log.append(_entry(ev))
+            self.log.append(entry_of(ev))
         self.core = ControlCore(
             target_engines=self.config.engines,
             spare_engines=self.config.spare_engines,
@@ -230,18 +230,19 @@ class Controller:
         if spec.request_id:
             key = IdempotencyRecord(spec.request_id, "SubmitTask", spec.fingerprint, task.id, now)
             record.idempotency.append(key)
-        in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if spec.request_id:
-            self._requests_in_flight[spec.request_id] = in_flight
+        in_flight: asyncio.Future[None] | None = None
+        if key is not None:
+            in_flight = asyncio.get_running_loop().create_future()
+            self._requests_in_flight[key.key] = in_flight
         try:
             # Durable first: a refused write leaves no trace, and nothing of it runs.
             await self.journal.record_new(record)
             if key is not None:
                 self._idempotency[key.key] = key
         finally:
-            in_flight.set_result(None)
-            if spec.request_id:
-                self._requests_in_flight.pop(spec.request_id, None)
+            if key is not None and in_flight is not None:
+                in_flight.set_result(None)
+                self._requests_in_flight.pop(key.key, None)
         answer = _public_copy(task)
         if core.shutting_down:
             return answer, False  # recorded PENDING: it runs after the restart
@@ -469,7 +470,7 @@ class Controller:
         fut = asyncio.ensure_future(coro)
         self._background.add(fut)
         fut.add_done_callback(self._background.discard)
-        fut.add_done_callback(_log_failure)
+        fut.add_done_callback(log_failure)
 
     def _on_engine_registered(self, engine_id: int) -> None:
         if self._shutting_down:
@@ -597,18 +598,9 @@ async def _snapshots(tasks: AsyncIterator[Task], revision: int) -> AsyncIterator
         yield ("snapshot", task, revision)
 
 
-def _entry(ev: StoredEvent) -> LogEntry:
-    return LogEntry(ev.revision, msg.EventKind(ev.kind), ev.task, ev.time, ev.chunk, [None])
-
-
 def _public_copy(task: Task) -> Task:
     """The task as handed to the API: a snapshot later changes cannot alter."""
     return snapshot(task, keep_output=True)
-
-
-def _log_failure(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("background task failed", exc_info=fut.exception())
 
 
 __all__ = ["Controller", "SubmitSpec", "TaskState"]

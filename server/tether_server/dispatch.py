@@ -124,7 +124,7 @@ class EngineDriver:
         run = asyncio.ensure_future(self._run_task(task_id, attempt, engine_id))
         self._runs[(task_id, attempt)] = run
         run.add_done_callback(lambda _f: self._runs.pop((task_id, attempt), None))
-        run.add_done_callback(_log_failure)
+        run.add_done_callback(log_failure)
 
     def cancel_runs(self) -> None:
         """The cluster is lost: stop waiting for replies that will never come."""
@@ -283,7 +283,8 @@ class EngineDriver:
                     )
 
 
-def _log_failure(fut: asyncio.Future[Any]) -> None:
+def log_failure(fut: asyncio.Future[Any]) -> None:
+    """Done-callback of background work: log what it raised (nobody awaits it)."""
     if not fut.cancelled() and fut.exception() is not None:
         log.error("background task failed", exc_info=fut.exception())
 

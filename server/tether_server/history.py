@@ -26,13 +26,18 @@ from .core.messages import EventKind
 from .core.model import Task
 from .core.records import snapshot
 from .journal import Journal
-from .store import SqliteStore
+from .store import SqliteStore, StoredEvent
 
 REPLAY_PAGE = 1_000
 """Events read from the store per query while a stream replays old history."""
 MAX_SCAN = 5_000
 """Rows one ListTasks call reads at most: a filter SQL cannot narrow (labels) that matches
 little ends its page early, with a token to go on, rather than scanning millions of rows."""
+
+
+def entry_of(ev: StoredEvent) -> LogEntry:
+    """A stored event as the event log holds it (with an empty cell for its serialization)."""
+    return LogEntry(ev.revision, EventKind(ev.kind), ev.task, ev.time, ev.chunk, [None])
 
 
 class TaskHistory:
@@ -134,7 +139,7 @@ class TaskHistory:
                 return
             for ev in rows:
                 cursor = ev.revision
-                yield LogEntry(ev.revision, EventKind(ev.kind), ev.task, ev.time, ev.chunk, [None])
+                yield entry_of(ev)
 
     async def stored_since(self, revision: int) -> bool:
         """Whether the store's log still holds every event after ``revision``."""

@@ -141,8 +141,7 @@ class Journal:
 
     # ------------------------------------------------------------------ recovery
     def _mark_unhealthy(self, exc: BaseException | None) -> None:
-        cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
-        self.last_error = f"{type(cause).__name__}: {cause}" if cause is not None else "unknown"
+        self.last_error = _describe(exc)
         if self.healthy:
             log.error(
                 "the store cannot write (%s); refusing new tasks until it can", self.last_error
@@ -185,8 +184,7 @@ class Journal:
             else:  # a refused submit made us unhealthy: probe with an empty transaction
                 await asyncio.to_thread(self.store.probe)
         except StoreError as exc:
-            cause = exc.__cause__ if exc.__cause__ is not None else exc
-            self.last_error = f"{type(cause).__name__}: {cause}"
+            self.last_error = _describe(exc)
             return False
         del self._backlog[: len(pending)]
         for b in pending:
@@ -217,3 +215,11 @@ class Journal:
         self._closed = True
         if self._retrying is not None:
             self._retrying.cancel()
+
+
+def _describe(exc: BaseException | None) -> str:
+    """What went wrong in the store, in words: the SQLite error behind a StoreWriteError."""
+    if exc is None:
+        return "unknown"
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return f"{type(cause).__name__}: {cause}"

@@ -180,7 +180,6 @@ class Supervisor:
         return False
 
     def _reap(self, now: float) -> None:
-        import psutil
 
         engines = self._core().engines
         for engine_id, procs in list(self._processes.items()):
@@ -201,8 +200,7 @@ class Supervisor:
             if procs.lost_since is None:
                 procs.lost_since = now
                 if alive:
-                    with contextlib.suppress(psutil.Error):
-                        procs.children = self.task_children(engine_id)
+                    procs.children = self.task_children(engine_id)
                     _kill(procs.engine)
                 for child in procs.children:
                     _kill(child)

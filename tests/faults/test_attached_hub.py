@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import psutil
 
 from tests.integration.helpers import submit, wait_state, wait_terminal
-from tests.integration.test_attached import _START, kill_cluster_pids
+from tests.integration.test_attached import kill_cluster_pids, start_external_cluster
 from tests.support import ServerProcess
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2_grpc
 from tether_server.cluster.ipp import pids_in_cluster_file
 
 from .support import NOT_SERVING, SERVING, health, wait_until
-
-
-def _start_external(profile: Path) -> Path:
-    out = subprocess.run(
-        [sys.executable, "-c", _START, str(profile)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 def _kill_hub(cluster_file: Path) -> None:
@@ -52,7 +39,7 @@ def test_attached_server_reports_a_lost_cluster_and_reconnects_when_it_is_back(
     tmp_path: Path,
 ) -> None:
     profile = tmp_path / "external-profile"
-    cluster_file = _start_external(profile)
+    cluster_file = start_external_cluster(profile)
     files = [cluster_file]
     server = ServerProcess(tmp_path / "data", engines=2, extra_args=["--attach", str(cluster_file)])
     try:
@@ -74,7 +61,7 @@ def test_attached_server_reports_a_lost_cluster_and_reconnects_when_it_is_back(
             # files, which a new ipcontroller would otherwise hand to its engines).
             for stale in (profile / "security").glob("*external*"):
                 stale.unlink()
-            files.append(_start_external(profile))
+            files.append(start_external_cluster(profile))
             wait_until(lambda: health(channel) == SERVING, 60, "SERVING after reconnecting")
             done = wait_terminal(tasks, queued.name, timeout=60)
             assert done.state == tpb.TASK_STATE_SUCCEEDED

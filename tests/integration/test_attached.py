@@ -48,9 +48,8 @@ def kill_cluster_pids(pids: list[int]) -> None:
             proc.kill()
 
 
-@pytest.fixture()
-def external_cluster(tmp_path: Path) -> Iterator[Path]:
-    profile = tmp_path / "external-profile"
+def start_external_cluster(profile: Path) -> Path:
+    """Start an ipyparallel cluster of its own (as an operator would); its cluster file."""
     out = subprocess.run(
         [sys.executable, "-c", _START, str(profile)],
         capture_output=True,
@@ -58,7 +57,12 @@ def external_cluster(tmp_path: Path) -> Iterator[Path]:
         timeout=90,
         check=True,
     )
-    cluster_file = Path(out.stdout.strip().splitlines()[-1])
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def external_cluster(tmp_path: Path) -> Iterator[Path]:
+    cluster_file = start_external_cluster(tmp_path / "external-profile")
     pids = pids_in_cluster_file(cluster_file)
     try:
         yield cluster_file

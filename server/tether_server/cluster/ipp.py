@@ -261,9 +261,9 @@ class IpyparallelCluster:
             # The hub forks its schedulers; they outlive a killed hub, so keep them in
             # mind while it lives, for teardown to kill.
             self._hub_children.update(hub.children(recursive=True))
-            return True
         except psutil.Error:
             return False
+        return True
 
     def _controller_pid(self) -> int | None:
         launcher = getattr(self._cluster, "controller", None)
