@@ -375,6 +375,29 @@ def test_an_async_watch_survives_a_server_restart_and_delivers_every_event_once(
 
 def test_many_results_wait_over_one_stream(server: ServerProcess) -> None:
     with tether.Client(server.address) as waiter:
+        opened: list[object] = []
+        open_stream = waiter._open_stream
+
+        def counting_open(machine: Any) -> Any:
+            opened.append(machine)
+            return open_stream(machine)
+
+        waiter._open_stream = counting_open  # type: ignore[method-assign]
+        # A wait on a task that cannot end soon starts the outcome stream; every
+        # submit after that is covered by it (a result() of a task that already
+        # ended is one GetTask and no stream at all, so it must not be the first).
+        sleeper = waiter.submit("demo.sleep", {"seconds": 60})
+        sleeper_outcome: list[BaseException] = []
+
+        def wait_sleeper() -> None:
+            try:
+                sleeper.result(timeout=WAIT)
+            except BaseException as exc:  # the test inspects it
+                sleeper_outcome.append(exc)
+
+        sleeper_thread = threading.Thread(target=wait_sleeper)
+        sleeper_thread.start()
+        wait_until(lambda: waiter._outcomes.running)
         handles = [waiter.submit("demo.echo", {"value": n}) for n in range(40)]
         results: dict[int, Any] = {}
 
@@ -388,6 +411,11 @@ def test_many_results_wait_over_one_stream(server: ServerProcess) -> None:
             thread.join(timeout=WAIT)
         assert results == {n: n for n in range(40)}
         assert waiter._outcomes.running  # one stream served them all, and still runs
+        assert len(opened) == 1
+        sleeper.interrupt("the test is over")
+        sleeper_thread.join(timeout=WAIT)
+        assert len(sleeper_outcome) == 1
+        assert isinstance(sleeper_outcome[0], tether.TaskInterrupted)
 
 
 def test_map_yields_in_order_and_raises_a_failure_where_it_stands(client: tether.Client) -> None:
