@@ -420,7 +420,7 @@ class Controller:
             elif isinstance(ins, msg.Dispatch):
                 driver.dispatch(ins.task_id, ins.attempt, ins.engine_id)
             elif isinstance(ins, msg.SignalEngine):
-                self.spawn(driver.signal(ins.engine_id, ins.signal))
+                self.spawn(driver.signal(ins.engine_id, ins.signal, ins.task_id, ins.attempt))
             elif isinstance(ins, msg.KillEngine):
                 self.spawn(driver.kill(ins.engine_id, ins.reason))
             elif isinstance(ins, msg.StartEngine):

@@ -23,7 +23,7 @@ from .cluster import EngineDied, IpyparallelCluster
 from .cluster.ipp import DIGEST_HISTORY
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage
-from .runtime import registry
+from .runtime import attempts, registry
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -221,10 +221,19 @@ class EngineDriver:
             self.ctl.handle(msg.TaskCheckpointed(task_id, attempt, now))
 
     # ------------------------------------------------------------------ signals
-    async def signal(self, engine_id: int, sig: str) -> None:
+    async def signal(self, engine_id: int, sig: str, task_id: str, attempt: int) -> None:
+        """SIGINT / SIGTERM for exactly (task_id, attempt): the engine checks it is armed
+        for that attempt before raising (``runtime.attempts``), so a signal never lands in
+        the attempt queued behind it."""
         generation = self.cluster.generation
+        content = {"task_id": task_id, "attempt": attempt, "signal": sig}
         try:
-            await asyncio.wait_for(self.cluster.signal(engine_id, sig), timeout=5.0)
+            answer = await asyncio.wait_for(
+                self.cluster.control_request(engine_id, attempts.SIGNAL_REQUEST, content),
+                timeout=5.0,
+            )
+            if not answer.get("delivered"):
+                log.info("%s for task %s attempt %s: it had ended", sig, task_id, attempt)
         except Exception as exc:
             log.info("signal %s to engine %s failed: %s", sig, engine_id, exc)
         if self.cluster.generation == generation:

@@ -333,6 +333,25 @@ class IpyparallelCluster:
         fut = self._client.send_signal(getattr(signal, sig), targets=[engine_id], block=False)
         await asyncio.wrap_future(fut)
 
+    async def control_request(
+        self, engine_id: int, msg_type: str, content: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One request on the engine's control channel (``runtime.attempts``); its reply content.
+
+        The engine's kernel serves the control channel in its own thread, so the answer
+        comes while a task runs in the main thread.
+        """
+        client = self._client
+        if client is None:
+            raise EngineDied(f"engine {engine_id}: the cluster is not connected")
+        idents, _targets = client._build_targets([engine_id])
+        fut = client._send(client._control_stream, msg_type, content=content, ident=idents[0])
+        reply = await asyncio.wrap_future(fut)
+        answer = dict(reply["content"])
+        if answer.get("status") != "ok":
+            raise RuntimeError(f"{msg_type} to engine {engine_id} failed: {answer}")
+        return answer
+
     async def start_engines(self, n: int) -> None:
         """Embedded mode: add ``n`` engines (there is no restart in ipyparallel)."""
         if not self.embedded or self._cluster is None:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import registry
+from .attempts import BOOK, install_control_handlers
 from .context import DEFAULT_MAX_OUTPUT_CHARS, TaskContext
 from .guard import (
     GUARD,
@@ -77,6 +78,7 @@ DEFAULT_GPU_TOLERANCE_BYTES: Final = 64 * 1024 * 1024
 SUCCEEDED: Final = "succeeded"
 FAILED: Final = "failed"
 INTERRUPTED: Final = "interrupted"
+NOT_STARTED: Final = "not_started"
 
 Sink = Callable[[dict[str, Any]], None]
 
@@ -133,7 +135,8 @@ def _detected_tags() -> list[str]:
 
 def _install_guard() -> None:
     GUARD.install()
-    _neutralise_kernel_sigint_swap()
+    if _neutralise_kernel_sigint_swap():
+        install_control_handlers(ipython_shell().kernel)
 
 
 def _bound_kernel_history(signatures: int) -> None:
@@ -194,16 +197,16 @@ def run_task(spec: dict[str, Any], *, sink: Sink | None = None) -> dict[str, Any
     dropped (the task had already ended: the truth wins).
     """
     signals = TaskSignals()
-    guard = _guard_for_this_thread()
-    if guard is not None:
-        guard.arm(signals)
+    key = (str(spec.get("task_id", "")), int(spec.get("attempt", 0)))
+    refused = BOOK.begin(key, signals, _guard_for_this_thread())
+    if refused:  # withdrawn while queued, or the engine is about to be recycled
+        return {"status": NOT_STARTED, "error_message": refused, "published": 0}
     try:
         return _Attempt(spec, signals, sink).run()
     except BaseException as exc:  # a runtime bug; the engine must still answer
         return _internal_error_outcome(exc)
     finally:
-        if guard is not None:
-            guard.disarm()
+        BOOK.end(key)
 
 
 def _guard_for_this_thread() -> SignalGuard | None:
@@ -250,6 +253,8 @@ class _Attempt:
         failed = self._call()
         leftover_children = kill_new_children(before)
         report = self._measure(before, leftover_children, failed)
+        if not report.reclaimed:  # the controller recycles this engine: start nothing more
+            BOOK.drain(f"the engine is being recycled: {report.summary}")
         self.ctx._close()
         return {
             "status": self.status,
