@@ -239,6 +239,26 @@ class EngineDriver:
         if self.cluster.generation == generation:
             self.ctl.handle(msg.SignalDelivered(engine_id, time.time()))
 
+    async def withdraw(self, engine_id: int, task_id: str, attempt: int) -> None:
+        """Ask the engine not to start its queued (task_id, attempt); report its answer.
+
+        No answer (the engine is stuck or gone) counts as "it began": the task then
+        runs after the current one, or ends with its engine.
+        """
+        generation = self.cluster.generation
+        content = {"task_id": task_id, "attempt": attempt}
+        withdrawn = False
+        try:
+            answer = await asyncio.wait_for(
+                self.cluster.control_request(engine_id, attempts.WITHDRAW_REQUEST, content),
+                timeout=5.0,
+            )
+            withdrawn = bool(answer.get("withdrawn"))
+        except Exception as exc:
+            log.info("withdraw of task %s from engine %s failed: %s", task_id, engine_id, exc)
+        if self.cluster.generation == generation:
+            self.ctl.handle(msg.Withdrawn(engine_id, task_id, attempt, withdrawn, time.time()))
+
     async def kill(self, engine_id: int, reason: str) -> None:
         """SIGKILL an engine, and the processes its task started.
 
