@@ -154,6 +154,7 @@ class EngineDriver:
             "max_output_chars": self.config.limits.max_output_chars,
             "rss_tolerance_bytes": self.config.rss_tolerance_bytes,
             "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
+            "drain_if_not_reclaimed": True,
         }
         try:
             raw = await self.cluster.run_task(engine_id, spec)

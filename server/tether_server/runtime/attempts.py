@@ -71,12 +71,13 @@ class AttemptBook:
     def begin(self, key: Key, signals: TaskSignals, guard: SignalGuard | None) -> str:
         """Arm ``guard`` for attempt ``key``; or return why it must not start ("" = go on)."""
         with self._lock:
-            _remember(self._begun, key)
             if key in self._withdrawn:
                 del self._withdrawn[key]
+                _remember(self._begun, key)
                 return "withdrawn by the controller before it started"
-            if self._draining:
+            if self._draining:  # not begun: a withdrawal still says so
                 return self._draining
+            _remember(self._begun, key)
             if guard is not None:
                 guard.arm(signals)
             self._armed = (key, signals, guard)

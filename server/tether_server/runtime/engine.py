@@ -182,7 +182,9 @@ def run_task(spec: dict[str, Any], *, sink: Sink | None = None) -> dict[str, Any
     """Run one attempt of a registered task under the signal guard; return its outcome.
 
     ``spec``: ``task_id``, ``attempt``, ``task`` (registered name), ``args`` (JSON object),
-    ``resume_state``, ``max_output_chars``, ``rss_tolerance_bytes``, ``gpu_tolerance_bytes``.
+    ``resume_state``, ``max_output_chars``, ``rss_tolerance_bytes``, ``gpu_tolerance_bytes``,
+    ``drain_if_not_reclaimed`` (start nothing more after a task that left memory behind:
+    the controller recycles the engine, see ``runtime.attempts``).
     ``sink`` replaces ``publish_data`` (tests, or running outside an engine).
 
     The outcome: ``status`` (succeeded / failed / interrupted), ``value`` (JSON),
@@ -230,6 +232,7 @@ class _Attempt:
         self.args: Any = spec.get("args") or {}
         self.rss_tolerance = int(spec.get("rss_tolerance_bytes", DEFAULT_RSS_TOLERANCE_BYTES))
         self.gpu_tolerance = int(spec.get("gpu_tolerance_bytes", DEFAULT_GPU_TOLERANCE_BYTES))
+        self.drain_if_held = bool(spec.get("drain_if_not_reclaimed", False))
         self.signals = signals
         self.ctx = TaskContext(
             self.task_id,
@@ -253,7 +256,8 @@ class _Attempt:
         failed = self._call()
         leftover_children = kill_new_children(before)
         report = self._measure(before, leftover_children, failed)
-        if not report.reclaimed:  # the controller recycles this engine: start nothing more
+        if not report.reclaimed and self.drain_if_held:
+            # The controller recycles this engine: what is queued behind must not start.
             BOOK.drain(f"the engine is being recycled: {report.summary}")
         self.ctx._close()
         return {
