@@ -1,0 +1,16 @@
+"""Fixtures of the multi-host suite: two namespaced hosts with a real sshd (netns.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from .netns import TestHost, namespaced_hosts
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[list[TestHost]]:
+    """Hosts ``h2`` and ``h3``, made for the module's tests and removed after them."""
+    with namespaced_hosts(["h2", "h3"]) as made:
+        yield made
