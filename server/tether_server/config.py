@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cluster.hosts import EngineHost, SshSettings
 from .core.model import GracePeriods
 
 
@@ -50,6 +51,13 @@ class ServerConfig:
     engine_tags: tuple[str, ...] = ()
     attach: str = ""
     """Attached mode: an ipyparallel cluster file or client connection file."""
+    engine_hosts: tuple[EngineHost, ...] = ()
+    """Other machines whose engines ipyparallel's SSH launcher places (--engine-hosts)."""
+    ssh: SshSettings = field(default_factory=SshSettings)
+    cluster_ip: str = ""
+    """Address the ipyparallel controller listens on and engines dial ("": 127.0.0.1)."""
+    load_interval_seconds: float = 2.0
+    """How often each engine reports its load (RSS, CPU, GPU memory) for GetCluster."""
     grace: GracePeriods = field(default_factory=GracePeriods)
     default_timeout_seconds: float | None = None
     llm_timeout: LlmTimeoutPolicy = field(default_factory=LlmTimeoutPolicy)

@@ -40,6 +40,7 @@ from .core.records import snapshot
 from .dispatch import EngineDriver, log_failure
 from .history import TaskHistory, entry_of
 from .journal import Journal
+from .loads import EngineLoads
 from .runtime import registry
 from .store import IdempotencyRecord, SqliteStore, StoredEvent, WriteBatch
 from .subscriptions import StreamOptions, SubscriberIndex, Subscription
@@ -90,6 +91,9 @@ class Controller:
                 profile_dir=config.data_dir / "ipython",
                 heartbeat_ms=config.heartbeat_ms,
                 attach_cluster_file=config.attach,
+                engine_hosts=config.engine_hosts,
+                ssh=config.ssh,
+                cluster_ip=config.cluster_ip,
             ),
             ClusterCallbacks(
                 engine_registered=self._on_engine_registered,
@@ -98,6 +102,10 @@ class Controller:
             ),
         )
         self.engines_driver = EngineDriver(self)
+        self.target_engines = config.engines
+        """Engines the pool should hold: this host's plus the engine hosts' slots."""
+        self.loads = EngineLoads(self)
+        """The engines' own load reports (GetCluster, the remote memory limit)."""
         self.supervisor = Supervisor(
             self.cluster,
             config,
@@ -131,8 +139,10 @@ class Controller:
         )
         for ev in loaded.events:
             self.log.append(entry_of(ev))
+        # Remote hosts: their engine count (one per GPU by default) is known once asked.
+        self.target_engines = self.config.engines + await self.cluster.plan_remote_engines()
         self.core = ControlCore(
-            target_engines=self.config.engines,
+            target_engines=self.target_engines,
             spare_engines=self.config.spare_engines,
             replace_lost_engines=not self.config.attach,
             default_grace=self.config.grace,
@@ -168,8 +178,13 @@ class Controller:
         # their tasks end (INTERRUPTED, stage SIGKILL) before the streams close.
         for engine in list(core.engines.values()):
             if engine.current_task is not None and engine.pid:
-                with contextlib.suppress(OSError):
-                    os.kill(engine.pid, signal.SIGKILL)
+                local_pid = self.supervisor.local_pid(engine.id)
+                if local_pid:
+                    with contextlib.suppress(OSError):
+                        os.kill(local_pid, signal.SIGKILL)
+                else:  # on another host: through its nanny
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.cluster.signal(engine.id, "SIGKILL"), 2.0)
                 with contextlib.suppress(Exception):
                     self.handle(msg.EngineLost(engine.id, time.time()))
         for sub in self._subscribers:

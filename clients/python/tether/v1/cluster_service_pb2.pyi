@@ -250,6 +250,7 @@ class Engine(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     SPARE_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The engine's ipyparallel id (0 is a valid id)."""
     host: _builtins.str
@@ -278,6 +279,13 @@ class Engine(_message.Message):
     def register_time(self) -> _timestamp_pb2.Timestamp:
         """When the engine registered."""
 
+    @_builtins.property
+    def load(self) -> Global___EngineLoad:
+        """The engine's last load report, measured by the engine itself on its own host and
+        refreshed every few seconds (--load-interval); unset until the first report arrives,
+        or when the last one is stale (the engine is frozen or its host unreachable).
+        """
+
     def __init__(
         self,
         *,
@@ -291,14 +299,57 @@ class Engine(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         register_time: _timestamp_pb2.Timestamp | None = ...,
         spare: _builtins.bool = ...,
+        load: Global___EngineLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "load", b"load", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "pid", b"pid", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "load", b"load", "pid", b"pid", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Engine: _TypeAlias = Engine  # noqa: Y015
+
+@_typing.final
+class EngineLoad(_message.Message):
+    """An engine's load, measured on its host by tether's runtime inside the engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    REPORT_TIME_FIELD_NUMBER: _builtins.int
+    rss_bytes: _builtins.int
+    """Resident memory of the engine's process, in bytes."""
+    cpu_percent: _builtins.float
+    """CPU use of the engine's process since the previous report, in percent of one core."""
+    gpu_memory_used_bytes: _builtins.int
+    """Memory in use on the GPUs the engine sees (the whole GPU, every process on it), in
+    bytes; 0 without a GPU.
+    """
+    gpu_memory_total_bytes: _builtins.int
+    """Total memory of the GPUs the engine sees, in bytes; 0 without a GPU."""
+    @_builtins.property
+    def report_time(self) -> _timestamp_pb2.Timestamp:
+        """When the controller received the report."""
+
+    def __init__(
+        self,
+        *,
+        rss_bytes: _builtins.int = ...,
+        cpu_percent: _builtins.float = ...,
+        gpu_memory_used_bytes: _builtins.int = ...,
+        gpu_memory_total_bytes: _builtins.int = ...,
+        report_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report_time", b"report_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_percent", b"cpu_percent", "gpu_memory_total_bytes", b"gpu_memory_total_bytes", "gpu_memory_used_bytes", b"gpu_memory_used_bytes", "report_time", b"report_time", "rss_bytes", b"rss_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineLoad: _TypeAlias = EngineLoad  # noqa: Y015
 
 @_typing.final
 class ServerLimits(_message.Message):
