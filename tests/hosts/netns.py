@@ -65,6 +65,8 @@ class TestHost:
     owner: int = field(default_factory=os.getpid)
     port: int = 22
     sshd: subprocess.Popen[bytes] | None = None
+    path_prefix: str = ""
+    """A directory put first on PATH of every ssh session (e.g. a fake ``nvidia-smi``)."""
 
     @property
     def netns(self) -> str:
@@ -149,6 +151,11 @@ class TestHost:
                     # The launcher's scp speaks sftp: without this it fails with
                     # "subsystem request failed" and no engine starts.
                     "Subsystem sftp internal-sftp",
+                    *(
+                        [f"SetEnv PATH={self.path_prefix}:/usr/local/bin:/usr/bin:/bin"]
+                        if self.path_prefix
+                        else []
+                    ),
                     "",
                 ]
             )
@@ -283,9 +290,46 @@ def reap_stale() -> None:
                 _ip("link", "del", name, check=False)
 
 
+FAKE_NVIDIA_SMI = r"""#!/bin/sh
+# A stand-in for nvidia-smi on a test host: GPUS GPUs of 80 GiB, 1 GiB used on each.
+gpus=${FAKE_GPUS:-%d}
+want=""
+prev=""
+for arg in "$@"; do
+  [ "$prev" = "-i" ] && want="$arg"
+  prev="$arg"
+done
+case "$*" in
+  *memory.used*) fields=used ;;
+  *) fields=total ;;
+esac
+i=0
+while [ $i -lt $gpus ]; do
+  if [ -z "$want" ] || echo ",$want," | grep -q ",$i,"; then
+    if [ $fields = used ]; then echo "$i, 1024, 81920"; else echo "$i, 81920"; fi
+  fi
+  i=$((i+1))
+done
+"""
+
+
+def fake_nvidia_smi(directory: Path, gpus: int) -> Path:
+    """Write a fake ``nvidia-smi`` listing ``gpus`` GPUs into ``directory``; the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "nvidia-smi"
+    script.write_text(FAKE_NVIDIA_SMI % gpus)
+    script.chmod(0o755)
+    return directory
+
+
 @contextlib.contextmanager
-def namespaced_hosts(labels: list[str]) -> Iterator[list[TestHost]]:
-    """Start one namespaced host per label; all are removed on exit, whatever happened."""
+def namespaced_hosts(
+    labels: list[str], path_prefix: dict[str, str] | None = None
+) -> Iterator[list[TestHost]]:
+    """Start one namespaced host per label; all are removed on exit, whatever happened.
+
+    ``path_prefix``: per label, a directory first on the PATH of that host's ssh sessions.
+    """
     if os.geteuid() != 0:
         raise RuntimeError("the multi-host tests need root (network namespaces)")
     subprocess.run(["scripts/ensure_sshd.sh"], check=True, cwd=Path(__file__).parents[2])
@@ -304,6 +348,7 @@ def namespaced_hosts(labels: list[str]) -> Iterator[list[TestHost]]:
             free = (n for n in range(10, 250) if n not in used)
             for label in labels:
                 host = TestHost(label, next(free), workdir, key)
+                host.path_prefix = (path_prefix or {}).get(label, "")
                 hosts.append(host)
                 host._make_network()
         for host in hosts:
