@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tether/v1/cluster_service.proto.
  */
 export const file_tether_v1_cluster_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3QiuAMKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCRIgCgZtb2RlbHMYCiADKAsyEC50ZXRoZXIudjEuTW9kZWwSGwoTbW9kZWxfcGF0aHNfYWxsb3dlZBgLIAEoCBIPCgdzZXJ2aW5nGBQgASgIEhYKDnN0b3JlX3dyaXRhYmxlGBUgASgIEhkKEWNsdXN0ZXJfY29ubmVjdGVkGBYgASgIEhgKEGNsdXN0ZXJfcmVzdGFydHMYFyABKAMSDwoHcHJvYmxlbRgYIAEoCSJJCgVNb2RlbBIMCgRuYW1lGAEgASgJEgwKBGtpbmQYAiABKAkSFgoOY29udGV4dF9sZW5ndGgYAyABKAUSDAoEY2hhdBgEIAEoCCL/AQoGRW5naW5lEgoKAmlkGAEgASgFEgwKBGhvc3QYAiABKAkSCwoDcGlkGAMgASgFEiUKBXN0YXRlGAQgASgOMhYudGV0aGVyLnYxLkVuZ2luZVN0YXRlEhQKDGN1cnJlbnRfdGFzaxgFIAEoCRISCgp0YXNrc19kb25lGAYgASgDEi0KCWxhc3Rfc2VlbhgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFncxgIIAMoCRIxCg1yZWdpc3Rlcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVzcGFyZRgUIAEoCCLJAQoMU2VydmVyTGltaXRzEhYKDm1heF9hcmdzX2J5dGVzGAEgASgDEiwKCW1heF9ncmFjZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgttYXhfdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIYChBtYXhfb3V0cHV0X2J5dGVzGAQgASgDEhUKDW1heF9wYWdlX3NpemUYBSABKAUSEgoKbWF4X2xhYmVscxgGIAEoBSqmAQoLRW5naW5lU3RhdGUSHAoYRU5HSU5FX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRU5HSU5FX1NUQVRFX1NUQVJUSU5HEAESFQoRRU5HSU5FX1NUQVRFX0lETEUQAhIVChFFTkdJTkVfU1RBVEVfQlVTWRADEhUKEUVOR0lORV9TVEFURV9MT1NUEAQSGQoVRU5HSU5FX1NUQVRFX1NUT1BQSU5HEAUqYQoLQ2x1c3Rlck1vZGUSHAoYQ0xVU1RFUl9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVQ0xVU1RFUl9NT0RFX0VNQkVEREVEEAESGQoVQ0xVU1RFUl9NT0RFX0FUVEFDSEVEEAIyWwoOQ2x1c3RlclNlcnZpY2USSQoKR2V0Q2x1c3RlchIcLnRldGhlci52MS5HZXRDbHVzdGVyUmVxdWVzdBodLnRldGhlci52MS5HZXRDbHVzdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3QiuAMKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCRIgCgZtb2RlbHMYCiADKAsyEC50ZXRoZXIudjEuTW9kZWwSGwoTbW9kZWxfcGF0aHNfYWxsb3dlZBgLIAEoCBIPCgdzZXJ2aW5nGBQgASgIEhYKDnN0b3JlX3dyaXRhYmxlGBUgASgIEhkKEWNsdXN0ZXJfY29ubmVjdGVkGBYgASgIEhgKEGNsdXN0ZXJfcmVzdGFydHMYFyABKAMSDwoHcHJvYmxlbRgYIAEoCSJJCgVNb2RlbBIMCgRuYW1lGAEgASgJEgwKBGtpbmQYAiABKAkSFgoOY29udGV4dF9sZW5ndGgYAyABKAUSDAoEY2hhdBgEIAEoCCKkAgoGRW5naW5lEgoKAmlkGAEgASgFEgwKBGhvc3QYAiABKAkSCwoDcGlkGAMgASgFEiUKBXN0YXRlGAQgASgOMhYudGV0aGVyLnYxLkVuZ2luZVN0YXRlEhQKDGN1cnJlbnRfdGFzaxgFIAEoCRISCgp0YXNrc19kb25lGAYgASgDEi0KCWxhc3Rfc2VlbhgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFncxgIIAMoCRIxCg1yZWdpc3Rlcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVzcGFyZRgUIAEoCBIjCgRsb2FkGBUgASgLMhUudGV0aGVyLnYxLkVuZ2luZUxvYWQipAEKCkVuZ2luZUxvYWQSEQoJcnNzX2J5dGVzGAEgASgDEhMKC2NwdV9wZXJjZW50GAIgASgBEh0KFWdwdV9tZW1vcnlfdXNlZF9ieXRlcxgDIAEoAxIeChZncHVfbWVtb3J5X3RvdGFsX2J5dGVzGAQgASgDEi8KC3JlcG9ydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLJAQoMU2VydmVyTGltaXRzEhYKDm1heF9hcmdzX2J5dGVzGAEgASgDEiwKCW1heF9ncmFjZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgttYXhfdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIYChBtYXhfb3V0cHV0X2J5dGVzGAQgASgDEhUKDW1heF9wYWdlX3NpemUYBSABKAUSEgoKbWF4X2xhYmVscxgGIAEoBSqmAQoLRW5naW5lU3RhdGUSHAoYRU5HSU5FX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRU5HSU5FX1NUQVRFX1NUQVJUSU5HEAESFQoRRU5HSU5FX1NUQVRFX0lETEUQAhIVChFFTkdJTkVfU1RBVEVfQlVTWRADEhUKEUVOR0lORV9TVEFURV9MT1NUEAQSGQoVRU5HSU5FX1NUQVRFX1NUT1BQSU5HEAUqYQoLQ2x1c3Rlck1vZGUSHAoYQ0xVU1RFUl9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVQ0xVU1RFUl9NT0RFX0VNQkVEREVEEAESGQoVQ0xVU1RFUl9NT0RFX0FUVEFDSEVEEAIyWwoOQ2x1c3RlclNlcnZpY2USSQoKR2V0Q2x1c3RlchIcLnRldGhlci52MS5HZXRDbHVzdGVyUmVxdWVzdBodLnRldGhlci52MS5HZXRDbHVzdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Request of ClusterService.GetCluster.
@@ -279,6 +279,15 @@ export type Engine = Message<"tether.v1.Engine"> & {
    * @generated from field: bool spare = 20;
    */
   spare: boolean;
+
+  /**
+   * The engine's last load report, measured by the engine itself on its own host and
+   * refreshed every few seconds (--load-interval); unset until the first report arrives,
+   * or when the last one is stale (the engine is frozen or its host unreachable).
+   *
+   * @generated from field: tether.v1.EngineLoad load = 21;
+   */
+  load?: EngineLoad | undefined;
 };
 
 /**
@@ -287,6 +296,56 @@ export type Engine = Message<"tether.v1.Engine"> & {
  */
 export const EngineSchema: GenMessage<Engine> = /*@__PURE__*/
   messageDesc(file_tether_v1_cluster_service, 3);
+
+/**
+ * An engine's load, measured on its host by tether's runtime inside the engine.
+ *
+ * @generated from message tether.v1.EngineLoad
+ */
+export type EngineLoad = Message<"tether.v1.EngineLoad"> & {
+  /**
+   * Resident memory of the engine's process, in bytes.
+   *
+   * @generated from field: int64 rss_bytes = 1;
+   */
+  rssBytes: bigint;
+
+  /**
+   * CPU use of the engine's process since the previous report, in percent of one core.
+   *
+   * @generated from field: double cpu_percent = 2;
+   */
+  cpuPercent: number;
+
+  /**
+   * Memory in use on the GPUs the engine sees (the whole GPU, every process on it), in
+   * bytes; 0 without a GPU.
+   *
+   * @generated from field: int64 gpu_memory_used_bytes = 3;
+   */
+  gpuMemoryUsedBytes: bigint;
+
+  /**
+   * Total memory of the GPUs the engine sees, in bytes; 0 without a GPU.
+   *
+   * @generated from field: int64 gpu_memory_total_bytes = 4;
+   */
+  gpuMemoryTotalBytes: bigint;
+
+  /**
+   * When the controller received the report.
+   *
+   * @generated from field: google.protobuf.Timestamp report_time = 5;
+   */
+  reportTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tether.v1.EngineLoad.
+ * Use `create(EngineLoadSchema)` to create a new message.
+ */
+export const EngineLoadSchema: GenMessage<EngineLoad> = /*@__PURE__*/
+  messageDesc(file_tether_v1_cluster_service, 4);
 
 /**
  * Limits the server enforces on requests.
@@ -342,7 +401,7 @@ export type ServerLimits = Message<"tether.v1.ServerLimits"> & {
  * Use `create(ServerLimitsSchema)` to create a new message.
  */
 export const ServerLimitsSchema: GenMessage<ServerLimits> = /*@__PURE__*/
-  messageDesc(file_tether_v1_cluster_service, 4);
+  messageDesc(file_tether_v1_cluster_service, 5);
 
 /**
  * What an engine is doing.
