@@ -254,6 +254,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="timeout of tasks that give none (default: none)",
     )
     p.add_argument(
+        "--default-queue-timeout",
+        type=_duration,
+        default=None,
+        help="queue timeout of tasks that give none: a task still PENDING after it ends "
+        "FAILED / QUEUE_TIMEOUT (default: none)",
+    )
+    p.add_argument(
+        "--unschedulable-queue-timeout",
+        type=_duration,
+        default=600.0,
+        help="queue timeout of a task that gives none while no engine carries its "
+        "required_tags (attached mode; embedded mode refuses such a task at submit) "
+        "(default 10m)",
+    )
+    p.add_argument(
         "--llm-timeout-base",
         type=_duration,
         default=_LLM_TIMEOUT.base_seconds,
@@ -460,6 +475,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         load_interval_seconds=a.load_interval,
         grace=GracePeriods(a.grace_sigint, a.grace_sigterm, a.grace_sigkill),
         default_timeout_seconds=a.default_timeout,
+        default_queue_timeout_seconds=a.default_queue_timeout,
+        unschedulable_queue_timeout_seconds=a.unschedulable_queue_timeout,
         llm_timeout=LlmTimeoutPolicy(
             base_seconds=a.llm_timeout_base,
             per_token_seconds=a.llm_timeout_per_token,

@@ -60,6 +60,11 @@ class ServerConfig:
     """How often each engine reports its load (RSS, CPU, GPU memory) for GetCluster."""
     grace: GracePeriods = field(default_factory=GracePeriods)
     default_timeout_seconds: float | None = None
+    default_queue_timeout_seconds: float | None = None
+    """Queue timeout of tasks that give none (--default-queue-timeout; None: wait)."""
+    unschedulable_queue_timeout_seconds: float | None = 600.0
+    """Queue timeout of a task that gives none while no engine carries its tags (attached
+    mode, where such engines may still join; --unschedulable-queue-timeout)."""
     llm_timeout: LlmTimeoutPolicy = field(default_factory=LlmTimeoutPolicy)
     memory_limit_bytes: int = 0
     """Resource policy: interrupt a task whose engine's RSS exceeds this (0: off)."""

@@ -36,6 +36,7 @@ from .core.eventlog import EventLog, LogEntry, decode_token
 from .core.filters import TaskFilter
 from .core.machine import ALREADY_ENDED, ControlCore
 from .core.model import EngineState, GracePeriods, InterruptCause, Task, TaskState
+from .core.placement import feasible, unschedulable
 from .core.records import snapshot
 from .dispatch import EngineDriver, log_failure
 from .history import TaskHistory, entry_of
@@ -218,6 +219,7 @@ class Controller:
         if dedup is not None:
             return _public_copy(await self._task_or_raise(dedup)), True
         self._validate_task_args(spec)
+        self._check_schedulable(spec)
         if spec.resume_from:
             await self._check_resume_source(spec.resume_from)
         now = time.time()
@@ -234,7 +236,7 @@ class Controller:
             create_time=now,
             update_time=now,
             timeout=timeout,
-            queue_timeout=spec.queue_timeout,
+            queue_timeout=self._queue_timeout(spec),
             grace=spec.grace or self.config.grace,
             resume_from=spec.resume_from,
             required_tags=tuple(spec.required_tags),
@@ -515,6 +517,39 @@ class Controller:
         return text
 
     # ================================================================== policies
+    def _check_schedulable(self, spec: SubmitSpec) -> None:
+        """Refuse a task no engine can ever run (embedded mode: every engine is ours)."""
+        if not spec.required_tags or not self.cluster.embedded:
+            return
+        offers = self.cluster.engine_offers(frozenset(self.config.engine_tags))
+        if feasible(spec.required_tags, self.core_or_raise().engines.values(), offers):
+            return
+        known = sorted(set().union(*offers, *(e.tags for e in self.engines())))
+        raise err.Unschedulable(
+            f"no engine carries the tags {sorted(spec.required_tags)}, and none this server "
+            f"starts would (engine tags: {known or 'none'})",
+            metadata={
+                "required_tags": ",".join(spec.required_tags),
+                "engine_tags": ",".join(known),
+            },
+        )
+
+    def _queue_timeout(self, spec: SubmitSpec) -> float | None:
+        """The request's, else the server default; a task no engine can run yet (attached
+        mode) gets the unschedulable default, so it never waits forever."""
+        if spec.queue_timeout is not None:
+            return spec.queue_timeout
+        if self.config.default_queue_timeout_seconds is not None:
+            return self.config.default_queue_timeout_seconds
+        if spec.required_tags and not feasible(spec.required_tags, self.engines(), ()):
+            return self.config.unschedulable_queue_timeout_seconds
+        return None
+
+    def unschedulable_tasks(self) -> list[Task]:
+        """PENDING tasks whose tags no engine that is there now carries (GetCluster)."""
+        core = self.core_or_raise()
+        return unschedulable(core.tasks.values(), core.engines.values())
+
     def _policy_timeout(self, spec: SubmitSpec) -> float | None:
         if spec.task == "llm.generate":
             p = self.config.llm_timeout

@@ -127,3 +127,16 @@ def test_hosts_file_parsing_round_trip(tmp_path: Path) -> None:
     assert [s.gpu for s in plan_slots(b, gpus, default_tags=True)] == [None]
     assert "CUDA_VISIBLE_DEVICES" not in plan_slots(b, gpus, default_tags=True)[0].environment()
     assert plan_slots(a, gpus, default_tags=False)[0].tags == ("big",)
+
+
+def test_a_gpu_this_host_does_not_have_is_refused_at_submit(server: ServerProcess) -> None:
+    from tests.integration.helpers import error_info
+
+    with grpc.insecure_channel(server.address) as channel:
+        _idle(channel, 2)
+        tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            submit(tasks, "demo.echo", args={"value": 1}, required_tags=["gpu:7"])
+        code, reason, metadata, _ = error_info(caught.value)
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSCHEDULABLE")
+        assert "gpu:1" in metadata["engine_tags"].split(",")

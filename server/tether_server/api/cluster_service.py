@@ -41,6 +41,7 @@ class ClusterService:
             described.append(pb)
         return cpb.GetClusterResponse(
             engines=described,
+            unschedulable_tasks=[f"tasks/{t.id}" for t in ctl.unschedulable_tasks()],
             mode=cpb.CLUSTER_MODE_EMBEDDED if ctl.cluster.embedded else cpb.CLUSTER_MODE_ATTACHED,
             target_size=ctl.target_engines,
             degraded=usable < ctl.target_engines,

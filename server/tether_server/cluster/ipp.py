@@ -35,6 +35,7 @@ from tornado.ioloop import IOLoop
 from traitlets.config import Config
 
 from ..runtime import engine as engine_runtime
+from ..runtime.engine import detected_tags
 from ..runtime.placement import process_namespace
 from .hosts import EngineHost, SshSettings
 from .ssh import RemoteEngines
@@ -384,6 +385,24 @@ class IpyparallelCluster:
         theirs = str(info.get("process_namespace", ""))
         return bool(theirs) and theirs == self._process_namespace
 
+    def engine_offers(self, common: frozenset[str]) -> list[frozenset[str]]:
+        """Tag sets of the engines this server starts (``common``: every engine's tags).
+
+        This host's engines, then each remote slot's (with ``gpu`` where the runtime will
+        detect one). Attached mode: none (the operator's launcher decides).
+        """
+        if not self.embedded:
+            return []
+        offers = []
+        if self.config.engines:
+            offers.append(common | local_detected_tags())
+        for slot in self.remote.slots.values():
+            sees_gpu = bool(self.remote.gpus.get(slot.host.name)) and (
+                slot.gpu is not None or slot.host.gpus != "per-engine"
+            )
+            offers.append(common | frozenset(slot.tags) | ({"gpu"} if sees_gpu else set()))
+        return offers
+
     async def replace_engine(self, lost: int | None) -> None:
         """Start an engine where the lost one ran: its remote slot, else this host."""
         key = self.engine_slots.pop(lost, None) if lost is not None else None
@@ -602,3 +621,8 @@ def _kill_tree(pid: int) -> None:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         proc.kill()
+
+
+def local_detected_tags() -> frozenset[str]:
+    """Tags the runtime detects on this host's engines (they share its environment)."""
+    return frozenset(detected_tags())

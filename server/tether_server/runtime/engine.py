@@ -133,6 +133,11 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def detected_tags() -> list[str]:
+    """``["gpu"]`` where this process would see a GPU (nvidia-smi, CUDA not hidden)."""
+    return _detected_tags()
+
+
 def _detected_tags() -> list[str]:
     # No torch import here: it takes seconds. nvidia-smi on PATH is a good enough sign.
     if shutil.which("nvidia-smi") and os.environ.get("CUDA_VISIBLE_DEVICES") != "":

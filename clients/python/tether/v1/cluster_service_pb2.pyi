@@ -120,6 +120,7 @@ class GetClusterResponse(_message.Message):
     CLUSTER_CONNECTED_FIELD_NUMBER: _builtins.int
     CLUSTER_RESTARTS_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
+    UNSCHEDULABLE_TASKS_FIELD_NUMBER: _builtins.int
     mode: Global___ClusterMode.ValueType
     """How the controller owns the cluster."""
     target_size: _builtins.int
@@ -168,6 +169,13 @@ class GetClusterResponse(_message.Message):
         (--model NAME=PATH) first, then the built-in demo sizes. Empty without the [llm] extra.
         """
 
+    @_builtins.property
+    def unschedulable_tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PENDING tasks ("tasks/{id}") whose required_tags no engine that is there now carries.
+        Only attached mode accepts such tasks (engines may still join); each ends by its queue
+        timeout (default --unschedulable-queue-timeout) unless a fitting engine joins first.
+        """
+
     def __init__(
         self,
         *,
@@ -187,10 +195,11 @@ class GetClusterResponse(_message.Message):
         cluster_connected: _builtins.bool = ...,
         cluster_restarts: _builtins.int = ...,
         problem: _builtins.str = ...,
+        unschedulable_tasks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_connected", b"cluster_connected", "cluster_id", b"cluster_id", "cluster_restarts", b"cluster_restarts", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "model_paths_allowed", b"model_paths_allowed", "models", b"models", "pending_tasks", b"pending_tasks", "problem", b"problem", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "serving", b"serving", "store_writable", b"store_writable", "target_size", b"target_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_connected", b"cluster_connected", "cluster_id", b"cluster_id", "cluster_restarts", b"cluster_restarts", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "model_paths_allowed", b"model_paths_allowed", "models", b"models", "pending_tasks", b"pending_tasks", "problem", b"problem", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "serving", b"serving", "store_writable", b"store_writable", "target_size", b"target_size", "unschedulable_tasks", b"unschedulable_tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
