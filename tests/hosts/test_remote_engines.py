@@ -69,22 +69,6 @@ def server(
         yield proc
 
 
-@pytest.fixture(scope="module")
-def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def tasks(channel: grpc.Channel) -> task_service_pb2_grpc.TaskServiceStub:
-    return task_service_pb2_grpc.TaskServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def cluster(channel: grpc.Channel) -> cluster_service_pb2_grpc.ClusterServiceStub:
-    return cluster_service_pb2_grpc.ClusterServiceStub(channel)
-
-
 def pool(
     cluster: cluster_service_pb2_grpc.ClusterServiceStub, timeout: float = 90.0
 ) -> dict[str, cpb.Engine]:
