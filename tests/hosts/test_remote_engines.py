@@ -99,10 +99,10 @@ def pin_to(
 ) -> str:
     """Keep the other host's engine busy for a while, so the next task lands on ``host``."""
     other = next(name for name in engines if name != host)
-    blocker = submit(tasks, "demo.sleep", args={"seconds": 120})
+    blocker = submit(tasks, "demo.sleep", args={"seconds": 300})
     running = wait_state(tasks, blocker.name, {tpb.TASK_STATE_RUNNING})
     if running.engine_id != engines[other].id:  # it went to ``host``: swap roles
-        second = submit(tasks, "demo.sleep", args={"seconds": 120})
+        second = submit(tasks, "demo.sleep", args={"seconds": 300})
         wait_state(tasks, second.name, {tpb.TASK_STATE_RUNNING})
         tasks.InterruptTask(spb.InterruptTaskRequest(name=blocker.name), timeout=10)
         wait_terminal(tasks, blocker.name, timeout=15)
@@ -111,7 +111,11 @@ def pin_to(
 
 
 def release(tasks: task_service_pb2_grpc.TaskServiceStub, name: str) -> None:
-    tasks.InterruptTask(spb.InterruptTaskRequest(name=name), timeout=10)
+    """End a blocker (it may have ended by itself in a long test)."""
+    try:
+        tasks.InterruptTask(spb.InterruptTaskRequest(name=name), timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
     wait_terminal(tasks, name, timeout=15)
 
 
@@ -222,6 +226,42 @@ def test_memory_limit_is_measured_on_the_remote_host(tasks, cluster) -> None:  #
     assert done.interrupt.cause == tpb.INTERRUPT_CAUSE_RESOURCE_LIMIT
     assert "measured on its host" in done.interrupt.reason
     pool(cluster)
+
+
+# --------------------------------------------------------------------------- host loss
+def test_a_host_cut_off_loses_its_engines_and_gets_them_back_with_its_link(
+    tasks, cluster, hosts
+) -> None:  # type: ignore[no-untyped-def]
+    engines = pool(cluster)
+    blocker = pin_to(tasks, engines, "h3")
+    task = submit(tasks, "demo.sleep", args={"seconds": 120})
+    running = wait_state(tasks, task.name, {tpb.TASK_STATE_RUNNING})
+    assert running.engine_id == engines["h3"].id
+    h3 = host_of(hosts, "h3")
+    h3.set_link(False)
+    try:
+        # The hub's heartbeat (500 ms x 10 misses) declares the engine lost.
+        done = wait_terminal(tasks, task.name, timeout=60)
+        assert done.state == tpb.TASK_STATE_FAILED
+        assert done.error.reason == "ENGINE_LOST"
+        reply = cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)
+        assert reply.degraded
+        assert not [e for e in reply.engines if e.host == "h3" and e.state == cpb.ENGINE_STATE_IDLE]
+        time.sleep(3)  # replacements there fail while the link is down: still degraded
+        assert cluster.GetCluster(cpb.GetClusterRequest(), timeout=10).degraded
+    finally:
+        h3.set_link(True)
+    back = pool(cluster, timeout=120)
+    assert back["h3"].id != engines["h3"].id
+    assert not cluster.GetCluster(cpb.GetClusterRequest(), timeout=10).degraded
+    # The cut-off engine was stopped on its host once it could be reached: one engine there.
+    deadline = time.monotonic() + 30
+    while len(h3.processes("ipyparallel.engine.nanny")) != 1:
+        assert time.monotonic() < deadline, [p.cmdline() for p in h3.processes("ipyparallel")]
+        time.sleep(0.2)
+    release(tasks, blocker)
+    nxt = submit(tasks, "demo.echo", args={"value": "after"})
+    assert wait_terminal(tasks, nxt.name, timeout=30).state == tpb.TASK_STATE_SUCCEEDED
 
 
 # --------------------------------------------------------------------------- stopping

@@ -409,9 +409,19 @@ class IpyparallelCluster:
         if key is None:
             await self.start_engines(1)
             return
-        if self._cluster is None:
-            raise RuntimeError("no cluster")
-        await self.remote.start_slot(self._cluster, key, ENGINE_ARGS, IOLoop.current())
+        # A host that is unreachable (down, cut off) gets its engine back when it answers
+        # again: the start is retried with backoff, and the pool reports degraded meanwhile.
+        generation, delay = self.generation, 1.0
+        while not self._closing and generation == self.generation and self._cluster is not None:
+            try:
+                await self.remote.start_slot(self._cluster, key, ENGINE_ARGS, IOLoop.current())
+                return
+            except Exception as exc:
+                log.warning(
+                    "could not start an engine in slot %s (%s); again in %.0f s", key, exc, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(10.0, delay * 2)
 
     def engine_ids(self) -> list[int]:
         return [int(e) for e in self._client.ids] if self._client is not None else []

@@ -61,16 +61,19 @@ class _EngineSetLauncher(SSHEngineSetLauncher):  # type: ignore[misc]
     def get_output(self, remove: bool = False) -> str:
         return ""
 
-    async def stop(self) -> None:
-        await asyncio.gather(
+    async def stop(self) -> bool:
+        """Stop the set's engine on its host; False when the host could not be reached."""
+        done = await asyncio.gather(
             *(asyncio.to_thread(_stop_engine, el) for el in self.launchers.values())
         )
+        return all(done)
 
 
-def _stop_engine(launcher: Any) -> None:
+def _stop_engine(launcher: Any) -> bool:
+    """Stop one remote engine on its host; False when its host could not be reached."""
     pid = int(getattr(launcher, "pid", 0) or 0)
     if pid <= 0:
-        return
+        return True
     # TERM, wait up to the grace, then KILL; one round trip.
     script = (
         f"kill -TERM {pid} 2>/dev/null; i=0; "
@@ -79,11 +82,16 @@ def _stop_engine(launcher: Any) -> None:
     )
     cmd = [*launcher.ssh_cmd, *launcher.ssh_args, launcher.location, script]
     try:
-        subprocess.run(cmd, capture_output=True, timeout=STOP_GRACE_SECONDS + 15)
+        done = subprocess.run(cmd, capture_output=True, timeout=STOP_GRACE_SECONDS + 15)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not stop engine pid %s on %s: %s", pid, launcher.location, exc)
+        return False
+    if done.returncode == 255:  # ssh's own failure: the host is unreachable
+        log.warning("could not reach %s to stop engine pid %s", launcher.location, pid)
+        return False
     with contextlib.suppress(Exception):
         launcher._stop_waiting.set()
+    return True
 
 
 class RemoteEngines:
@@ -98,7 +106,8 @@ class RemoteEngines:
         self._sets: dict[str, Any] = {}
         """The running engine-set launcher of each slot."""
         self._counter = 0
-        self._stopping: set[asyncio.Future[None]] = set()
+        self._unstopped: dict[str, list[Any]] = {}
+        """Per slot, launchers of engines that could not be stopped yet (host unreachable)."""
 
     @property
     def planned(self) -> bool:
@@ -172,14 +181,21 @@ class RemoteEngines:
             engine_args=list(engine_args),
             loop=loop,
         )
+        # The slot's previous engine is lost to the hub, which is why the slot is filled
+        # again; it may still run (its host was cut off): stop it there first. An engine
+        # that cannot be stopped now is tried again at the slot's next start.
+        stale = self._unstopped.pop(key, [])
         old = self._sets.pop(key, None)
-        self._sets[key] = launcher
         if old is not None:
-            # The slot's previous engine is gone (that is why it is started again); make
-            # sure, on its host, without waiting for it here.
-            stopping = asyncio.ensure_future(old.stop())
-            self._stopping.add(stopping)
-            stopping.add_done_callback(self._stopping.discard)
+            stale.append(old)
+        for previous in stale:
+            if not await previous.stop():
+                self._unstopped.setdefault(key, []).append(previous)
+        if self._unstopped.get(key):
+            # Not before the old engine is stopped: a host that comes back in between
+            # would otherwise run two engines in one slot.
+            raise ConnectionError(f"{slot.host.name} unreachable: its old engine still runs")
+        self._sets[key] = launcher
         await asyncio.to_thread(launcher.start, 1)
         log.info("engine started on %s (slot %s)", slot.host.name, slot.slot)
 
@@ -198,6 +214,8 @@ class RemoteEngines:
     async def stop_all(self, timeout: float = STOP_GRACE_SECONDS + 20) -> None:
         """Stop every remote engine (SIGTERM, then SIGKILL) on its own host."""
         sets, self._sets = list(self._sets.values()), {}
+        sets += [s for stale in self._unstopped.values() for s in stale]
+        self._unstopped = {}
         if not sets:
             return
         try:
