@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -108,25 +107,6 @@ def test_gpu_memory_of_each_engines_gpu_is_in_its_load(server: ServerProcess) ->
         for engine in loaded:  # one GPU each: 1 GiB of 80 GiB
             assert engine.load.gpu_memory_total_bytes == 80 * GiB
             assert engine.load.gpu_memory_used_bytes == 1 * GiB
-
-
-def test_hosts_file_parsing_round_trip(tmp_path: Path) -> None:
-    from tether_server.cluster.hosts import GpuInfo, plan_slots, read_hosts_file
-
-    path = tmp_path / "hosts.toml"
-    path.write_text(
-        '[hosts.a]\nssh = "root@10.0.0.1:2222"\nengines = 3\ntags = ["big"]\n'
-        '[hosts.b]\ngpus = "none"\n'
-    )
-    a, b = read_hosts_file(path)
-    gpus = [GpuInfo(0, GiB), GpuInfo(1, GiB)]
-    slots = plan_slots(a, gpus, default_tags=True)
-    assert [s.gpu for s in slots] == [0, 1, None]
-    assert slots[0].tags == ("big", "gpu", "gpu:0")
-    assert slots[2].environment()["CUDA_VISIBLE_DEVICES"] == ""
-    assert [s.gpu for s in plan_slots(b, gpus, default_tags=True)] == [None]
-    assert "CUDA_VISIBLE_DEVICES" not in plan_slots(b, gpus, default_tags=True)[0].environment()
-    assert plan_slots(a, gpus, default_tags=False)[0].tags == ("big",)
 
 
 def test_a_gpu_this_host_does_not_have_is_refused_at_submit(server: ServerProcess) -> None:
