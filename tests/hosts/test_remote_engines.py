@@ -302,3 +302,31 @@ def test_stopping_tether_stops_its_remote_engines_and_their_watchdogs(hosts, tmp
     while counts() != before:
         assert time.monotonic() < deadline, (before, counts())
         time.sleep(0.2)
+
+
+def test_a_server_started_after_a_crash_stops_the_remote_engines_the_crashed_one_left(
+    hosts, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    extra = [*FAST_SERVER_ARGS, *server_args(hosts, tmp_path / "hosts.toml")]
+    data = tmp_path / "data"
+
+    def engine_pids() -> set[int]:
+        return {p.pid for h in hosts for p in h.processes("-m ipyparallel.engine ")}
+
+    before = engine_pids()
+    with running_server_with_env(data, {}, engines=0, extra_args=extra) as first:
+        with grpc.insecure_channel(first.address) as ch:
+            stub = cluster_service_pb2_grpc.ClusterServiceStub(ch)
+            deadline = time.monotonic() + 90
+            while _idle(stub) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        left = engine_pids() - before
+        assert len(left) == 2
+        first.kill()  # SIGKILL: nothing stops the remote engines
+    assert left <= engine_pids()  # still running on their hosts
+    with running_server_with_env(data, {}, engines=0, extra_args=extra):
+        deadline = time.monotonic() + 30
+        while left & engine_pids():
+            assert time.monotonic() < deadline, left & engine_pids()
+            time.sleep(0.2)

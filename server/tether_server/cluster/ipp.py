@@ -366,6 +366,8 @@ class IpyparallelCluster:
         return self.remote.engine_count
 
     async def _start_remote_engines(self) -> None:
+        self.remote.record = self.config.profile_dir / "remote-engines.json"
+        await self.remote.reap_recorded()  # what a crashed server left on the hosts
         if not self.remote.hosts:
             return
         await self.plan_remote_engines()

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shlex
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ipyparallel.cluster.launcher import SSHEngineLauncher, SSHEngineSetLauncher
@@ -72,25 +74,35 @@ class _EngineSetLauncher(SSHEngineSetLauncher):  # type: ignore[misc]
 def _stop_engine(launcher: Any) -> bool:
     """Stop one remote engine on its host; False when its host could not be reached."""
     pid = int(getattr(launcher, "pid", 0) or 0)
+    ssh = [*launcher.ssh_cmd, *launcher.ssh_args, launcher.location]
+    stopped = _stop_remote_pid(ssh, pid)
+    if stopped:
+        with contextlib.suppress(Exception):
+            launcher._stop_waiting.set()
+    return stopped
+
+
+def _stop_remote_pid(ssh: list[str], pid: int) -> bool:
+    """SIGTERM ``pid`` on the host ``ssh`` reaches, SIGKILL after the grace; False: unreachable."""
     if pid <= 0:
         return True
     # TERM, wait up to the grace, then KILL; one round trip.
+    # A pid reused by another process since (a record from a crashed run) is left alone.
     script = (
+        f"if [ -r /proc/{pid}/cmdline ] && ! grep -q ipyparallel /proc/{pid}/cmdline; "
+        "then exit 0; fi; "
         f"kill -TERM {pid} 2>/dev/null; i=0; "
         f"while kill -0 {pid} 2>/dev/null && [ $i -lt {int(STOP_GRACE_SECONDS * 10)} ]; "
         f"do sleep 0.1; i=$((i+1)); done; kill -KILL {pid} 2>/dev/null; true"
     )
-    cmd = [*launcher.ssh_cmd, *launcher.ssh_args, launcher.location, script]
     try:
-        done = subprocess.run(cmd, capture_output=True, timeout=STOP_GRACE_SECONDS + 15)
+        done = subprocess.run([*ssh, script], capture_output=True, timeout=STOP_GRACE_SECONDS + 15)
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("could not stop engine pid %s on %s: %s", pid, launcher.location, exc)
+        log.warning("could not stop engine pid %s on %s: %s", pid, ssh[-1], exc)
         return False
     if done.returncode == 255:  # ssh's own failure: the host is unreachable
-        log.warning("could not reach %s to stop engine pid %s", launcher.location, pid)
+        log.warning("could not reach %s to stop engine pid %s", ssh[-1], pid)
         return False
-    with contextlib.suppress(Exception):
-        launcher._stop_waiting.set()
     return True
 
 
@@ -108,6 +120,9 @@ class RemoteEngines:
         self._counter = 0
         self._unstopped: dict[str, list[Any]] = {}
         """Per slot, launchers of engines that could not be stopped yet (host unreachable)."""
+        self.record: Path | None = None
+        """Where the running remote engines are written down (host, pid), so that a start
+        after a crash (tether SIGKILLed) can stop what the crashed server left running."""
 
     @property
     def planned(self) -> bool:
@@ -196,7 +211,10 @@ class RemoteEngines:
             # would otherwise run two engines in one slot.
             raise ConnectionError(f"{slot.host.name} unreachable: its old engine still runs")
         self._sets[key] = launcher
-        await asyncio.to_thread(launcher.start, 1)
+        try:
+            await asyncio.to_thread(launcher.start, 1)
+        finally:
+            self._write_record()  # also an engine that started before a later step failed
         log.info("engine started on %s (slot %s)", slot.host.name, slot.slot)
 
     async def start_all(self, cluster: Any, engine_args: list[str], loop: IOLoop) -> None:
@@ -219,9 +237,47 @@ class RemoteEngines:
         if not sets:
             return
         try:
-            await asyncio.wait_for(asyncio.gather(*(s.stop() for s in sets)), timeout)
+            stopped = await asyncio.wait_for(asyncio.gather(*(s.stop() for s in sets)), timeout)
         except TimeoutError:
             log.warning("remote engines did not all stop within %.0f s", timeout)
+            return
+        if all(stopped):
+            self._write_record()
+
+    # ------------------------------------------------------------------ crash recovery
+    def _write_record(self) -> None:
+        if self.record is None:
+            return
+        running = [
+            {"ssh": [*el.ssh_cmd, *el.ssh_args, el.location], "pid": int(el.pid)}
+            for s in [*self._sets.values(), *(x for v in self._unstopped.values() for x in v)]
+            for el in s.launchers.values()
+            if int(getattr(el, "pid", 0) or 0) > 0
+        ]
+        try:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(running))
+            tmp.replace(self.record)
+        except OSError as exc:
+            log.warning("could not write %s: %s", self.record, exc)
+
+    async def reap_recorded(self) -> None:
+        """Stop the remote engines a crashed server left running (from :attr:`record`)."""
+        if self.record is None or not self.record.exists():
+            return
+        try:
+            entries = json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            entries = []
+        valid = [e for e in entries if isinstance(e, dict) and e.get("ssh") and e.get("pid")]
+        if valid:
+            log.warning("stopping %d remote engines left by a previous run", len(valid))
+            await asyncio.gather(
+                *(asyncio.to_thread(_stop_remote_pid, list(e["ssh"]), int(e["pid"])) for e in valid)
+            )
+        with contextlib.suppress(OSError):
+            self.record.unlink()
 
     def describe(self) -> str:
         return ", ".join(
