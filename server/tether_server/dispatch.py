@@ -205,7 +205,7 @@ class EngineDriver:
             self._message_waiters.pop(key, None)
 
     def on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
-        if kind != "started":  # the runtime counts reports only (see _messages_seen)
+        if kind not in ("started", "load"):  # a task's own reports (see _messages_seen)
             key = (task_id, attempt)
             count = self._received[key] = self._received.get(key, 0) + 1
             waiter = self._message_waiters.get(key)
