@@ -14,12 +14,13 @@ import grpc
 import pytest
 
 from tests.integration.helpers import running_server_with_env, submit, wait_terminal
-from tests.support import FAST_SERVER_ARGS, REPO, ServerProcess
+from tests.support import FAST_SERVER_ARGS, ServerProcess
 from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 
 from .netns import TestHost, fake_nvidia_smi, namespaced_hosts
+from .test_remote_engines import remote_pythonpath
 
 GiB = 1024**3
 
@@ -43,7 +44,7 @@ def server(gpu_host: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--hosts-file", str(hosts_file),
         "--cluster-ip", gpu_host.root_address,
         "--ssh-key", str(gpu_host.client_key),
-        "--remote-env", f"PYTHONPATH={REPO}",
+        "--remote-env", f"PYTHONPATH={remote_pythonpath()}",
         "--load-interval", "1s",
         "--no-http",
         "--ssh-option", "StrictHostKeyChecking=no",

@@ -8,6 +8,7 @@ engines and their task's children are only ever looked at on their host, over ss
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -34,6 +35,11 @@ from .netns import TestHost
 MEMORY_LIMIT_MIB = 600
 
 
+def remote_pythonpath() -> str:
+    """The repository (for --task-module tests...) and whatever this run's PYTHONPATH holds."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def server_args(hosts: list[TestHost], hosts_file: Path) -> list[str]:
     """The flags of a server whose engines all run on ``hosts`` (one each)."""
     hosts_file.write_text(
@@ -44,7 +50,7 @@ def server_args(hosts: list[TestHost], hosts_file: Path) -> list[str]:
         "--hosts-file", str(hosts_file),
         "--cluster-ip", hosts[0].root_address,
         "--ssh-key", str(hosts[0].client_key),
-        "--remote-env", f"PYTHONPATH={REPO}",
+        "--remote-env", f"PYTHONPATH={remote_pythonpath()}",
         "--task-module", "tests.integration.tasks_for_tests",
         "--load-interval", "1s",
         "--no-http",
