@@ -56,6 +56,8 @@ from tether_server.core.messages import (
     TaskSubmitted,
     TimerFired,
     TimerKey,
+    Withdraw,
+    Withdrawn,
 )
 from tether_server.core.model import (
     EngineState,
@@ -73,6 +75,8 @@ GPU = frozenset({"gpu"})
 
 
 class ControlCoreWorld(RuleBasedStateMachine):
+    PIPELINE_DEPTH = 1
+
     def __init__(self) -> None:
         super().__init__()
         self.core = ControlCore(
@@ -80,7 +84,9 @@ class ControlCoreWorld(RuleBasedStateMachine):
             replace_lost_engines=True,
             default_grace=GRACE,
             max_output_chars=8,
+            pipeline_depth=self.PIPELINE_DEPTH,
         )
+        self.withdrawals: dict[tuple[int, str, int], None] = {}  # unanswered Withdraws
         self.now = 0.0
         self.task_ids = (f"t{n}" for n in itertools.count())
         self.engine_ids = itertools.count()
@@ -137,6 +143,9 @@ class ControlCoreWorld(RuleBasedStateMachine):
             case Dispatch(engine_id=engine_id):
                 assert not was_shutting_down
                 assert core.engines[engine_id].signals_in_flight == 0
+            case Withdraw(engine_id=engine_id, task_id=task_id, attempt=attempt):
+                assert core.engines[engine_id].queued_task == task_id
+                self.withdrawals[(engine_id, task_id, attempt)] = None
             case StartEngine():
                 self.requested_starts += 1
                 alive = sum(e.state is not EngineState.LOST for e in core.engines.values())
@@ -333,7 +342,10 @@ class ControlCoreWorld(RuleBasedStateMachine):
     @invariant()
     def queue_holds_exactly_the_pending_tasks(self) -> None:
         pending = {t.id for t in self.core.tasks.values() if t.state is TaskState.PENDING}
-        assert set(self.core.queued_task_ids()) == pending
+        behind = [e.queued_task for e in self.core.engines.values() if e.queued_task is not None]
+        assert len(set(behind)) == len(behind)  # one engine per queued task
+        assert set(self.core.queued_task_ids()) | set(behind) == pending
+        assert not set(self.core.queued_task_ids()) & set(behind)
         assert self.core.queue_length == len(pending)
 
     @invariant()
@@ -357,6 +369,9 @@ class ControlCoreWorld(RuleBasedStateMachine):
         timer. Every task must end, except PENDING ones kept after a shutdown."""
         core = self.core
         for _ in range(100):
+            for engine_id, task_id, attempt in list(self.withdrawals):
+                del self.withdrawals[(engine_id, task_id, attempt)]
+                self.apply(Withdrawn(engine_id, task_id, attempt, True, self.tick()))
             for engine in list(core.engines.values()):
                 while engine.signals_in_flight:
                     self.apply(SignalDelivered(engine.id, self.tick()))
@@ -382,7 +397,12 @@ class ControlCoreWorld(RuleBasedStateMachine):
                 if core.tasks[engine.current_task].state is TaskState.INTERRUPTING:
                     status = OutcomeStatus.INTERRUPTED
                 self.finish(engine_id, Outcome(status, stage=EscalationStage.SIGINT))
-            if not core.running_count and (core.shutting_down or not core.queue_length):
+            behind = any(e.queued_task for e in core.engines.values())
+            if (
+                not core.running_count
+                and not behind
+                and (core.shutting_down or not core.queue_length)
+            ):
                 break
         for key in list(self.timers):
             del self.timers[key]
@@ -393,10 +413,44 @@ class ControlCoreWorld(RuleBasedStateMachine):
             ), f"{task.id} is still {task.state.name} after draining"
 
 
-ControlCoreWorld.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class PipelinedWorld(ControlCoreWorld):
+    """The same world with pipelined dispatch: a task may wait queued behind a running one."""
+
+    PIPELINE_DEPTH = 2
+
+    def queued(self) -> list[int]:
+        return [e.id for e in self.core.engines.values() if e.queued_task is not None]
+
+    @precondition(lambda self: bool(self.withdrawals))
+    @rule(data=st.data(), withdrawn=st.booleans())
+    def engine_answers_a_withdrawal(self, data: st.DataObject, withdrawn: bool) -> None:
+        engine_id, task_id, attempt = data.draw(st.sampled_from(list(self.withdrawals)))
+        del self.withdrawals[(engine_id, task_id, attempt)]
+        self.apply(Withdrawn(engine_id, task_id, attempt, withdrawn, self.tick()))
+
+    @precondition(lambda self: bool(self.queued()))
+    @rule(data=st.data())
+    def queued_task_reports_early(self, data: st.DataObject) -> None:
+        engine = self.core.engines[data.draw(st.sampled_from(self.queued()))]
+        assert engine.queued_task is not None
+        task_id, attempt = engine.queued_task, engine.queued_attempt
+        kind = data.draw(st.sampled_from(["started", "output", "not_started"]))
+        if kind == "started":
+            self.armed.add((task_id, attempt))
+            self.apply(TaskStarted(task_id, attempt, self.tick()))
+        elif kind == "output":
+            self.apply(TaskOutput(task_id, attempt, "early ", self.tick()))
+        else:
+            outcome = Outcome(OutcomeStatus.NOT_STARTED)
+            self.apply(TaskFinished(task_id, attempt, outcome, self.tick()))
+
+
+for world in (ControlCoreWorld, PipelinedWorld):
+    world.TestCase.settings = settings(
+        max_examples=300,
+        stateful_step_count=50,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 test_control_core_under_random_events = ControlCoreWorld.TestCase
+test_pipelined_core_under_random_events = PipelinedWorld.TestCase

@@ -32,10 +32,14 @@ never changes, see ``records.LEGAL_TRANSITIONS``)::
 
 Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
 TaskFinished) -> STOPPING (KillEngine: escalation or recycling) -> LOST
-(EngineLost). Two rules keep signals on target: an engine is only signalled
-while the runtime has *armed* its guard for exactly that (task, attempt), and
-no task is dispatched to an engine while a signal to it is in flight, so a late
-SIGINT can never land in the next task.
+(EngineLost). Signals stay on target: an engine is only signalled while the
+runtime has *armed* its guard for exactly that (task, attempt), the signal names
+that attempt and the engine raises it for no other (``runtime.attempts``), and no
+task is dispatched to an engine while a signal to it is in flight.
+
+With ``pipeline_depth`` 2 a BUSY engine also holds one task queued behind its
+running one (still PENDING, ``attempt`` counted): see ``core/pipeline.py`` for
+its turn, its withdrawal (interrupts, priority, shutdown) and its losses.
 
 Every change to a task bumps its revision and yields one ``Publish`` carrying a
 snapshot (a copy), which is what the event log and the subscribers see.
@@ -77,6 +81,7 @@ from .messages import (
     TimerFired,
     TimerKey,
     TimerKind,
+    Withdrawn,
 )
 from .model import (
     Engine,
@@ -90,6 +95,7 @@ from .model import (
     TaskError,
     TaskState,
 )
+from .pipeline import REPORTS, SHUTDOWN_REASON, SYSTEM, PipelinedDispatch
 from .pool import EnginePool
 from .records import bounded, move, resource_report, seconds, snapshot
 from .scheduling import PendingQueue, plan_dispatch
@@ -98,11 +104,8 @@ ALREADY_ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIME
 """States in which an interrupt is refused (TASK_ALREADY_TERMINAL). INTERRUPTED and
 CANCELLED answer an interrupt idempotently instead: that is what was asked for."""
 
-SYSTEM = "system"
-"""``requested_by`` of interrupts the controller starts itself (timeout, limits, shutdown)."""
 
-
-class ControlCore:
+class ControlCore(PipelinedDispatch):
     """Tasks, engines and the pending queue of one controller, driven by events.
 
     The tables are public for reading (``tasks``, ``engines``); only ``handle``
@@ -118,6 +121,7 @@ class ControlCore:
         replace_lost_engines: bool,
         default_grace: GracePeriods,
         spare_engines: int = 0,
+        pipeline_depth: int = 1,
         first_revision: int = 1,
         max_output_chars: int = 1_000_000,
     ) -> None:
@@ -134,6 +138,7 @@ class ControlCore:
             target_engines=target_engines,
             replace_lost_engines=replace_lost_engines,
             spare_engines=spare_engines,
+            pipeline_depth=pipeline_depth,
         )
         self._queue = PendingQueue()
         self._next_revision = first_revision
@@ -152,7 +157,8 @@ class ControlCore:
 
     @property
     def queue_length(self) -> int:
-        return len(self._queue)
+        """PENDING tasks: in the queue, or queued behind a running task (not started)."""
+        return len(self._queue) + len(self._pool.queued())
 
     @property
     def running_count(self) -> int:
@@ -168,6 +174,13 @@ class ControlCore:
         """StartEngine instructions whose engine has not registered yet."""
         return self._pool.requested_starts
 
+    def withdrawal_pending(self, task_id: str) -> bool:
+        """An interrupt of ``task_id`` waits for its engine to say whether it had begun."""
+        task = self.tasks.get(task_id)
+        engine = self._pool.queued_on(task_id, task.attempt) if task is not None else None
+        slot = self._pool.slot(engine) if engine is not None else None
+        return slot is not None and slot.cancel is not None
+
     def queued_task_ids(self) -> list[str]:
         """Pending task ids in the order they will be dispatched (tags permitting)."""
         return list(self._queue)
@@ -176,6 +189,8 @@ class ControlCore:
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the controller must now do, in order."""
         out: list[Instruction] = []
+        if isinstance(event, REPORTS) and self._hold(event, out):
+            return out
         match event:
             case TaskSubmitted():
                 self._on_submitted(event, out)
@@ -207,6 +222,8 @@ class ControlCore:
             case SignalDelivered():
                 if self._pool.acknowledge_signal(event.engine_id, event.now):
                     self._dispatch(event.now, out)
+            case Withdrawn():
+                self._on_withdrawn(event, out)
             case TimerFired():
                 self._on_timer(event.key, event.now, out)
             case ResourceLimitExceeded():
@@ -288,23 +305,30 @@ class ControlCore:
             )
         grace = event.grace or task.grace
         if task.state is TaskState.PENDING:
-            self._queue.remove(task.id)
-            task.interrupt = InterruptRecord(
-                event.requested_by,
-                event.reason,
-                event.now,
-                event.cause,
-                grace,
-                final_stage=EscalationStage.DEQUEUED,
-            )
-            message = f"cancelled before it started by {event.requested_by}: {event.reason}"
-            error = TaskError(ErrorReason.CANCELLED, message=message)
-            self._finish(task, TaskState.CANCELLED, error, event.now, out)
+            if not self._cancel_queued(task, event, out):
+                self._queue.remove(task.id)
+                self._cancel_pending(task, event, out)
         elif task.state is TaskState.RUNNING:
             self._begin_interrupt(
                 task, event.requested_by, event.reason, event.cause, grace, event.now, out
             )
         # INTERRUPTING, INTERRUPTED, CANCELLED: already what was asked for.
+
+    def _cancel_pending(
+        self, task: Task, event: InterruptRequested, out: list[Instruction]
+    ) -> None:
+        """A task that never started is CANCELLED (final stage DEQUEUED)."""
+        task.interrupt = InterruptRecord(
+            event.requested_by,
+            event.reason,
+            event.now,
+            event.cause,
+            event.grace or task.grace,
+            final_stage=EscalationStage.DEQUEUED,
+        )
+        message = f"cancelled before it started by {event.requested_by}: {event.reason}"
+        error = TaskError(ErrorReason.CANCELLED, message=message)
+        self._finish(task, TaskState.CANCELLED, error, event.now, out)
 
     def _begin_interrupt(
         self,
@@ -322,6 +346,7 @@ class ControlCore:
         in unpickling, an engine that hangs) must still be escalated.
         """
         engine = self._pool.engine_of(task)
+        self._withdraw(engine, out)  # an engine being stopped keeps nothing queued
         task.interrupt = InterruptRecord(requested_by, reason, now, cause, grace)
         move(task, TaskState.INTERRUPTING)
         if engine.armed:
@@ -335,12 +360,13 @@ class ControlCore:
         """Stop dispatching and interrupt what runs. PENDING tasks stay PENDING: they are
         kept in the store and run after a restart."""
         self._shutting_down = True
+        for engine, _queued in self._pool.queued():
+            self._withdraw(engine, out)  # back to the queue: kept PENDING for a restart
         for engine in list(self.engines.values()):
             task = self.tasks.get(engine.current_task) if engine.current_task else None
             if task is not None and task.state is TaskState.RUNNING:
-                reason = "the server is shutting down"
                 cause = InterruptCause.SHUTDOWN
-                self._begin_interrupt(task, SYSTEM, reason, cause, task.grace, now, out)
+                self._begin_interrupt(task, SYSTEM, SHUTDOWN_REASON, cause, task.grace, now, out)
 
     def _on_resource_limit(self, event: ResourceLimitExceeded, out: list[Instruction]) -> None:
         current = self._current(event.task_id, event.attempt)
@@ -427,8 +453,10 @@ class ControlCore:
                 task.result = outcome.value
             self._finish(task, state, error, event.now, out)
         self._pool.release(engine)
-        if recycle:
+        if recycle:  # the runtime starts nothing more there: the queued task comes back
             out.append(self._pool.kill(engine, "resources not reclaimed"))
+        elif (slot := self._pool.slot(engine)) is not None and not slot.withdrawing:
+            self._promote(engine, event.now, out)
         self._dispatch(event.now, out)
 
     def _ending(self, task: Task, outcome: Outcome) -> tuple[TaskState, TaskError | None]:
@@ -436,6 +464,9 @@ class ControlCore:
         over a pending interrupt, whose record stays to say it was asked for."""
         if outcome.status is OutcomeStatus.SUCCEEDED:
             return TaskState.SUCCEEDED, None
+        if outcome.status is OutcomeStatus.NOT_STARTED:  # the engine refused its turn
+            message = f"the engine did not start the task: {outcome.error_message}"
+            return TaskState.FAILED, TaskError(ErrorReason.ENGINE_LOST, message=message)
         record = task.interrupt
         if (
             outcome.status is OutcomeStatus.INTERRUPTED
@@ -465,6 +496,7 @@ class ControlCore:
             return
         message = f"engine {engine.id} was lost while the task ran"
         self._end_with_engine(engine, ErrorReason.ENGINE_LOST, message, now, out)
+        self._unqueue_lost(engine, ErrorReason.ENGINE_LOST, message, now, out)
         replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
         if replacement is not None:
             out.append(replacement)
@@ -475,6 +507,7 @@ class ControlCore:
         message = f"the ipyparallel controller was lost while the task ran: {event.detail}"
         for engine in list(self.engines.values()):
             self._end_with_engine(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
+            self._unqueue_lost(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
         self._pool.clear()
 
     def _end_with_engine(
@@ -541,20 +574,37 @@ class ControlCore:
     # ------------------------------------------------------------------ helpers
     def _dispatch(self, now: float, out: list[Instruction]) -> None:
         """Put queued tasks on idle engines that have no signal in flight."""
-        if self._shutting_down or not self._queue:
+        if self._shutting_down:
             return
-        for task, engine in plan_dispatch(self._queue, self.tasks, self._pool.dispatchable()):
-            self._queue.remove(task.id)
-            task.attempt += 1
-            move(task, TaskState.RUNNING)
-            task.engine_id = engine.id
-            task.start_time = now
-            self._pool.assign(engine, task)
-            out.append(self._publish(task, EventKind.STATE_CHANGED, now))
-            out.append(Dispatch(task.id, task.attempt, engine.id))
-            if task.timeout is not None:
-                key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
-                out.append(StartTimer(key, task.timeout))
+        if self._queue:
+            for task, engine in plan_dispatch(self._queue, self.tasks, self._pool.dispatchable()):
+                self._queue.remove(task.id)
+                task.attempt += 1
+                self._start(task, engine, now, out)
+                out.append(Dispatch(task.id, task.attempt, engine.id))
+        self._rebalance(out)  # an idle engine takes what waits behind a busy one
+        if not self._queue:
+            return
+        # Pipelined dispatch: one more behind each running task that is not being stopped.
+        behind = [
+            engine
+            for engine in self._pool.queueable()
+            if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
+        ]
+        self._queue_behind_running(plan_dispatch(self._queue, self.tasks, behind), out)
+        if self._queue:
+            self._reclaim_queued(out)
+
+    def _start(self, task: Task, engine: Engine, now: float, out: list[Instruction]) -> None:
+        """PENDING -> RUNNING on ``engine`` (the attempt was counted at dispatch)."""
+        move(task, TaskState.RUNNING)
+        task.engine_id = engine.id
+        task.start_time = now
+        self._pool.assign(engine, task)
+        out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+        if task.timeout is not None:
+            key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
+            out.append(StartTimer(key, task.timeout))
 
     def _current(self, task_id: str, attempt: int) -> tuple[Task, Engine] | None:
         """The active task and its engine, when ``attempt`` is the task's current one."""
