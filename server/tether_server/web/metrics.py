@@ -295,7 +295,8 @@ class StateCollector(Collector):
         )
         rss = GaugeMetricFamily(
             "tether_engine_rss_bytes",
-            "Resident memory of each live engine on this host (psutil).",
+            "Resident memory of each live engine (psutil on this host; the engine's own "
+            "report on other hosts).",
             labels=["engine", "host"],
         )
         cpu = CounterMetricFamily(
