@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TS_DIR := clients/typescript
 ARGS   ?=
 
-.PHONY: help venv run test test-py test-ts proto proto-check dashboard dashboard-check browser lint typecheck bench bench-quick clean
+.PHONY: help venv run test test-py test-ts hosts proto proto-check dashboard dashboard-check browser lint typecheck bench bench-quick clean
 
 help:
 	@echo "make run          start tether-server with an embedded local cluster on 127.0.0.1:50051"
@@ -30,8 +30,12 @@ run: $(STAMP)
 
 test: $(STAMP) proto-check dashboard-check lint test-py test-ts
 
-test-py: $(STAMP) browser
+test-py: $(STAMP) browser hosts
 	$(PY) -m pytest -q $(ARGS)
+
+# The multi-host tests (tests/hosts/) run Debian's sshd inside network namespaces.
+hosts:
+	scripts/ensure_sshd.sh
 
 # The browser tests drive Debian's chromium through chromium-driver (no browser download).
 browser:

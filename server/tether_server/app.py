@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -24,6 +25,7 @@ from . import web
 from .api import ClusterService, TaskService
 from .api.auth import Authenticator
 from .api.reflection import documented_pool
+from .cluster.hosts import SshSettings, parse_engine_hosts, read_hosts_file
 from .config import Limits, LlmTimeoutPolicy, ServerConfig
 from .controller import Controller
 from .core.model import GracePeriods
@@ -68,6 +70,13 @@ def _model_flag(text: str) -> tuple[str, str]:
     return name, str(Path(path).expanduser().resolve())
 
 
+def _env_flag(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def _models_file(path: Path) -> list[tuple[str, str]]:
     import tomllib
 
@@ -104,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p.add_argument(
         "--engines",
         type=int,
-        default=max(2, os.cpu_count() or 2),
-        help="engines to start (default: cores, at least 2)",
+        default=None,
+        help="engines to start on this host (default: cores, at least 2; 0 with --engine-hosts)",
     )
     p.add_argument(
         "--data-dir",
@@ -151,6 +160,71 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="tag every engine with this (repeatable); 'gpu' is detected",
     )
     p.add_argument(
+        "--engine-hosts",
+        default="",
+        metavar="DEST=N,...",
+        help="also run N engines on each of these hosts ([user@]host[:port]), placed by "
+        "ipyparallel's SSH launcher; N omitted or 'auto': one per GPU (1 without GPUs). "
+        "With engine hosts, --engines (this host's engines) defaults to 0",
+    )
+    p.add_argument(
+        "--hosts-file",
+        type=Path,
+        default=None,
+        help="TOML file with [hosts.NAME] tables (ssh, engines, tags, gpus), as --engine-hosts",
+    )
+    p.add_argument(
+        "--cluster-ip",
+        default="",
+        metavar="ADDR",
+        help="address the ipyparallel controller listens on and engines dial (default "
+        "127.0.0.1; engine hosts need an address they can reach)",
+    )
+    p.add_argument(
+        "--ssh-key", type=Path, default=None, help="identity file of the ssh calls to engine hosts"
+    )
+    p.add_argument(
+        "--ssh-option",
+        action="append",
+        default=[],
+        dest="ssh_options",
+        metavar="OPT",
+        help="ssh -o option for engine hosts, e.g. StrictHostKeyChecking=accept-new (repeatable)",
+    )
+    p.add_argument(
+        "--remote-python",
+        default=sys.executable,
+        help="the Python with tether installed on the engine hosts (default: this one's path)",
+    )
+    p.add_argument(
+        "--remote-env",
+        action="append",
+        default=[],
+        dest="remote_env",
+        metavar="NAME=VALUE",
+        type=_env_flag,
+        help="set this variable for engines on engine hosts, e.g. PYTHONPATH for --task-module "
+        "modules (repeatable)",
+    )
+    p.add_argument(
+        "--no-gpu-tags",
+        action="store_true",
+        help="do not tag engines pinned to a GPU with 'gpu' and 'gpu:<index>'",
+    )
+    p.add_argument(
+        "--gpu-placement",
+        choices=("per-engine", "none"),
+        default="per-engine",
+        help="per-engine: on an engine host with GPUs, pin one engine per GPU "
+        "(CUDA_VISIBLE_DEVICES); none: engines see every GPU (default %(default)s)",
+    )
+    p.add_argument(
+        "--load-interval",
+        type=_duration,
+        default=2.0,
+        help="how often each engine reports its RSS, CPU and GPU memory (GetCluster; default 2s)",
+    )
+    p.add_argument(
         "--attach",
         default="",
         help="attach to an existing ipyparallel cluster (cluster file or client connection file) instead of starting one",
@@ -178,6 +252,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         type=_duration,
         default=None,
         help="timeout of tasks that give none (default: none)",
+    )
+    p.add_argument(
+        "--default-queue-timeout",
+        type=_duration,
+        default=None,
+        help="queue timeout of tasks that give none: a task still PENDING after it ends "
+        "FAILED / QUEUE_TIMEOUT (default: none)",
+    )
+    p.add_argument(
+        "--unschedulable-queue-timeout",
+        type=_duration,
+        default=600.0,
+        help="queue timeout of a task that gives none while no engine carries its "
+        "required_tags (attached mode; embedded mode refuses such a task at submit) "
+        "(default 10m)",
     )
     p.add_argument(
         "--llm-timeout-base",
@@ -332,11 +421,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="text, or one JSON object a line with task and engine ids (default %(default)s)",
     )
     a = p.parse_args(argv)
+    try:
+        engine_hosts = parse_engine_hosts(a.engine_hosts)
+        if a.hosts_file is not None:
+            engine_hosts += read_hosts_file(a.hosts_file)
+        if len({h.name for h in engine_hosts}) != len(engine_hosts):
+            raise ValueError("a host is named twice")
+    except (OSError, ValueError) as exc:
+        p.error(str(exc))
+    if a.gpu_placement == "none":
+        engine_hosts = [dataclasses.replace(h, gpus="none") for h in engine_hosts]
+    if a.engines is None:
+        a.engines = 0 if engine_hosts else max(2, os.cpu_count() or 2)
+    if engine_hosts and a.attach:
+        p.error("--engine-hosts starts engines; --attach uses a cluster started elsewhere")
     for flag in ("retain_events", "memory_events", "task_cache", "hub_probe_failures"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if a.engines < 1:
-        p.error("--engines must be at least 1")
+    if a.engines < 0 or (a.engines < 1 and not engine_hosts):
+        p.error("--engines must be at least 1 (0 only with --engine-hosts)")
     if a.spare_engines < 0:
         p.error("--spare-engines must not be negative")
     if bool(a.tls_cert) != bool(a.tls_key):
@@ -370,8 +473,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         task_modules=tuple(a.task_modules),
         engine_tags=tuple(a.engine_tags),
         attach=a.attach,
+        engine_hosts=tuple(engine_hosts),
+        ssh=SshSettings(
+            identity_file=a.ssh_key,
+            options=tuple(a.ssh_options),
+            remote_python=a.remote_python,
+            gpu_tags=not a.no_gpu_tags,
+            environment=tuple(a.remote_env),
+        ),
+        cluster_ip=a.cluster_ip,
+        load_interval_seconds=a.load_interval,
         grace=GracePeriods(a.grace_sigint, a.grace_sigterm, a.grace_sigkill),
         default_timeout_seconds=a.default_timeout,
+        default_queue_timeout_seconds=a.default_queue_timeout,
+        unschedulable_queue_timeout_seconds=a.unschedulable_queue_timeout,
         llm_timeout=LlmTimeoutPolicy(
             base_seconds=a.llm_timeout_base,
             per_token_seconds=a.llm_timeout_per_token,
@@ -592,7 +707,7 @@ async def configure_models(config: ServerConfig) -> None:
 
 def banner(server: TetherServer) -> str:
     addr = server.address
-    n = server.config.engines
+    n = server.controller.target_engines if server.controller is not None else server.config.engines
     flags = "-insecure" if server.config.tls_cert else "-plaintext"
     if server.config.auth_tokens_file:
         flags += " -H 'authorization: Bearer <token>'"

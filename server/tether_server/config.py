@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cluster.hosts import EngineHost, SshSettings
 from .core.model import GracePeriods
 
 
@@ -52,8 +53,20 @@ class ServerConfig:
     engine_tags: tuple[str, ...] = ()
     attach: str = ""
     """Attached mode: an ipyparallel cluster file or client connection file."""
+    engine_hosts: tuple[EngineHost, ...] = ()
+    """Other machines whose engines ipyparallel's SSH launcher places (--engine-hosts)."""
+    ssh: SshSettings = field(default_factory=SshSettings)
+    cluster_ip: str = ""
+    """Address the ipyparallel controller listens on and engines dial ("": 127.0.0.1)."""
+    load_interval_seconds: float = 2.0
+    """How often each engine reports its load (RSS, CPU, GPU memory) for GetCluster."""
     grace: GracePeriods = field(default_factory=GracePeriods)
     default_timeout_seconds: float | None = None
+    default_queue_timeout_seconds: float | None = None
+    """Queue timeout of tasks that give none (--default-queue-timeout; None: wait)."""
+    unschedulable_queue_timeout_seconds: float | None = 600.0
+    """Queue timeout of a task that gives none while no engine carries its tags (attached
+    mode, where such engines may still join; --unschedulable-queue-timeout)."""
     llm_timeout: LlmTimeoutPolicy = field(default_factory=LlmTimeoutPolicy)
     memory_limit_bytes: int = 0
     """Resource policy: interrupt a task whose engine's RSS exceeds this (0: off)."""

@@ -36,10 +36,12 @@ from .core.eventlog import EventLog, LogEntry, decode_token
 from .core.filters import TaskFilter
 from .core.machine import ALREADY_ENDED, ControlCore
 from .core.model import EngineState, GracePeriods, InterruptCause, Task, TaskState
+from .core.placement import feasible, unschedulable
 from .core.records import snapshot
 from .dispatch import EngineDriver, log_failure
 from .history import TaskHistory, entry_of
 from .journal import Journal
+from .loads import EngineLoads
 from .runtime import registry
 from .store import IdempotencyRecord, SqliteStore, StoredEvent, WriteBatch
 from .subscriptions import StreamOptions, SubscriberIndex, Subscription
@@ -94,6 +96,9 @@ class Controller:
                 profile_dir=config.data_dir / "ipython",
                 heartbeat_ms=config.heartbeat_ms,
                 attach_cluster_file=config.attach,
+                engine_hosts=config.engine_hosts,
+                ssh=config.ssh,
+                cluster_ip=config.cluster_ip,
             ),
             ClusterCallbacks(
                 engine_registered=self._on_engine_registered,
@@ -102,6 +107,10 @@ class Controller:
             ),
         )
         self.engines_driver = EngineDriver(self)
+        self.target_engines = config.engines
+        """Engines the pool should hold: this host's plus the engine hosts' slots."""
+        self.loads = EngineLoads(self)
+        """The engines' own load reports (GetCluster, the remote memory limit)."""
         self.supervisor = Supervisor(
             self.cluster,
             config,
@@ -137,8 +146,10 @@ class Controller:
         )
         for ev in loaded.events:
             self.log.append(entry_of(ev))
+        # Remote hosts: their engine count (one per GPU by default) is known once asked.
+        self.target_engines = self.config.engines + await self.cluster.plan_remote_engines()
         self.core = ControlCore(
-            target_engines=self.config.engines,
+            target_engines=self.target_engines,
             spare_engines=self.config.spare_engines,
             pipeline_depth=self.config.pipeline_depth,
             replace_lost_engines=not self.config.attach,
@@ -175,8 +186,13 @@ class Controller:
         # their tasks end (INTERRUPTED, stage SIGKILL) before the streams close.
         for engine in list(core.engines.values()):
             if engine.current_task is not None and engine.pid:
-                with contextlib.suppress(OSError):
-                    os.kill(engine.pid, signal.SIGKILL)
+                local_pid = self.supervisor.local_pid(engine.id)
+                if local_pid:
+                    with contextlib.suppress(OSError):
+                        os.kill(local_pid, signal.SIGKILL)
+                else:  # on another host: through its nanny
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.cluster.signal(engine.id, "SIGKILL"), 2.0)
                 with contextlib.suppress(Exception):
                     self.handle(msg.EngineLost(engine.id, time.time()))
         for sub in self._subscribers:
@@ -210,6 +226,7 @@ class Controller:
         if dedup is not None:
             return _public_copy(await self._task_or_raise(dedup)), True
         self._validate_task_args(spec)
+        self._check_schedulable(spec)
         if spec.resume_from:
             await self._check_resume_source(spec.resume_from)
         now = time.time()
@@ -226,7 +243,7 @@ class Controller:
             create_time=now,
             update_time=now,
             timeout=timeout,
-            queue_timeout=spec.queue_timeout,
+            queue_timeout=self._queue_timeout(spec),
             grace=spec.grace or self.config.grace,
             resume_from=spec.resume_from,
             required_tags=tuple(spec.required_tags),
@@ -526,6 +543,39 @@ class Controller:
         return text
 
     # ================================================================== policies
+    def _check_schedulable(self, spec: SubmitSpec) -> None:
+        """Refuse a task no engine can ever run (embedded mode: every engine is ours)."""
+        if not spec.required_tags or not self.cluster.embedded:
+            return
+        offers = self.cluster.engine_offers(frozenset(self.config.engine_tags))
+        if feasible(spec.required_tags, self.core_or_raise().engines.values(), offers):
+            return
+        known = sorted(set().union(*offers, *(e.tags for e in self.engines())))
+        raise err.Unschedulable(
+            f"no engine carries the tags {sorted(spec.required_tags)}, and none this server "
+            f"starts would (engine tags: {known or 'none'})",
+            metadata={
+                "required_tags": ",".join(spec.required_tags),
+                "engine_tags": ",".join(known),
+            },
+        )
+
+    def _queue_timeout(self, spec: SubmitSpec) -> float | None:
+        """The request's, else the server default; a task no engine can run yet (attached
+        mode) gets the unschedulable default, so it never waits forever."""
+        if spec.queue_timeout is not None:
+            return spec.queue_timeout
+        if self.config.default_queue_timeout_seconds is not None:
+            return self.config.default_queue_timeout_seconds
+        if spec.required_tags and not feasible(spec.required_tags, self.engines(), ()):
+            return self.config.unschedulable_queue_timeout_seconds
+        return None
+
+    def unschedulable_tasks(self) -> list[Task]:
+        """PENDING tasks whose tags no engine that is there now carries (GetCluster)."""
+        core = self.core_or_raise()
+        return unschedulable(core.tasks.values(), core.engines.values())
+
     def _policy_timeout(self, spec: SubmitSpec) -> float | None:
         if spec.task == "llm.generate":
             p = self.config.llm_timeout

@@ -62,6 +62,10 @@ class EngineDriver:
             "tags": list(self.config.engine_tags),
             "task_settings": registry.settings(),  # e.g. the --model checkpoints
             "digest_history": DIGEST_HISTORY,
+            # The engine's own load reports and memory-limit checks (runtime/monitor.py).
+            "engine_id": engine_id,
+            "load_interval": self.config.load_interval_seconds,
+            "memory_limit_bytes": self.config.memory_limit_bytes,
             # LLM engines import torch and the model code at start, not in their first task.
             "preload_modules": ["tether_server.tasks.llm_model:warm_up"]
             if "tether_server.tasks.llm" in modules and self.config.warm_up
@@ -90,7 +94,8 @@ class EngineDriver:
         if self.cluster.generation != generation:
             return
         host, pid = str(info.get("host", "")), int(info.get("pid", 0))
-        self.ctl.supervisor.track(engine_id, host, pid)
+        self.cluster.note_engine_placement(engine_id, info)
+        self.ctl.supervisor.track(engine_id, host, pid, local=self.cluster.is_local(info))
         self.ctl.handle(
             msg.EngineReady(
                 engine_id, host=host, pid=pid, tags=frozenset(info.get("tags", ())), now=time.time()
@@ -114,7 +119,7 @@ class EngineDriver:
             log.warning("engine %s lost; attached mode cannot replace it (pool degraded)", replaces)
             return
         try:
-            await self.cluster.start_engines(1)
+            await self.cluster.replace_engine(replaces)  # on the lost engine's host
         except Exception:
             log.exception("could not start a replacement engine")
             self.ctl.handle(msg.EngineStartFailed(time.time()))
@@ -201,7 +206,7 @@ class EngineDriver:
             self._message_waiters.pop(key, None)
 
     def on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
-        if kind != "started":  # the runtime counts reports only (see _messages_seen)
+        if kind not in ("started", "load"):  # a task's own reports (see _messages_seen)
             key = (task_id, attempt)
             count = self._received[key] = self._received.get(key, 0) + 1
             waiter = self._message_waiters.get(key)
@@ -220,6 +225,8 @@ class EngineDriver:
         elif kind == "checkpoint":
             self.ctl.save_checkpoint(task_id, json.dumps(payload))
             self.ctl.handle(msg.TaskCheckpointed(task_id, attempt, now))
+        elif kind == "load":  # an engine's own load report (runtime/monitor.py)
+            self.ctl.loads.report(payload, now)
 
     # ------------------------------------------------------------------ signals
     async def signal(self, engine_id: int, sig: str, task_id: str, attempt: int) -> None:
@@ -291,14 +298,12 @@ class EngineDriver:
             await asyncio.sleep(0.25)
             core = self.ctl.core_or_raise()
             for engine in list(core.engines.values()):
-                if (
-                    engine.state is not EngineState.BUSY
-                    or not engine.pid
-                    or engine.current_task is None
-                ):
+                # This host's engines only; remote ones measure themselves (loads.py).
+                pid = self.ctl.supervisor.local_pid(engine.id)
+                if engine.state is not EngineState.BUSY or not pid or engine.current_task is None:
                     continue
                 try:
-                    rss = psutil.Process(engine.pid).memory_info().rss
+                    rss = psutil.Process(pid).memory_info().rss
                 except psutil.Error:
                     continue
                 if rss > limit:

@@ -101,9 +101,15 @@ class Supervisor:
         self._hostname = socket.gethostname()
 
     # ------------------------------------------------------------------ engines
-    def track(self, engine_id: int, host: str, pid: int) -> None:
-        """Watch the processes of an engine that just became ready (local ones only)."""
-        if not pid or (host and host != self._hostname):
+    def track(self, engine_id: int, host: str, pid: int, *, local: bool | None = None) -> None:
+        """Watch the processes of an engine that just became ready (local ones only).
+
+        ``local``: whether the engine's pid is one of this host's processes (the cluster
+        adapter tells from the engine's setup report); None: judged by the host name.
+        """
+        if local is None:
+            local = not host or host == self._hostname
+        if not pid or not local:
             return
         import psutil
 

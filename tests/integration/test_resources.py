@@ -28,7 +28,7 @@ from .helpers import (
     SINGLE_THREADED_TORCH,
     TaskStream,
     engines,
-    get,
+    error_info,
     running_server_with_env,
     seconds,
     stream_token,
@@ -188,24 +188,22 @@ def untagged_stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[A
         yield from _stubs(server.address)
 
 
-def test_task_requiring_gpu_stays_pending_without_gpu_engines_until_its_queue_timeout(  # type: ignore[no-untyped-def]
+def test_task_requiring_gpu_is_refused_at_submit_when_no_engine_can_carry_it(  # type: ignore[no-untyped-def]
     untagged_stubs,
 ):
+    """Embedded mode: every engine is the server's, so a tag none of them carries or would
+    carry is refused at once (it used to wait PENDING until its queue timeout); attached
+    mode keeps such a task PENDING (tests/integration/test_placement.py)."""
     tasks, cluster = untagged_stubs
     idle = wait_pool(cluster, 1)
     assert all("gpu" not in e.tags for e in idle)
-    task = submit(
-        tasks, "demo.echo", args={"value": 1}, required_tags=["gpu"], queue_timeout=seconds(2)
-    )
-    time.sleep(1.0)
-    waiting = get(tasks, task.name)
-    assert waiting.state == tpb.TASK_STATE_PENDING
-    assert not waiting.HasField("engine_id")
+    with pytest.raises(grpc.RpcError) as caught:
+        submit(
+            tasks, "demo.echo", args={"value": 1}, required_tags=["gpu"], queue_timeout=seconds(2)
+        )
+    code, reason, _metadata, _ = error_info(caught.value)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "UNSCHEDULABLE")
     assert [e.state for e in engines(cluster)] == [cpb.ENGINE_STATE_IDLE]
-    done = wait_terminal(tasks, task.name, timeout=15)
-    assert done.state == tpb.TASK_STATE_FAILED
-    assert done.error.reason == "QUEUE_TIMEOUT"
-    assert not done.HasField("engine_id")
 
 
 def test_task_requiring_gpu_runs_on_engines_tagged_gpu(tasks, cluster):  # type: ignore[no-untyped-def]

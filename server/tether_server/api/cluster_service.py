@@ -32,11 +32,19 @@ class ClusterService:
         limits = ctl.config.limits
         engines = ctl.engines()
         usable = len([e for e in engines if e.state.name in ("IDLE", "BUSY")])
+        described = []
+        for e in engines:
+            pb = convert.engine_to_pb(e)
+            load = ctl.loads.latest(e.id) if e.state.name != "LOST" else None
+            if load is not None:
+                pb.load.CopyFrom(convert.engine_load_to_pb(load))
+            described.append(pb)
         return cpb.GetClusterResponse(
-            engines=[convert.engine_to_pb(e) for e in engines],
+            engines=described,
+            unschedulable_tasks=[f"tasks/{t.id}" for t in ctl.unschedulable_tasks()],
             mode=cpb.CLUSTER_MODE_EMBEDDED if ctl.cluster.embedded else cpb.CLUSTER_MODE_ATTACHED,
-            target_size=ctl.config.engines,
-            degraded=usable < ctl.config.engines,
+            target_size=ctl.target_engines,
+            degraded=usable < ctl.target_engines,
             pending_tasks=ctl.pending_count,
             running_tasks=ctl.running_count,
             cluster_id=ctl.cluster.cluster_id,

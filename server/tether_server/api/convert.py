@@ -15,6 +15,7 @@ from ..core import model as m
 from ..core.eventlog import encode_token
 from ..core.filters import TaskFilter
 from ..core.messages import EventKind
+from ..loads import EngineLoad
 
 BASIC = tpb.TASK_VIEW_BASIC
 FULL = tpb.TASK_VIEW_FULL
@@ -221,4 +222,16 @@ def engine_to_pb(e: m.Engine) -> cpb.Engine:
         pb.last_seen.CopyFrom(timestamp(e.last_seen))
     if e.register_time:
         pb.register_time.CopyFrom(timestamp(e.register_time))
+    return pb
+
+
+def engine_load_to_pb(load: EngineLoad) -> cpb.EngineLoad:
+    """An engine's own load report (loads.py) as GetCluster shows it."""
+    pb = cpb.EngineLoad(
+        rss_bytes=load.rss_bytes,
+        cpu_percent=load.cpu_percent,
+        gpu_memory_used_bytes=load.gpu_memory_used_bytes,
+        gpu_memory_total_bytes=load.gpu_memory_total_bytes,
+    )
+    pb.report_time.CopyFrom(timestamp(load.time))
     return pb

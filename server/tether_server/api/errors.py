@@ -35,6 +35,7 @@ _CODES: dict[type[e.TetherError], grpc.StatusCode] = {
     e.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     e.TaskNotFound: grpc.StatusCode.NOT_FOUND,
     e.TaskAlreadyTerminal: grpc.StatusCode.FAILED_PRECONDITION,
+    e.Unschedulable: grpc.StatusCode.FAILED_PRECONDITION,
     e.CheckpointNotFound: grpc.StatusCode.FAILED_PRECONDITION,
     e.RequestIdReused: grpc.StatusCode.ALREADY_EXISTS,
     e.ResumeTokenExpired: grpc.StatusCode.OUT_OF_RANGE,

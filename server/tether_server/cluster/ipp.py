@@ -31,9 +31,14 @@ import zmq
 import zmq.asyncio
 from ipyparallel import error as ipp_error
 from jupyter_client.session import Session
+from tornado.ioloop import IOLoop
 from traitlets.config import Config
 
 from ..runtime import engine as engine_runtime
+from ..runtime.engine import detected_tags
+from ..runtime.placement import process_namespace
+from .hosts import EngineHost, SshSettings
+from .ssh import RemoteEngines
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,11 @@ class ClusterConfig:
     attach_cluster_file: str = ""
     """Attached mode: path of an ipyparallel cluster file or client connection file."""
     engine_setup_timeout: float = 60.0
+    engine_hosts: tuple[EngineHost, ...] = ()
+    """Other hosts whose engines the SSH launcher places (embedded mode)."""
+    ssh: SshSettings = field(default_factory=SshSettings)
+    cluster_ip: str = ""
+    """Where the hub listens and engines dial ("": 127.0.0.1, this host only)."""
 
 
 @dataclass(slots=True)
@@ -75,6 +85,8 @@ DIGEST_HISTORY = 4096
 """Message signatures each ZMQ session remembers to refuse replays (jupyter_client keeps
 65,536 by default: about 10 MB per process that fills up over the first ~20,000 tasks, and
 on engines over the first ~100,000; a few thousand refuse replays just as well)."""
+
+ENGINE_ARGS = ["--IPEngine.log_level=40", f"--Session.digest_history_size={DIGEST_HISTORY}"]
 
 HUB_MODULE = "tether_server.cluster.ipyparallel_hub"
 """The controller entry point tether runs (ipyparallel's, with bounded bookkeeping)."""
@@ -104,6 +116,11 @@ class IpyparallelCluster:
         self.generation = 0
         """Incremented by every start; notifications of older generations are dropped."""
         self._hub_children: set[Any] = set()
+        self.remote = RemoteEngines(config.engine_hosts, config.ssh)
+        """Engines on other hosts: their slots and launchers (empty: this host only)."""
+        self.engine_slots: dict[int, str] = {}
+        """Engine id -> remote slot key, from each engine's setup report."""
+        self._process_namespace = process_namespace()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -133,7 +150,7 @@ class IpyparallelCluster:
                 n=self.config.engines,
                 profile_dir=str(self.config.profile_dir),
                 cluster_id=CLUSTER_ID,
-                controller_ip="127.0.0.1",
+                controller_ip=self.config.cluster_ip or "127.0.0.1",
                 controller_args=[
                     f"--HeartMonitor.period={self.config.heartbeat_ms}",
                     "--IPController.log_level=40",
@@ -141,10 +158,7 @@ class IpyparallelCluster:
                     "--IPController.db_class=NoDB",
                     f"--Session.digest_history_size={DIGEST_HISTORY}",
                 ],
-                engine_args=[
-                    "--IPEngine.log_level=40",
-                    f"--Session.digest_history_size={DIGEST_HISTORY}",
-                ],
+                engine_args=ENGINE_ARGS,
                 delay=0,
                 shutdown_atexit=True,
                 # Every clean engine stop exits 1 in ipyparallel 9.2, which its launcher
@@ -152,7 +166,9 @@ class IpyparallelCluster:
                 log_level=logging.ERROR,
             )
             await self._cluster.start_controller()
-            await self._cluster.start_engines(self.config.engines)
+            if self.config.engines:
+                await self._cluster.start_engines(self.config.engines)
+            await self._start_remote_engines()
             self._client = await self._connect(self._cluster)
         else:
             path = self.config.attach_cluster_file
@@ -203,6 +219,7 @@ class IpyparallelCluster:
         """
         self._closing = True
         await self._disconnect()
+        await self.remote.stop_all()
         if self.embedded and self._cluster is not None:
             pids = self._cluster_pids()
             try:
@@ -222,6 +239,8 @@ class IpyparallelCluster:
         """
         self.generation += 1  # from now on, nothing of the old cluster is reported
         await self._disconnect()
+        await self.remote.stop_all()  # they would wait for the old hub forever
+        self.engine_slots.clear()
         if self.embedded and self._cluster is not None:
             pids = self._cluster_pids()
             await asyncio.to_thread(_kill_and_wait, pids, 3.0)
@@ -375,6 +394,73 @@ class IpyparallelCluster:
         if not self.embedded or self._cluster is None:
             raise RuntimeError("cannot start engines in attached mode")
         await self._cluster.start_engines(n)
+
+    # ------------------------------------------------------------------ remote engines
+    async def plan_remote_engines(self) -> int:
+        """Ask the engine hosts for their GPUs and lay out their slots; the engine count."""
+        if self.remote.hosts and not self.remote.planned:
+            await self.remote.plan()
+        return self.remote.engine_count
+
+    async def _start_remote_engines(self) -> None:
+        self.remote.record = self.config.profile_dir / "remote-engines.json"
+        await self.remote.reap_recorded()  # what a crashed server left on the hosts
+        if not self.remote.hosts:
+            return
+        await self.plan_remote_engines()
+        await self.remote.start_all(self._cluster, ENGINE_ARGS, IOLoop.current())
+
+    def note_engine_placement(self, engine_id: int, info: dict[str, Any]) -> None:
+        """Remember which remote slot an engine fills (from its setup report)."""
+        key = f"{info.get('host', '')}/{info.get('slot', -1)}"
+        if key in self.remote.slots:
+            self.engine_slots[engine_id] = key
+
+    def is_local(self, info: dict[str, Any]) -> bool:
+        """Whether an engine's pid is one of this host's processes (its setup report says).
+
+        Same boot and same PID namespace; a remote engine's pid is never used here.
+        """
+        theirs = str(info.get("process_namespace", ""))
+        return bool(theirs) and theirs == self._process_namespace
+
+    def engine_offers(self, common: frozenset[str]) -> list[frozenset[str]]:
+        """Tag sets of the engines this server starts (``common``: every engine's tags).
+
+        This host's engines, then each remote slot's (with ``gpu`` where the runtime will
+        detect one). Attached mode: none (the operator's launcher decides).
+        """
+        if not self.embedded:
+            return []
+        offers = []
+        if self.config.engines:
+            offers.append(common | local_detected_tags())
+        for slot in self.remote.slots.values():
+            sees_gpu = bool(self.remote.gpus.get(slot.host.name)) and (
+                slot.gpu is not None or slot.host.gpus != "per-engine"
+            )
+            offers.append(common | frozenset(slot.tags) | ({"gpu"} if sees_gpu else set()))
+        return offers
+
+    async def replace_engine(self, lost: int | None) -> None:
+        """Start an engine where the lost one ran: its remote slot, else this host."""
+        key = self.engine_slots.pop(lost, None) if lost is not None else None
+        if key is None:
+            await self.start_engines(1)
+            return
+        # A host that is unreachable (down, cut off) gets its engine back when it answers
+        # again: the start is retried with backoff, and the pool reports degraded meanwhile.
+        generation, delay = self.generation, 1.0
+        while not self._closing and generation == self.generation and self._cluster is not None:
+            try:
+                await self.remote.start_slot(self._cluster, key, ENGINE_ARGS, IOLoop.current())
+                return
+            except Exception as exc:
+                log.warning(
+                    "could not start an engine in slot %s (%s); again in %.0f s", key, exc, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(10.0, delay * 2)
 
     def engine_ids(self) -> list[int]:
         return [int(e) for e in self._client.ids] if self._client is not None else []
@@ -584,3 +670,8 @@ def _kill_tree(pid: int) -> None:
             with contextlib.suppress(psutil.Error):
                 child.kill()
         proc.kill()
+
+
+def local_detected_tags() -> frozenset[str]:
+    """Tags the runtime detects on this host's engines (they share its environment)."""
+    return frozenset(detected_tags())

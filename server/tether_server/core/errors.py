@@ -111,3 +111,10 @@ class StoreUnavailable(TetherError):
     later with the same ``request_id`` is safe."""
 
     reason = "STORE_UNAVAILABLE"
+
+
+class Unschedulable(TetherError):
+    """No engine carries the task's ``required_tags`` and none that the server can start
+    would (embedded mode); the task is not stored."""
+
+    reason = "UNSCHEDULABLE"

@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -49,6 +48,8 @@ from .guard import (
     call_task,
 )
 from .jsonvalue import JSONValue, to_json_value
+from .monitor import start_engine_services
+from .placement import placement
 from .resources import (
     ResourceReport,
     Snapshot,
@@ -113,17 +114,30 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
                 getattr(module, function)()
         except Exception as exc:  # a failed warm-up must not keep the engine from serving
             print(f"tether: preload {entry} failed: {exc!r}", file=sys.stderr, flush=True)
+    where = placement()  # host, slot and tags of a remote engine's slot (cluster/hosts.py)
     tags: list[str] = []
-    for tag in [*(str(t) for t in config.get("tags") or []), *_detected_tags()]:
+    for tag in [
+        *(str(t) for t in config.get("tags") or []),
+        *where["host_tags"],
+        *_detected_tags(),
+    ]:
         if tag not in tags:
             tags.append(tag)
+    start_engine_services(config)  # the watchdog beside the engine, the load reports
     return {
         "pid": os.getpid(),
-        "host": socket.gethostname(),
+        "host": where["host"],
+        "slot": where["slot"],
+        "process_namespace": where["process_namespace"],
         "tags": tags,
         "tasks": registry.names(),
         "python": platform.python_version(),
     }
+
+
+def detected_tags() -> list[str]:
+    """``["gpu"]`` where this process would see a GPU (nvidia-smi, CUDA not hidden)."""
+    return _detected_tags()
 
 
 def _detected_tags() -> list[str]:

@@ -280,7 +280,7 @@ class StateCollector(Collector):
         yield by_state
         lost, joined = self._engine_history(engines)
         yield CounterMetricFamily("tether_engines_lost", "Engines that died or were killed.", lost)
-        first_pool = ctl.config.engines + getattr(ctl.config, "spare_engines", 0)
+        first_pool = ctl.target_engines + getattr(ctl.config, "spare_engines", 0)
         replaced = max(0, joined - first_pool) if ctl.cluster.embedded else 0
         yield CounterMetricFamily(
             "tether_engine_replacements",
@@ -291,11 +291,12 @@ class StateCollector(Collector):
         yield _gauge(
             "tether_engines_target",
             "The pool's configured size (spares not counted).",
-            ctl.config.engines,
+            ctl.target_engines,
         )
         rss = GaugeMetricFamily(
             "tether_engine_rss_bytes",
-            "Resident memory of each live engine on this host (psutil).",
+            "Resident memory of each live engine (psutil on this host; the engine's own "
+            "report on other hosts).",
             labels=["engine", "host"],
         )
         cpu = CounterMetricFamily(
@@ -312,7 +313,11 @@ class StateCollector(Collector):
         live = [e for e in engines if e.state is not EngineState.LOST]
         for e in live:
             labels = [str(e.id), e.host or "unknown"]
-            proc = self._process(e.pid, e.host)
+            # This host's engines only (never a remote engine's pid, host names or not).
+            proc = self._process(ctl.supervisor.local_pid(e.id) or 0, "")
+            load = ctl.loads.latest(e.id)
+            if proc is None and load is not None:  # remote: the engine's own report
+                rss.add_metric(labels, load.rss_bytes)
             if proc is not None:
                 try:
                     with proc.oneshot():

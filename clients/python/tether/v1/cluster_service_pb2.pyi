@@ -120,6 +120,7 @@ class GetClusterResponse(_message.Message):
     CLUSTER_CONNECTED_FIELD_NUMBER: _builtins.int
     CLUSTER_RESTARTS_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
+    UNSCHEDULABLE_TASKS_FIELD_NUMBER: _builtins.int
     mode: Global___ClusterMode.ValueType
     """How the controller owns the cluster."""
     target_size: _builtins.int
@@ -168,6 +169,13 @@ class GetClusterResponse(_message.Message):
         (--model NAME=PATH) first, then the built-in demo sizes. Empty without the [llm] extra.
         """
 
+    @_builtins.property
+    def unschedulable_tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PENDING tasks ("tasks/{id}") whose required_tags no engine that is there now carries.
+        Only attached mode accepts such tasks (engines may still join); each ends by its queue
+        timeout (default --unschedulable-queue-timeout) unless a fitting engine joins first.
+        """
+
     def __init__(
         self,
         *,
@@ -187,10 +195,11 @@ class GetClusterResponse(_message.Message):
         cluster_connected: _builtins.bool = ...,
         cluster_restarts: _builtins.int = ...,
         problem: _builtins.str = ...,
+        unschedulable_tasks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_connected", b"cluster_connected", "cluster_id", b"cluster_id", "cluster_restarts", b"cluster_restarts", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "model_paths_allowed", b"model_paths_allowed", "models", b"models", "pending_tasks", b"pending_tasks", "problem", b"problem", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "serving", b"serving", "store_writable", b"store_writable", "target_size", b"target_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_connected", b"cluster_connected", "cluster_id", b"cluster_id", "cluster_restarts", b"cluster_restarts", "degraded", b"degraded", "engines", b"engines", "limits", b"limits", "mode", b"mode", "model_paths_allowed", b"model_paths_allowed", "models", b"models", "pending_tasks", b"pending_tasks", "problem", b"problem", "registered_tasks", b"registered_tasks", "running_tasks", b"running_tasks", "serving", b"serving", "store_writable", b"store_writable", "target_size", b"target_size", "unschedulable_tasks", b"unschedulable_tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,6 +259,7 @@ class Engine(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     SPARE_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     QUEUED_TASK_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The engine's ipyparallel id (0 is a valid id)."""
@@ -283,6 +293,13 @@ class Engine(_message.Message):
     def register_time(self) -> _timestamp_pb2.Timestamp:
         """When the engine registered."""
 
+    @_builtins.property
+    def load(self) -> Global___EngineLoad:
+        """The engine's last load report, measured by the engine itself on its own host and
+        refreshed every few seconds (--load-interval); unset until the first report arrives,
+        or when the last one is stale (the engine is frozen or its host unreachable).
+        """
+
     def __init__(
         self,
         *,
@@ -296,15 +313,58 @@ class Engine(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         register_time: _timestamp_pb2.Timestamp | None = ...,
         spare: _builtins.bool = ...,
+        load: Global___EngineLoad | None = ...,
         queued_task: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "load", b"load", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "pid", b"pid", "queued_task", b"queued_task", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "load", b"load", "pid", b"pid", "queued_task", b"queued_task", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Engine: _TypeAlias = Engine  # noqa: Y015
+
+@_typing.final
+class EngineLoad(_message.Message):
+    """An engine's load, measured on its host by tether's runtime inside the engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    REPORT_TIME_FIELD_NUMBER: _builtins.int
+    rss_bytes: _builtins.int
+    """Resident memory of the engine's process, in bytes."""
+    cpu_percent: _builtins.float
+    """CPU use of the engine's process since the previous report, in percent of one core."""
+    gpu_memory_used_bytes: _builtins.int
+    """Memory in use on the GPUs the engine sees (the whole GPU, every process on it), in
+    bytes; 0 without a GPU.
+    """
+    gpu_memory_total_bytes: _builtins.int
+    """Total memory of the GPUs the engine sees, in bytes; 0 without a GPU."""
+    @_builtins.property
+    def report_time(self) -> _timestamp_pb2.Timestamp:
+        """When the controller received the report."""
+
+    def __init__(
+        self,
+        *,
+        rss_bytes: _builtins.int = ...,
+        cpu_percent: _builtins.float = ...,
+        gpu_memory_used_bytes: _builtins.int = ...,
+        gpu_memory_total_bytes: _builtins.int = ...,
+        report_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report_time", b"report_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_percent", b"cpu_percent", "gpu_memory_total_bytes", b"gpu_memory_total_bytes", "gpu_memory_used_bytes", b"gpu_memory_used_bytes", "report_time", b"report_time", "rss_bytes", b"rss_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineLoad: _TypeAlias = EngineLoad  # noqa: Y015
 
 @_typing.final
 class ServerLimits(_message.Message):

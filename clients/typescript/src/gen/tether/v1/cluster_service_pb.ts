@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tether/v1/cluster_service.proto.
  */
 export const file_tether_v1_cluster_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3QiuAMKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCRIgCgZtb2RlbHMYCiADKAsyEC50ZXRoZXIudjEuTW9kZWwSGwoTbW9kZWxfcGF0aHNfYWxsb3dlZBgLIAEoCBIPCgdzZXJ2aW5nGBQgASgIEhYKDnN0b3JlX3dyaXRhYmxlGBUgASgIEhkKEWNsdXN0ZXJfY29ubmVjdGVkGBYgASgIEhgKEGNsdXN0ZXJfcmVzdGFydHMYFyABKAMSDwoHcHJvYmxlbRgYIAEoCSJJCgVNb2RlbBIMCgRuYW1lGAEgASgJEgwKBGtpbmQYAiABKAkSFgoOY29udGV4dF9sZW5ndGgYAyABKAUSDAoEY2hhdBgEIAEoCCKUAgoGRW5naW5lEgoKAmlkGAEgASgFEgwKBGhvc3QYAiABKAkSCwoDcGlkGAMgASgFEiUKBXN0YXRlGAQgASgOMhYudGV0aGVyLnYxLkVuZ2luZVN0YXRlEhQKDGN1cnJlbnRfdGFzaxgFIAEoCRISCgp0YXNrc19kb25lGAYgASgDEi0KCWxhc3Rfc2VlbhgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFncxgIIAMoCRIxCg1yZWdpc3Rlcl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVzcGFyZRgUIAEoCBITCgtxdWV1ZWRfdGFzaxgWIAEoCSLJAQoMU2VydmVyTGltaXRzEhYKDm1heF9hcmdzX2J5dGVzGAEgASgDEiwKCW1heF9ncmFjZRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgttYXhfdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIYChBtYXhfb3V0cHV0X2J5dGVzGAQgASgDEhUKDW1heF9wYWdlX3NpemUYBSABKAUSEgoKbWF4X2xhYmVscxgGIAEoBSqmAQoLRW5naW5lU3RhdGUSHAoYRU5HSU5FX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRU5HSU5FX1NUQVRFX1NUQVJUSU5HEAESFQoRRU5HSU5FX1NUQVRFX0lETEUQAhIVChFFTkdJTkVfU1RBVEVfQlVTWRADEhUKEUVOR0lORV9TVEFURV9MT1NUEAQSGQoVRU5HSU5FX1NUQVRFX1NUT1BQSU5HEAUqYQoLQ2x1c3Rlck1vZGUSHAoYQ0xVU1RFUl9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVQ0xVU1RFUl9NT0RFX0VNQkVEREVEEAESGQoVQ0xVU1RFUl9NT0RFX0FUVEFDSEVEEAIyWwoOQ2x1c3RlclNlcnZpY2USSQoKR2V0Q2x1c3RlchIcLnRldGhlci52MS5HZXRDbHVzdGVyUmVxdWVzdBodLnRldGhlci52MS5HZXRDbHVzdGVyUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch90ZXRoZXIvdjEvY2x1c3Rlcl9zZXJ2aWNlLnByb3RvEgl0ZXRoZXIudjEiEwoRR2V0Q2x1c3RlclJlcXVlc3Qi1QMKEkdldENsdXN0ZXJSZXNwb25zZRIiCgdlbmdpbmVzGAEgAygLMhEudGV0aGVyLnYxLkVuZ2luZRIkCgRtb2RlGAIgASgOMhYudGV0aGVyLnYxLkNsdXN0ZXJNb2RlEhMKC3RhcmdldF9zaXplGAMgASgFEhAKCGRlZ3JhZGVkGAQgASgIEhUKDXBlbmRpbmdfdGFza3MYBSABKAUSFQoNcnVubmluZ190YXNrcxgGIAEoBRISCgpjbHVzdGVyX2lkGAcgASgJEicKBmxpbWl0cxgIIAEoCzIXLnRldGhlci52MS5TZXJ2ZXJMaW1pdHMSGAoQcmVnaXN0ZXJlZF90YXNrcxgJIAMoCRIgCgZtb2RlbHMYCiADKAsyEC50ZXRoZXIudjEuTW9kZWwSGwoTbW9kZWxfcGF0aHNfYWxsb3dlZBgLIAEoCBIPCgdzZXJ2aW5nGBQgASgIEhYKDnN0b3JlX3dyaXRhYmxlGBUgASgIEhkKEWNsdXN0ZXJfY29ubmVjdGVkGBYgASgIEhgKEGNsdXN0ZXJfcmVzdGFydHMYFyABKAMSDwoHcHJvYmxlbRgYIAEoCRIbChN1bnNjaGVkdWxhYmxlX3Rhc2tzGBkgAygJIkkKBU1vZGVsEgwKBG5hbWUYASABKAkSDAoEa2luZBgCIAEoCRIWCg5jb250ZXh0X2xlbmd0aBgDIAEoBRIMCgRjaGF0GAQgASgIIrkCCgZFbmdpbmUSCgoCaWQYASABKAUSDAoEaG9zdBgCIAEoCRILCgNwaWQYAyABKAUSJQoFc3RhdGUYBCABKA4yFi50ZXRoZXIudjEuRW5naW5lU3RhdGUSFAoMY3VycmVudF90YXNrGAUgASgJEhIKCnRhc2tzX2RvbmUYBiABKAMSLQoJbGFzdF9zZWVuGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgR0YWdzGAggAygJEjEKDXJlZ2lzdGVyX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBXNwYXJlGBQgASgIEiMKBGxvYWQYFSABKAsyFS50ZXRoZXIudjEuRW5naW5lTG9hZBITCgtxdWV1ZWRfdGFzaxgWIAEoCSKkAQoKRW5naW5lTG9hZBIRCglyc3NfYnl0ZXMYASABKAMSEwoLY3B1X3BlcmNlbnQYAiABKAESHQoVZ3B1X21lbW9yeV91c2VkX2J5dGVzGAMgASgDEh4KFmdwdV9tZW1vcnlfdG90YWxfYnl0ZXMYBCABKAMSLwoLcmVwb3J0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIskBCgxTZXJ2ZXJMaW1pdHMSFgoObWF4X2FyZ3NfYnl0ZXMYASABKAMSLAoJbWF4X2dyYWNlGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC21heF90aW1lb3V0GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhgKEG1heF9vdXRwdXRfYnl0ZXMYBCABKAMSFQoNbWF4X3BhZ2Vfc2l6ZRgFIAEoBRISCgptYXhfbGFiZWxzGAYgASgFKqYBCgtFbmdpbmVTdGF0ZRIcChhFTkdJTkVfU1RBVEVfVU5TUEVDSUZJRUQQABIZChVFTkdJTkVfU1RBVEVfU1RBUlRJTkcQARIVChFFTkdJTkVfU1RBVEVfSURMRRACEhUKEUVOR0lORV9TVEFURV9CVVNZEAMSFQoRRU5HSU5FX1NUQVRFX0xPU1QQBBIZChVFTkdJTkVfU1RBVEVfU1RPUFBJTkcQBSphCgtDbHVzdGVyTW9kZRIcChhDTFVTVEVSX01PREVfVU5TUEVDSUZJRUQQABIZChVDTFVTVEVSX01PREVfRU1CRURERUQQARIZChVDTFVTVEVSX01PREVfQVRUQUNIRUQQAjJbCg5DbHVzdGVyU2VydmljZRJJCgpHZXRDbHVzdGVyEhwudGV0aGVyLnYxLkdldENsdXN0ZXJSZXF1ZXN0Gh0udGV0aGVyLnYxLkdldENsdXN0ZXJSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Request of ClusterService.GetCluster.
@@ -150,6 +150,15 @@ export type GetClusterResponse = Message<"tether.v1.GetClusterResponse"> & {
    * @generated from field: string problem = 24;
    */
   problem: string;
+
+  /**
+   * PENDING tasks ("tasks/{id}") whose required_tags no engine that is there now carries.
+   * Only attached mode accepts such tasks (engines may still join); each ends by its queue
+   * timeout (default --unschedulable-queue-timeout) unless a fitting engine joins first.
+   *
+   * @generated from field: repeated string unschedulable_tasks = 25;
+   */
+  unschedulableTasks: string[];
 };
 
 /**
@@ -281,6 +290,15 @@ export type Engine = Message<"tether.v1.Engine"> & {
   spare: boolean;
 
   /**
+   * The engine's last load report, measured by the engine itself on its own host and
+   * refreshed every few seconds (--load-interval); unset until the first report arrives,
+   * or when the last one is stale (the engine is frozen or its host unreachable).
+   *
+   * @generated from field: tether.v1.EngineLoad load = 21;
+   */
+  load?: EngineLoad | undefined;
+
+  /**
    * The task queued behind the running one ("tasks/{id}", pipelined dispatch:
    * --pipeline-depth 2); empty when none. It stays PENDING until its turn.
    *
@@ -295,6 +313,56 @@ export type Engine = Message<"tether.v1.Engine"> & {
  */
 export const EngineSchema: GenMessage<Engine> = /*@__PURE__*/
   messageDesc(file_tether_v1_cluster_service, 3);
+
+/**
+ * An engine's load, measured on its host by tether's runtime inside the engine.
+ *
+ * @generated from message tether.v1.EngineLoad
+ */
+export type EngineLoad = Message<"tether.v1.EngineLoad"> & {
+  /**
+   * Resident memory of the engine's process, in bytes.
+   *
+   * @generated from field: int64 rss_bytes = 1;
+   */
+  rssBytes: bigint;
+
+  /**
+   * CPU use of the engine's process since the previous report, in percent of one core.
+   *
+   * @generated from field: double cpu_percent = 2;
+   */
+  cpuPercent: number;
+
+  /**
+   * Memory in use on the GPUs the engine sees (the whole GPU, every process on it), in
+   * bytes; 0 without a GPU.
+   *
+   * @generated from field: int64 gpu_memory_used_bytes = 3;
+   */
+  gpuMemoryUsedBytes: bigint;
+
+  /**
+   * Total memory of the GPUs the engine sees, in bytes; 0 without a GPU.
+   *
+   * @generated from field: int64 gpu_memory_total_bytes = 4;
+   */
+  gpuMemoryTotalBytes: bigint;
+
+  /**
+   * When the controller received the report.
+   *
+   * @generated from field: google.protobuf.Timestamp report_time = 5;
+   */
+  reportTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tether.v1.EngineLoad.
+ * Use `create(EngineLoadSchema)` to create a new message.
+ */
+export const EngineLoadSchema: GenMessage<EngineLoad> = /*@__PURE__*/
+  messageDesc(file_tether_v1_cluster_service, 4);
 
 /**
  * Limits the server enforces on requests.
@@ -350,7 +418,7 @@ export type ServerLimits = Message<"tether.v1.ServerLimits"> & {
  * Use `create(ServerLimitsSchema)` to create a new message.
  */
 export const ServerLimitsSchema: GenMessage<ServerLimits> = /*@__PURE__*/
-  messageDesc(file_tether_v1_cluster_service, 4);
+  messageDesc(file_tether_v1_cluster_service, 5);
 
 /**
  * What an engine is doing.
