@@ -455,7 +455,11 @@ class ControlCore(PipelinedDispatch):
         self._pool.release(engine)
         if recycle:  # the runtime starts nothing more there: the queued task comes back
             out.append(self._pool.kill(engine, "resources not reclaimed"))
-        elif (slot := self._pool.slot(engine)) is not None and not slot.withdrawing:
+        elif (
+            engine.state is EngineState.IDLE  # not on its way to SIGKILL
+            and (slot := self._pool.slot(engine)) is not None
+            and not slot.withdrawing
+        ):
             self._promote(engine, event.now, out)
         self._dispatch(event.now, out)
 

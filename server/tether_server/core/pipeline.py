@@ -57,7 +57,7 @@ from .model import (
     TaskError,
     TaskState,
 )
-from .pool import EnginePool
+from .pool import EnginePool, QueuedAttempt
 from .records import InvariantViolation
 from .scheduling import PendingQueue, choose_engine, queue_key
 
@@ -178,6 +178,7 @@ class PipelinedDispatch:
         if engine is None or slot is None or engine.id != event.engine_id:
             return  # it ended some other way meanwhile
         slot.withdrawing = False
+        slot.began = not event.withdrawn
         if event.withdrawn:
             self._unqueue(engine, out)
         elif engine.current_task is None and engine.state is EngineState.IDLE:
@@ -220,7 +221,7 @@ class PipelinedDispatch:
         slot = self._pool.slot(engine)
         if slot is None:
             return
-        if not any(isinstance(report, TaskStarted) for report in slot.early):
+        if not slot.began and not any(isinstance(report, TaskStarted) for report in slot.early):
             self._unqueue(engine, out)
             return
         task = self.tasks[slot.task_id]
@@ -245,7 +246,12 @@ class PipelinedDispatch:
             for engine, slot in self._pool.queued()
             if not slot.withdrawing and slot.cancel is None
         ]
-        queued.sort(key=lambda pair: self.tasks[pair[0].current_task or ""].start_time or 0.0)
+
+        def running_since(pair: tuple[Engine, QueuedAttempt]) -> float:
+            running = self.tasks.get(pair[0].current_task or "")  # None: a recycled engine
+            return (running.start_time or 0.0) if running is not None else 0.0
+
+        queued.sort(key=running_since)
         for engine, slot in queued:
             if not idle:
                 return

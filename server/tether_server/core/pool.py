@@ -46,6 +46,8 @@ class QueuedAttempt:
     engine's answer to the withdrawal."""
     withdrawing: bool = False
     """A ``Withdraw`` of the attempt is unanswered."""
+    began: bool = False
+    """The engine said it had begun (a withdrawal came too late)."""
 
 
 class EnginePool:
