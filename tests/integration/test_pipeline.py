@@ -33,14 +33,29 @@ def _wait_queued_behind(tasks, name: str) -> tpb.Task:  # type: ignore[no-untype
         time.sleep(0.02)
 
 
-def test_a_task_queued_behind_a_running_one_is_cancelled_without_touching_it(tasks, cluster):  # type: ignore[no-untyped-def]
+def _both_engines_busy_with_one_behind_each(  # type: ignore[no-untyped-def]
+    tasks, cluster, *, seconds: float, sleeper_priority: int, behind_priority: int
+) -> tuple[list[tpb.Task], list[tpb.Task]]:
+    """Two sleepers running, one echo queued behind each; returns (sleepers, echoes)."""
     wait_pool(cluster, 2)
-    sleepers = [submit(tasks, "demo.sleep", args={"seconds": 60}, priority=10) for _ in range(2)]
+    sleepers = [
+        submit(tasks, "demo.sleep", args={"seconds": seconds}, priority=sleeper_priority)
+        for _ in range(2)
+    ]
     for sleeper in sleepers:
         wait_state(tasks, sleeper.name, {tpb.TASK_STATE_RUNNING})
-    behind = [submit(tasks, "demo.echo", args={"value": n}, priority=10) for n in range(2)]
+    behind = [
+        submit(tasks, "demo.echo", args={"value": n}, priority=behind_priority) for n in range(2)
+    ]
     for task in behind:
         _wait_queued_behind(tasks, task.name)
+    return sleepers, behind
+
+
+def test_a_task_queued_behind_a_running_one_is_cancelled_without_touching_it(tasks, cluster):  # type: ignore[no-untyped-def]
+    sleepers, behind = _both_engines_busy_with_one_behind_each(
+        tasks, cluster, seconds=60, sleeper_priority=10, behind_priority=10
+    )
     waiting = submit(tasks, "demo.echo", args={"value": "last"})  # no place left: core queue
     assert get(tasks, waiting.name).attempt == 0
 
@@ -59,13 +74,9 @@ def test_a_task_queued_behind_a_running_one_is_cancelled_without_touching_it(tas
 
 
 def test_a_higher_priority_task_takes_the_place_of_a_queued_lower_one(tasks, cluster):  # type: ignore[no-untyped-def]
-    wait_pool(cluster, 2)
-    sleepers = [submit(tasks, "demo.sleep", args={"seconds": 5}, priority=50) for _ in range(2)]
-    for sleeper in sleepers:
-        wait_state(tasks, sleeper.name, {tpb.TASK_STATE_RUNNING})
-    low = [submit(tasks, "demo.echo", args={"value": n}, priority=0) for n in range(2)]
-    for task in low:
-        _wait_queued_behind(tasks, task.name)
+    sleepers, low = _both_engines_busy_with_one_behind_each(
+        tasks, cluster, seconds=5, sleeper_priority=50, behind_priority=0
+    )
     urgent = submit(tasks, "demo.echo", args={"value": "urgent"}, priority=40)
     _wait_queued_behind(tasks, urgent.name)  # it withdrew a low one and took its place
     queued = sorted(e.queued_task for e in engines(cluster) if e.queued_task)
