@@ -29,6 +29,15 @@ never changes, see ``records.LEGAL_TRANSITIONS``)::
     INTERRUPTING  TaskFinished INTERRUPTED                   INTERRUPTED or TIMED_OUT by cause
     INTERRUPTING  EngineLost / ClusterLost                   INTERRUPTED or TIMED_OUT, final SIGKILL
     RUNNING, INTERRUPTING  restore() after a restart         FAILED     (CONTROLLER_RESTARTED)
+    RUNNING, INTERRUPTING  an ending its retry policy retries  PENDING (after a RETRY timer)
+    INTERRUPTING  ending of an interrupt with cause PREEMPTED  PENDING (queued at once)
+    PENDING       a higher-priority task finds no engine     a victim RUNNING -> INTERRUPTING
+                                                             (cause PREEMPTED, core/preemption.py)
+
+Every dispatch opens a ``TaskAttempt``; every ending closes it (FINAL, RETRIED or
+PREEMPTED). A retried or preempted task is the same task going back to PENDING:
+it is dispatched like a new one, with attempt + 1, and the controller gives the
+new attempt the task's last checkpoint.
 
 Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
 TaskFinished) -> STOPPING (KillEngine: escalation or recycling) -> LOST
@@ -44,7 +53,8 @@ snapshot (a copy), which is what the event log and the subscribers see.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from typing import assert_never
 
 from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
@@ -79,6 +89,7 @@ from .messages import (
     TimerKind,
 )
 from .model import (
+    AttemptEnding,
     Engine,
     EngineState,
     ErrorReason,
@@ -87,11 +98,14 @@ from .model import (
     InterruptCause,
     InterruptRecord,
     Task,
+    TaskAttempt,
     TaskError,
     TaskState,
 )
 from .pool import EnginePool
+from .preemption import choose_victim
 from .records import bounded, move, resource_report, seconds, snapshot
+from .retry import retry_delay
 from .scheduling import PendingQueue, plan_dispatch
 
 ALREADY_ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT})
@@ -120,6 +134,8 @@ class ControlCore:
         spare_engines: int = 0,
         first_revision: int = 1,
         max_output_chars: int = 1_000_000,
+        preempt_min_runtime: float = 10.0,
+        uniform: Callable[[], float] = random.random,
     ) -> None:
         if first_revision < 1:
             raise ValueError("first_revision must be at least 1")
@@ -138,6 +154,13 @@ class ControlCore:
         self._queue = PendingQueue()
         self._next_revision = first_revision
         self._shutting_down = False
+        self.preempt_min_runtime = preempt_min_runtime
+        """Seconds a task that was preempted runs before it may be preempted again."""
+        self._uniform = uniform
+        """Random source of the retry jitter (injected: deterministic in tests)."""
+        self._preempting: dict[str, tuple[str, int, int]] = {}
+        """Urgent task id -> (victim id, victim attempt, engine id) of its preemption."""
+        self._preempt_check_at: float | None = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -304,6 +327,17 @@ class ControlCore:
             self._begin_interrupt(
                 task, event.requested_by, event.reason, event.cause, grace, event.now, out
             )
+        elif (
+            task.state is TaskState.INTERRUPTING
+            and task.interrupt is not None
+            and task.interrupt.cause is InterruptCause.PREEMPTED
+            and event.cause is not InterruptCause.PREEMPTED
+        ):
+            # Being preempted, now asked to stop for good: it ends instead of requeueing.
+            task.interrupt.requested_by = event.requested_by
+            task.interrupt.reason = event.reason
+            task.interrupt.cause = event.cause
+            out.append(self._publish(task, EventKind.UPDATED, event.now))
         # INTERRUPTING, INTERRUPTED, CANCELLED: already what was asked for.
 
     def _begin_interrupt(
@@ -496,6 +530,21 @@ class ControlCore:
 
     # ------------------------------------------------------------------ timers
     def _on_timer(self, key: TimerKey, now: float, out: list[Instruction]) -> None:
+        if key.kind is TimerKind.RETRY:
+            task = self.tasks.get(key.task_id)
+            if (
+                task is not None
+                and task.state is TaskState.PENDING
+                and task.attempt == key.attempt
+                and task.id not in self._queue
+            ):
+                self._queue.push(task)
+                self._dispatch(now, out)
+            return
+        if key.kind is TimerKind.PREEMPT_CHECK:
+            self._preempt_check_at = None
+            self._dispatch(now, out)
+            return
         if key.kind is TimerKind.QUEUE_TIMEOUT:
             task = self.tasks.get(key.task_id)
             if task is None or task.state is not TaskState.PENDING or task.attempt != key.attempt:
@@ -550,11 +599,79 @@ class ControlCore:
             task.engine_id = engine.id
             task.start_time = now
             self._pool.assign(engine, task)
+            task.attempts.append(TaskAttempt(task.attempt, engine.id, now))
+            self._preempting.pop(task.id, None)
             out.append(self._publish(task, EventKind.STATE_CHANGED, now))
             out.append(Dispatch(task.id, task.attempt, engine.id))
             if task.timeout is not None:
                 key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
                 out.append(StartTimer(key, task.timeout))
+        self._preempt(now, out)
+
+    def _preempt(self, now: float, out: list[Instruction]) -> None:
+        """Queued tasks that found no engine preempt lower-priority preemptible ones.
+
+        Scans the queue from the top and stops at the lowest running preemptible
+        priority (nothing below it can preempt anyone), so a long queue of equal
+        priorities costs nothing here.
+        """
+        if not self._queue:
+            return
+        running: list[tuple[Task, Engine]] = []
+        for engine in self.engines.values():
+            task = self.tasks.get(engine.current_task) if engine.current_task else None
+            if (
+                task is not None
+                and task.preemptible
+                and task.state is TaskState.RUNNING
+                and task.attempt == engine.current_attempt
+            ):
+                running.append((task, engine))
+        if not running:
+            return
+        floor = min(task.priority for task, _ in running)
+        wait_until: float | None = None
+        for task_id in self._queue:  # nothing below changes the queue
+            urgent = self.tasks[task_id]
+            if urgent.priority <= floor or not running:
+                break
+            if self._preemption_pending(urgent.id):
+                continue
+            choice = choose_victim(urgent, running, now=now, min_runtime=self.preempt_min_runtime)
+            if isinstance(choice, float):
+                wait_until = choice if wait_until is None else min(wait_until, choice)
+            elif choice is not None:
+                victim, engine = choice
+                running.remove(choice)
+                self._preempting[urgent.id] = (victim.id, victim.attempt, engine.id)
+                reason = (
+                    f"preempted by {urgent.name} (priority {urgent.priority} > {victim.priority})"
+                )
+                cause = InterruptCause.PREEMPTED
+                self._begin_interrupt(victim, urgent.name, reason, cause, victim.grace, now, out)
+        if wait_until is not None and (
+            self._preempt_check_at is None or wait_until < self._preempt_check_at
+        ):
+            self._preempt_check_at = wait_until
+            key = TimerKey(TimerKind.PREEMPT_CHECK, "", 0)
+            out.append(StartTimer(key, max(0.0, wait_until - now)))
+
+    def _preemption_pending(self, urgent_id: str) -> bool:
+        """Whether an engine is still being freed for ``urgent_id``: its victim is still
+        on it, or it is free and waiting for the urgent task (a signal in flight)."""
+        pair = self._preempting.get(urgent_id)
+        if pair is None:
+            return False
+        victim_id, attempt, engine_id = pair
+        engine = self.engines.get(engine_id)
+        on_it = engine is not None and (engine.current_task, engine.current_attempt) in (
+            (None, engine.current_attempt),
+            (victim_id, attempt),
+        )
+        if engine is not None and engine.state is not EngineState.LOST and on_it:
+            return True
+        del self._preempting[urgent_id]
+        return False
 
     def _current(self, task_id: str, attempt: int) -> tuple[Task, Engine] | None:
         """The active task and its engine, when ``attempt`` is the task's current one."""
@@ -571,12 +688,62 @@ class ControlCore:
         now: float,
         out: list[Instruction],
     ) -> None:
-        """Move to a terminal state: the one place that publishes an end and cancels timers."""
+        """Move to a terminal state: the one place that publishes an end and cancels timers.
+
+        An active task whose ending its retry policy retries, or that was preempted,
+        goes back to PENDING instead (:meth:`_requeue`).
+        """
+        if task.state.active and error is not None and self._requeue(task, error, now, out):
+            return
+        self._close_attempt(task, AttemptEnding.FINAL, error, now)
+        self._preempting.pop(task.id, None)
         move(task, state)
         task.error = error
         task.end_time = now
         out.append(self._publish(task, EventKind.STATE_CHANGED, now))
         out.append(CancelTimers(task.id))
+
+    def _requeue(self, task: Task, error: TaskError, now: float, out: list[Instruction]) -> bool:
+        """End the current attempt and queue the task again, when the ending allows it.
+
+        Preempted: queued at once. A failure the policy retries: queued when its
+        backoff is over (a RETRY timer). The new attempt starts with no output of
+        its own: a resumed task replays the text of its checkpoint first.
+        """
+        if error.reason is ErrorReason.PREEMPTED:
+            ending, delay = AttemptEnding.PREEMPTED, 0.0
+        else:
+            retry = retry_delay(task, error.reason, self._uniform)
+            if retry is None:
+                return False
+            ending, delay = AttemptEnding.RETRIED, retry
+        self._close_attempt(task, ending, error, now)
+        move(task, TaskState.PENDING)
+        task.engine_id = None
+        task.interrupt = None
+        task.output, task.output_truncated = "", False
+        task.progress_fraction, task.progress_message = 0.0, ""
+        out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+        if delay > 0:
+            out.append(StartTimer(TimerKey(TimerKind.RETRY, task.id, task.attempt), delay))
+        else:
+            self._queue.push(task)
+        return True
+
+    @staticmethod
+    def _close_attempt(
+        task: Task, ending: AttemptEnding, error: TaskError | None, now: float
+    ) -> None:
+        """Record how the current attempt ended (nothing when none is open)."""
+        if not task.attempts or task.attempts[-1].end_time is not None:
+            return
+        attempt = task.attempts[-1]
+        attempt.end_time = now
+        attempt.ending = ending
+        if error is not None:
+            attempt.reason, attempt.message = error.reason.value, error.message
+        if ending is AttemptEnding.PREEMPTED and task.interrupt is not None:
+            attempt.ended_by = task.interrupt.requested_by
 
     def _publish(self, task: Task, kind: EventKind, now: float, chunk: str = "") -> Publish:
         """Stamp the change on the task (revision, update_time) and describe it."""

@@ -16,14 +16,16 @@ from .model import TERMINAL_STATES, ResourceReport, Task, TaskState
 _S = TaskState
 LEGAL_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.PENDING: frozenset({_S.RUNNING, _S.CANCELLED, _S.FAILED}),
-    _S.RUNNING: frozenset({_S.INTERRUPTING, _S.SUCCEEDED, _S.FAILED}),
-    _S.INTERRUPTING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.INTERRUPTED, _S.TIMED_OUT}),
+    _S.RUNNING: frozenset({_S.INTERRUPTING, _S.SUCCEEDED, _S.FAILED, _S.PENDING}),
+    _S.INTERRUPTING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.INTERRUPTED, _S.TIMED_OUT, _S.PENDING}),
     **{state: frozenset() for state in TERMINAL_STATES},
 }
 """Every state a task may move to from each state. Terminal states have no exit.
 
 RUNNING never goes straight to INTERRUPTED or TIMED_OUT: those mean "stopped
-because someone asked", and asking always passes through INTERRUPTING.
+because someone asked", and asking always passes through INTERRUPTING. An active
+task goes back to PENDING when its attempt is retried or preempted (a new attempt
+follows; see ``core/retry.py`` and ``core/preemption.py``).
 """
 
 
@@ -52,6 +54,7 @@ def snapshot(task: Task, *, keep_output: bool) -> Task:
     copied.interrupt = copy.copy(task.interrupt)
     copied.error = copy.copy(task.error)
     copied.resources = copy.copy(task.resources)
+    copied.attempts = [copy.copy(attempt) for attempt in task.attempts]
     if not keep_output:
         copied.output = ""
     return copied

@@ -1,0 +1,77 @@
+"""Preemption policy: which running task gives its engine to an urgent one.
+
+When a PENDING task finds no free engine with the tags it needs, the control
+core asks :func:`choose_victim` for a RUNNING task to stop (DESIGN §16). The
+victim is interrupted with cause PREEMPTED through the usual ladder (SIGINT
+first, so it checkpoints), queued again with attempt + 1, and resumes from its
+checkpoint later; the urgent task takes the engine it frees. The rules:
+
+* only tasks submitted as ``preemptible``, only RUNNING ones (an INTERRUPTING task
+  is already leaving; a task queued on an engine behind a running one is not
+  running yet), only of a strictly lower priority than the urgent task;
+* the victim's engine must carry every tag the urgent task requires, and be an
+  active engine (not a spare);
+* among those: the lowest priority first, then the most recently started attempt
+  (it has done the least work since its checkpoint), then the lowest engine id;
+* a task that was preempted before must run ``min_runtime`` seconds in its
+  current attempt before it can be preempted again, so two tasks cannot take an
+  engine from each other in a loop;
+* one urgent task preempts at most one task at a time (the core keeps the pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .model import AttemptEnding, Engine, Task, TaskState
+
+
+def was_preempted(task: Task) -> bool:
+    """Whether an earlier attempt of ``task`` ended by preemption."""
+    return any(a.ending is AttemptEnding.PREEMPTED for a in task.attempts)
+
+
+def eligible_at(task: Task, min_runtime: float) -> float:
+    """The earliest time ``task`` (RUNNING) may be preempted."""
+    if not was_preempted(task) or task.start_time is None:
+        return float("-inf")
+    return task.start_time + min_runtime
+
+
+def choose_victim(
+    urgent: Task,
+    running: Iterable[tuple[Task, Engine]],
+    *,
+    now: float,
+    min_runtime: float,
+) -> tuple[Task, Engine] | float | None:
+    """The (task, engine) ``urgent`` should preempt now.
+
+    Returns a time instead when a victim would exist but must first reach its
+    minimum run time (the earliest such time, so the caller can look again then),
+    and None when no running task can ever free an engine for ``urgent``.
+    """
+    needed = frozenset(urgent.required_tags)
+    best: tuple[Task, Engine] | None = None
+    best_key: tuple[int, float, int] | None = None
+    wait_until: float | None = None
+    for task, engine in running:
+        if (
+            not task.preemptible
+            or task.state is not TaskState.RUNNING
+            or task.priority >= urgent.priority
+            or engine.spare
+            or not needed <= engine.tags
+        ):
+            continue
+        ready_at = eligible_at(task, min_runtime)
+        if ready_at > now:
+            wait_until = ready_at if wait_until is None else min(wait_until, ready_at)
+            continue
+        started = task.start_time if task.start_time is not None else 0.0
+        key = (task.priority, -started, engine.id)
+        if best_key is None or key < best_key:
+            best, best_key = (task, engine), key
+    if best is not None:
+        return best
+    return wait_until
