@@ -141,8 +141,11 @@ class EngineDriver:
         generation = self.cluster.generation
         task = self.ctl.core_or_raise().tasks[task_id]
         resume_state = None
-        if task.resume_from:
-            source = task.resume_from.removeprefix("tasks/")
+        # A later attempt resumes from the task's own last checkpoint (retry, preemption);
+        # else, or before the task saved one, from the task it was told to resume from.
+        own = task.id if attempt > 1 and task.has_checkpoint else ""
+        source = own or task.resume_from.removeprefix("tasks/")
+        if source:
             text = await self.ctl.checkpoint_text(source)
             resume_state = json.loads(text) if text else None
         spec = {
