@@ -407,11 +407,15 @@ class RetryPolicy(_message.Message):
     BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
     JITTER_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
-    """Attempts that may end in a retried failure, the first run included; 1 means no retry. Between 1 and the server's limit."""
+    """Attempts that may end in a retried failure, the first run included; 1 means no retry, 0 the
+    server's default. At most 100.
+    """
     backoff_multiplier: _builtins.float
     """Each retry waits this many times longer than the one before (at least 1). 0: the server's default."""
     jitter: _builtins.float
-    """Random spread of each wait, as a fraction in [0, 1]: a wait w becomes w * (1 + jitter * u), u uniform in [-1, 1]."""
+    """Random spread of each wait, as a fraction in [0, 1]: a wait w becomes w * (1 + jitter * u), u uniform
+    in [-1, 1]. 0: no jitter (the server's default jitter applies only when the request has no policy).
+    """
     @_builtins.property
     def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Failure reasons (TaskError.reason) that are retried, among ENGINE_LOST, CLUSTER_LOST,
