@@ -56,12 +56,16 @@ from tether_server.core.messages import (
     TaskSubmitted,
     TimerFired,
     TimerKey,
+    TimerKind,
 )
 from tether_server.core.model import (
+    AttemptEnding,
     EngineState,
+    ErrorReason,
     EscalationStage,
     GracePeriods,
     InterruptCause,
+    RetryPolicy,
     Task,
     TaskState,
 )
@@ -72,6 +76,24 @@ TARGET_ENGINES = 2
 GPU = frozenset({"gpu"})
 
 
+def retry_policy(backoff: float) -> RetryPolicy:
+    """The retry policy of generated tasks: every retryable reason, three attempts."""
+    reasons = {
+        ErrorReason.ENGINE_LOST,
+        ErrorReason.TASK_RAISED,
+        ErrorReason.TIMED_OUT,
+        ErrorReason.RESOURCE_LIMIT,
+        ErrorReason.CLUSTER_LOST,
+    }
+    return RetryPolicy(
+        max_attempts=3,
+        retry_on=frozenset(reasons),
+        initial_backoff=backoff,
+        max_backoff=max(backoff, 1.0),
+        jitter=0.0,
+    )
+
+
 class ControlCoreWorld(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -80,6 +102,8 @@ class ControlCoreWorld(RuleBasedStateMachine):
             replace_lost_engines=True,
             default_grace=GRACE,
             max_output_chars=8,
+            preempt_min_runtime=1.0,
+            uniform=lambda: 0.5,
         )
         self.now = 0.0
         self.task_ids = (f"t{n}" for n in itertools.count())
@@ -179,9 +203,17 @@ class ControlCoreWorld(RuleBasedStateMachine):
         gpu=st.booleans(),
         timeout=st.none() | st.just(2.0),
         queue_timeout=st.none() | st.just(3.0),
+        preemptible=st.booleans(),
+        backoff=st.none() | st.sampled_from([0.0, 1.0]),
     )
     def submit(
-        self, priority: int, gpu: bool, timeout: float | None, queue_timeout: float | None
+        self,
+        priority: int,
+        gpu: bool,
+        timeout: float | None,
+        queue_timeout: float | None,
+        preemptible: bool,
+        backoff: float | None,
     ) -> None:
         task_id = next(self.task_ids)
         now = self.tick()
@@ -196,6 +228,8 @@ class ControlCoreWorld(RuleBasedStateMachine):
             grace=GRACE,
             seq=int(task_id[1:]),
             create_time=now,
+            preemptible=preemptible,
+            retry=None if backoff is None else retry_policy(backoff),
         )
         if self.core.shutting_down:
             try:
@@ -331,10 +365,29 @@ class ControlCoreWorld(RuleBasedStateMachine):
         assert core.running_count == len(active)
 
     @invariant()
-    def queue_holds_exactly_the_pending_tasks(self) -> None:
+    def queue_holds_the_pending_tasks_but_those_waiting_out_a_backoff(self) -> None:
         pending = {t.id for t in self.core.tasks.values() if t.state is TaskState.PENDING}
-        assert set(self.core.queued_task_ids()) == pending
-        assert self.core.queue_length == len(pending)
+        queued = set(self.core.queued_task_ids())
+        assert queued <= pending
+        assert self.core.queue_length == len(queued)
+        for task_id in pending - queued:
+            task = self.core.tasks[task_id]
+            assert task.attempts[-1].ending is AttemptEnding.RETRIED
+            assert TimerKey(TimerKind.RETRY, task_id, task.attempt) in self.timers
+
+    @invariant()
+    def every_dispatch_is_one_attempt_on_the_task(self) -> None:
+        for task in self.core.tasks.values():
+            assert [a.attempt for a in task.attempts] == list(range(1, task.attempt + 1))
+            open_attempts = [a for a in task.attempts if a.end_time is None]
+            if task.state.active:
+                assert open_attempts == [task.attempts[-1]]
+                assert task.attempts[-1].engine_id == task.engine_id
+            else:
+                assert not open_attempts
+            if task.retry is not None:
+                failed = sum(a.ending is AttemptEnding.RETRIED for a in task.attempts)
+                assert failed < task.retry.max_attempts
 
     @invariant()
     def tables_match_what_was_published(self) -> None:
@@ -382,7 +435,18 @@ class ControlCoreWorld(RuleBasedStateMachine):
                 if core.tasks[engine.current_task].state is TaskState.INTERRUPTING:
                     status = OutcomeStatus.INTERRUPTED
                 self.finish(engine_id, Outcome(status, stage=EscalationStage.SIGINT))
-            if not core.running_count and (core.shutting_down or not core.queue_length):
+            for key in [k for k in self.timers if k.kind is TimerKind.RETRY]:
+                del self.timers[key]
+                self.apply(TimerFired(key, self.tick()))
+            waiting = any(
+                t.state is TaskState.PENDING and t.id not in core.queued_task_ids()
+                for t in core.tasks.values()
+            )
+            if (
+                not core.running_count
+                and not waiting
+                and (core.shutting_down or not core.queue_length)
+            ):
                 break
         for key in list(self.timers):
             del self.timers[key]
