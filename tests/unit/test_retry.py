@@ -240,3 +240,41 @@ def test_a_zero_backoff_queues_the_retry_at_once() -> None:
     out = core.handle(EngineLost(0, 3.0))
     assert of(Dispatch, out) == [Dispatch("t1", 2, 1)]
     assert core.tasks["t1"].attempts[0].engine_id == 0
+
+
+def test_server_flags_set_the_default_policy_and_the_preemption_settings() -> None:
+    from tether_server.app import parse_args
+
+    config, _ = parse_args(
+        [
+            "--retry-max-attempts",
+            "4",
+            "--retry-on",
+            "task_raised,ENGINE_LOST",
+            "--retry-initial-backoff",
+            "500ms",
+            "--preemptible-tasks",
+            "llm.generate,demo.sleep",
+            "--preempt-min-runtime",
+            "3s",
+        ]
+    )
+    assert config.retry.max_attempts == 4
+    assert config.retry.retry_on == {ErrorReason.TASK_RAISED, ENGINE_LOST}
+    assert config.retry.initial_backoff == 0.5
+    assert config.preemptible_tasks == ("llm.generate", "demo.sleep")
+    assert config.preempt_min_runtime == 3.0
+    default, _ = parse_args([])
+    assert default.retry.max_attempts == 1  # off by default
+    assert default.preemptible_tasks == ()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--retry-on", "INTERRUPTED"], ["--retry-on", "NOPE"], ["--retry-jitter", "2"]],
+)
+def test_server_flags_refuse_a_bad_default_policy(argv: list[str]) -> None:
+    from tether_server.app import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
