@@ -103,8 +103,8 @@ from .model import (
     TaskState,
 )
 from .pool import EnginePool
-from .preemption import choose_victim
-from .records import bounded, move, resource_report, seconds, snapshot
+from .preemption import Preemption, plan_preemptions
+from .records import bounded, close_attempt, move, resource_report, seconds, snapshot
 from .retry import retry_delay
 from .scheduling import PendingQueue, plan_dispatch
 
@@ -158,8 +158,8 @@ class ControlCore:
         """Seconds a task that was preempted runs before it may be preempted again."""
         self._uniform = uniform
         """Random source of the retry jitter (injected: deterministic in tests)."""
-        self._preempting: dict[str, tuple[str, int, int]] = {}
-        """Urgent task id -> (victim id, victim attempt, engine id) of its preemption."""
+        self._preempting: dict[str, Preemption] = {}
+        """Urgent task id -> the preemption freeing an engine for it."""
         self._preempt_check_at: float | None = None
 
     # ------------------------------------------------------------------ views
@@ -609,46 +609,26 @@ class ControlCore:
         self._preempt(now, out)
 
     def _preempt(self, now: float, out: list[Instruction]) -> None:
-        """Queued tasks that found no engine preempt lower-priority preemptible ones.
-
-        Scans the queue from the top and stops at the lowest running preemptible
-        priority (nothing below it can preempt anyone), so a long queue of equal
-        priorities costs nothing here.
-        """
+        """Queued tasks that found no engine preempt lower-priority preemptible ones
+        (the choice: ``core/preemption.py``); one ladder per (urgent, victim) pair."""
         if not self._queue:
             return
-        running: list[tuple[Task, Engine]] = []
-        for engine in self.engines.values():
-            task = self.tasks.get(engine.current_task) if engine.current_task else None
-            if (
-                task is not None
-                and task.preemptible
-                and task.state is TaskState.RUNNING
-                and task.attempt == engine.current_attempt
-            ):
-                running.append((task, engine))
-        if not running:
-            return
-        floor = min(task.priority for task, _ in running)
-        wait_until: float | None = None
-        for task_id in self._queue:  # nothing below changes the queue
-            urgent = self.tasks[task_id]
-            if urgent.priority <= floor or not running:
-                break
-            if self._preemption_pending(urgent.id):
-                continue
-            choice = choose_victim(urgent, running, now=now, min_runtime=self.preempt_min_runtime)
-            if isinstance(choice, float):
-                wait_until = choice if wait_until is None else min(wait_until, choice)
-            elif choice is not None:
-                victim, engine = choice
-                running.remove(choice)
-                self._preempting[urgent.id] = (victim.id, victim.attempt, engine.id)
-                reason = (
-                    f"preempted by {urgent.name} (priority {urgent.priority} > {victim.priority})"
-                )
-                cause = InterruptCause.PREEMPTED
-                self._begin_interrupt(victim, urgent.name, reason, cause, victim.grace, now, out)
+        for urgent_id in [u for u, p in self._preempting.items() if not self._freeing(p)]:
+            del self._preempting[urgent_id]
+        plan = plan_preemptions(
+            self._queue,
+            self.tasks,
+            self.engines.values(),
+            served=self._preempting.keys(),
+            now=now,
+            min_runtime=self.preempt_min_runtime,
+        )
+        for urgent, victim, engine in plan.preemptions:
+            self._preempting[urgent.id] = Preemption(victim.id, victim.attempt, engine.id)
+            reason = f"preempted by {urgent.name} (priority {urgent.priority} > {victim.priority})"
+            cause = InterruptCause.PREEMPTED
+            self._begin_interrupt(victim, urgent.name, reason, cause, victim.grace, now, out)
+        wait_until = plan.look_again_at
         if wait_until is not None and (
             self._preempt_check_at is None or wait_until < self._preempt_check_at
         ):
@@ -656,22 +636,8 @@ class ControlCore:
             key = TimerKey(TimerKind.PREEMPT_CHECK, "", 0)
             out.append(StartTimer(key, max(0.0, wait_until - now)))
 
-    def _preemption_pending(self, urgent_id: str) -> bool:
-        """Whether an engine is still being freed for ``urgent_id``: its victim is still
-        on it, or it is free and waiting for the urgent task (a signal in flight)."""
-        pair = self._preempting.get(urgent_id)
-        if pair is None:
-            return False
-        victim_id, attempt, engine_id = pair
-        engine = self.engines.get(engine_id)
-        on_it = engine is not None and (engine.current_task, engine.current_attempt) in (
-            (None, engine.current_attempt),
-            (victim_id, attempt),
-        )
-        if engine is not None and engine.state is not EngineState.LOST and on_it:
-            return True
-        del self._preempting[urgent_id]
-        return False
+    def _freeing(self, preemption: Preemption) -> bool:
+        return preemption.still_freeing(self.engines.get(preemption.engine_id))
 
     def _current(self, task_id: str, attempt: int) -> tuple[Task, Engine] | None:
         """The active task and its engine, when ``attempt`` is the task's current one."""
@@ -695,7 +661,7 @@ class ControlCore:
         """
         if task.state.active and error is not None and self._requeue(task, error, now, out):
             return
-        self._close_attempt(task, AttemptEnding.FINAL, error, now)
+        close_attempt(task, AttemptEnding.FINAL, error, now)
         self._preempting.pop(task.id, None)
         move(task, state)
         task.error = error
@@ -717,7 +683,7 @@ class ControlCore:
             if retry is None:
                 return False
             ending, delay = AttemptEnding.RETRIED, retry
-        self._close_attempt(task, ending, error, now)
+        close_attempt(task, ending, error, now)
         move(task, TaskState.PENDING)
         task.engine_id = None
         task.interrupt = None
@@ -729,21 +695,6 @@ class ControlCore:
         else:
             self._queue.push(task)
         return True
-
-    @staticmethod
-    def _close_attempt(
-        task: Task, ending: AttemptEnding, error: TaskError | None, now: float
-    ) -> None:
-        """Record how the current attempt ended (nothing when none is open)."""
-        if not task.attempts or task.attempts[-1].end_time is not None:
-            return
-        attempt = task.attempts[-1]
-        attempt.end_time = now
-        attempt.ending = ending
-        if error is not None:
-            attempt.reason, attempt.message = error.reason.value, error.message
-        if ending is AttemptEnding.PREEMPTED and task.interrupt is not None:
-            attempt.ended_by = task.interrupt.requested_by
 
     def _publish(self, task: Task, kind: EventKind, now: float, chunk: str = "") -> Publish:
         """Stamp the change on the task (revision, update_time) and describe it."""

@@ -16,14 +16,92 @@ checkpoint later; the urgent task takes the engine it frees. The rules:
 * a task that was preempted before must run ``min_runtime`` seconds in its
   current attempt before it can be preempted again, so two tasks cannot take an
   engine from each other in a loop;
-* one urgent task preempts at most one task at a time (the core keeps the pairs).
+* one urgent task preempts at most one task at a time: the core keeps a
+  :class:`Preemption` per urgent task while its engine is being freed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 
-from .model import AttemptEnding, Engine, Task, TaskState
+from .model import AttemptEnding, Engine, EngineState, Task, TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    """An engine being freed for one urgent task: (victim, attempt) on ``engine_id``."""
+
+    victim_id: str
+    attempt: int
+    engine_id: int
+
+    def still_freeing(self, engine: Engine | None) -> bool:
+        """Whether the engine is still on its way to the urgent task: the victim is
+        still on it, or it is free and waiting (a signal in flight). Once it runs
+        anything else, or is lost, the urgent task may preempt again."""
+        if engine is None or engine.state is EngineState.LOST:
+            return False
+        return engine.current_task is None or (engine.current_task, engine.current_attempt) == (
+            self.victim_id,
+            self.attempt,
+        )
+
+
+@dataclass(slots=True)
+class Plan:
+    """What :func:`plan_preemptions` decided."""
+
+    preemptions: list[tuple[Task, Task, Engine]] = field(default_factory=list)
+    """(urgent, victim, victim's engine), in queue order."""
+    look_again_at: float | None = None
+    """The earliest time a victim now too young (minimum run time) becomes eligible."""
+
+
+def plan_preemptions(
+    queue: Iterable[str],
+    tasks: Mapping[str, Task],
+    engines: Iterable[Engine],
+    *,
+    served: Collection[str],
+    now: float,
+    min_runtime: float,
+) -> Plan:
+    """Which queued tasks preempt which running ones now.
+
+    ``queue`` is the pending queue in dispatch order (highest priority first), after
+    the dispatch pass placed what it could; ``served`` are urgent tasks that already
+    have an engine being freed for them. The scan stops at the lowest running
+    preemptible priority (nothing at or below it can preempt anyone), so a long queue
+    of equal priorities costs nothing. Each victim is taken once.
+    """
+    running = [
+        (task, engine)
+        for engine in engines
+        if engine.current_task is not None
+        and (task := tasks.get(engine.current_task)) is not None
+        and task.preemptible
+        and task.state is TaskState.RUNNING
+        and task.attempt == engine.current_attempt
+    ]
+    plan = Plan()
+    if not running:
+        return plan
+    floor = min(task.priority for task, _ in running)
+    for task_id in queue:
+        urgent = tasks[task_id]
+        if urgent.priority <= floor or not running:
+            break
+        if task_id in served:
+            continue
+        choice = choose_victim(urgent, running, now=now, min_runtime=min_runtime)
+        if isinstance(choice, float):
+            if plan.look_again_at is None or choice < plan.look_again_at:
+                plan.look_again_at = choice
+        elif choice is not None:
+            running.remove(choice)
+            plan.preemptions.append((urgent, *choice))
+    return plan
 
 
 def was_preempted(task: Task) -> bool:

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from .model import TERMINAL_STATES, ResourceReport, Task, TaskState
+from .model import TERMINAL_STATES, AttemptEnding, ResourceReport, Task, TaskError, TaskState
 
 _S = TaskState
 LEGAL_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
@@ -39,6 +39,19 @@ def move(task: Task, state: TaskState) -> None:
     if state not in LEGAL_TRANSITIONS[task.state]:
         raise InvariantViolation(f"task {task.id}: {task.state.name} -> {state.name}")
     task.state = state
+
+
+def close_attempt(task: Task, ending: AttemptEnding, error: TaskError | None, now: float) -> None:
+    """Record how the task's current attempt ended (nothing when none is open)."""
+    if not task.attempts or task.attempts[-1].end_time is not None:
+        return
+    attempt = task.attempts[-1]
+    attempt.end_time = now
+    attempt.ending = ending
+    if error is not None:
+        attempt.reason, attempt.message = error.reason.value, error.message
+    if ending is AttemptEnding.PREEMPTED and task.interrupt is not None:
+        attempt.ended_by = task.interrupt.requested_by
 
 
 def snapshot(task: Task, *, keep_output: bool) -> Task:
