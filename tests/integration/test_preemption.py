@@ -36,6 +36,7 @@ from .helpers import (
     stream_token,
     submit,
     wait_pool,
+    wait_state,
     wait_terminal,
 )
 
@@ -232,3 +233,31 @@ def test_attempts_survive_a_restart_of_the_server(  # type: ignore[no-untyped-de
         restored = again.GetTask(spb.GetTaskRequest(name=task.name), timeout=10).task
     assert list(restored.attempts) == list(done.attempts)
     assert restored.retry == done.retry
+
+
+def test_a_task_running_when_the_server_is_killed_runs_again_under_a_cluster_loss_policy(  # type: ignore[no-untyped-def]
+    tmp_path,
+):
+    data = tmp_path / "data"
+    first = ServerProcess(data, engines=1)
+    policy = tpb.RetryPolicy(
+        max_attempts=2, retry_on=["CLUSTER_LOST"], initial_backoff=seconds(0.1)
+    )
+    try:
+        first.start()
+        with grpc.insecure_channel(first.address) as ch:
+            stub = task_service_pb2_grpc.TaskServiceStub(ch)
+            task = submit(stub, "demo.sleep", args={"seconds": 0.5}, retry=policy)
+            wait_state(stub, task.name, {tpb.TASK_STATE_RUNNING})
+        first.kill()  # SIGKILL: the embedded cluster goes with the attempt
+        second = ServerProcess(data, port=first.port, engines=1)
+        with second, grpc.insecure_channel(second.address) as ch:
+            stub = task_service_pb2_grpc.TaskServiceStub(ch)
+            done = wait_terminal(stub, task.name, 60)
+            assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
+            first_attempt, second_attempt = done.attempts
+            assert first_attempt.ending == tpb.ATTEMPT_ENDING_RETRIED
+            assert first_attempt.reason == "CONTROLLER_RESTARTED"
+            assert second_attempt.ending == tpb.ATTEMPT_ENDING_FINAL
+    finally:
+        first.kill_leftovers()
