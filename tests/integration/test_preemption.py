@@ -18,7 +18,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
 
 from tests.support import ServerProcess
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
@@ -31,6 +30,8 @@ from .helpers import (
     TaskStream,
     engines,
     error_info,
+    full_task,
+    result_of,
     running_server_with_env,
     seconds,
     stream_token,
@@ -76,17 +77,6 @@ def _args(temperature: float, max_tokens: int = TOKENS) -> dict[str, Any]:
     return {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "seed": 0}
 
 
-def _full(tasks: task_service_pb2_grpc.TaskServiceStub, name: str) -> tpb.Task:
-    request = spb.GetTaskRequest(name=name, view=tpb.TASK_VIEW_FULL)
-    return tasks.GetTask(request, timeout=10).task
-
-
-def _result(task: tpb.Task) -> dict[str, Any]:
-    result = json_format.MessageToDict(task.result)
-    assert isinstance(result, dict), task
-    return result
-
-
 @pytest.fixture(scope="module")
 def references(
     tasks: task_service_pb2_grpc.TaskServiceStub,
@@ -103,7 +93,7 @@ def references(
         done = wait_terminal(tasks, task.name, 300)
         assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
         assert not done.preemptible
-        texts[temperature] = _result(_full(tasks, task.name))["text"]
+        texts[temperature] = result_of(full_task(tasks, task.name))["text"]
     return texts
 
 
@@ -166,14 +156,14 @@ def test_preempted_generations_resume_and_end_with_the_uninterrupted_text(  # ty
         for stream in streams.values():
             stream.close()
     for temperature, task in low.items():
-        done = _full(tasks, task.name)
+        done = full_task(tasks, task.name)
         assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
         assert done.attempt == 2
         endings = [a.ending for a in done.attempts]
         assert endings == [tpb.ATTEMPT_ENDING_PREEMPTED, tpb.ATTEMPT_ENDING_FINAL]
         assert done.attempts[0].reason == "PREEMPTED"
         assert done.attempts[0].ended_by in {u.name for u in urgent}
-        result = _result(done)
+        result = result_of(done)
         assert result["resumed_tokens"] > 0, "the second attempt started from the checkpoint"
         assert result["text"] == references[temperature]
         assert done.output == references[temperature]
@@ -204,12 +194,12 @@ def test_a_generation_whose_engine_is_killed_resumes_on_another_engine(  # type:
         )
         assert requeued.task.attempts[0].reason == "ENGINE_LOST"
         stream.terminal(timeout=300)
-    done = _full(tasks, task.name)
+    done = full_task(tasks, task.name)
     assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
     first, second = done.attempts
     assert first.ending == tpb.ATTEMPT_ENDING_RETRIED and first.engine_id == victim
     assert second.ending == tpb.ATTEMPT_ENDING_FINAL and second.engine_id != victim
-    result = _result(done)
+    result = result_of(done)
     assert result["resumed_tokens"] >= 8, "resumed from a periodic checkpoint"
     assert result["text"] == references[0.0]
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
 
 pytest.importorskip("transformers")
 
@@ -33,6 +32,8 @@ from .helpers import (
     SINGLE_THREADED_TORCH,
     TaskStream,
     engines,
+    full_task,
+    result_of,
     running_server_with_env,
     seconds,
     stream_token,
@@ -82,9 +83,9 @@ def _args(temperature: float) -> dict[str, Any]:
 
 
 def _done(tasks: task_service_pb2_grpc.TaskServiceStub, name: str) -> tuple[tpb.Task, Any]:
-    task = tasks.GetTask(spb.GetTaskRequest(name=name, view=tpb.TASK_VIEW_FULL), timeout=10).task
+    task = full_task(tasks, name)
     assert task.state == tpb.TASK_STATE_SUCCEEDED, task.error
-    return task, json_format.MessageToDict(task.result)
+    return task, result_of(task)
 
 
 @pytest.fixture(scope="module")
