@@ -259,6 +259,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         help="do not import torch and create the CUDA context on engines at start (faster engine start; an LLM engine's first task then counts that memory)",
     )
     p.add_argument(
+        "--pipeline-depth",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="tasks each engine holds: 2 sends the next task while one runs, so an engine "
+        "never idles for a round trip (signals stay exact: they name their attempt); 1 sends a "
+        "task only to an idle engine (default %(default)s)",
+    )
+    p.add_argument(
         "--spare-engines",
         type=int,
         default=0,
@@ -419,6 +428,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         listen=a.listen,
         engines=a.engines,
         spare_engines=a.spare_engines,
+        pipeline_depth=a.pipeline_depth,
         data_dir=(a.data_dir or default_data_dir()).expanduser().resolve(),
         task_modules=tuple(a.task_modules),
         engine_tags=tuple(a.engine_tags),

@@ -47,6 +47,10 @@ from .supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
+WITHDRAW_ANSWER_SECONDS = 6.0
+"""How long InterruptTask waits for an engine to answer the withdrawal of a queued task
+(the driver gives up after 5 s and treats the task as begun)."""
+
 
 @dataclass(slots=True)
 class SubmitSpec:
@@ -114,6 +118,8 @@ class Controller:
         """Called with every published event (metrics and other observers)."""
         self._subscribers = SubscriberIndex()
         self._timers: dict[str, list[asyncio.TimerHandle]] = collections.defaultdict(list)
+        self._change_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        """Interrupts waiting for a change of the task (see ``_withdrawal_answered``)."""
         self._idempotency: dict[str, IdempotencyRecord] = {}
         self._requests_in_flight: dict[str, asyncio.Future[None]] = {}
         self._seq = itertools.count(1)
@@ -138,6 +144,7 @@ class Controller:
         self.core = ControlCore(
             target_engines=self.config.engines,
             spare_engines=self.config.spare_engines,
+            pipeline_depth=self.config.pipeline_depth,
             replace_lost_engines=not self.config.attach,
             default_grace=self.config.grace,
             first_revision=loaded.next_revision,
@@ -294,6 +301,7 @@ class Controller:
                     grace=grace,
                 )
             )
+            await self._withdrawal_answered(task_id)
         elif task.state in ALREADY_ENDED:
             raise err.TaskAlreadyTerminal(
                 f"task {task.name} already ended {task.state.name}; there is nothing to interrupt",
@@ -305,6 +313,18 @@ class Controller:
             self.journal.batch().idempotency.append(rec)
         await self.journal.flush()
         return _public_copy(await self._task_or_raise(task_id)), False
+
+    async def _withdrawal_answered(self, task_id: str) -> None:
+        """A task queued on an engine is cancelled once the engine answers (milliseconds):
+        wait for it, so that InterruptTask answers CANCELLED as for any pending task."""
+        core = self.core_or_raise()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WITHDRAW_ANSWER_SECONDS
+        while core.withdrawal_pending(task_id) and loop.time() < deadline:
+            changed = loop.create_future()
+            self._change_waiters.setdefault(task_id, []).append(changed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed, timeout=deadline - loop.time())
 
     async def get(self, task_id: str) -> Task:
         return await self._task_or_raise(task_id)
@@ -431,11 +451,13 @@ class Controller:
             elif isinstance(ins, msg.Dispatch):
                 driver.dispatch(ins.task_id, ins.attempt, ins.engine_id)
             elif isinstance(ins, msg.SignalEngine):
-                self.spawn(driver.signal(ins.engine_id, ins.signal))
+                self.spawn(driver.signal(ins.engine_id, ins.signal, ins.task_id, ins.attempt))
             elif isinstance(ins, msg.KillEngine):
                 self.spawn(driver.kill(ins.engine_id, ins.reason))
             elif isinstance(ins, msg.StartEngine):
                 self.spawn(driver.start_engine(ins.replaces))
+            elif isinstance(ins, msg.Withdraw):
+                self.spawn(driver.withdraw(ins.engine_id, ins.task_id, ins.attempt))
             elif isinstance(ins, msg.StartTimer):
                 self._start_timer(ins.key, ins.delay)
             elif isinstance(ins, msg.CancelTimers):
@@ -455,6 +477,10 @@ class Controller:
             batch.tasks.append(p.task)
         if p.kind is msg.EventKind.STATE_CHANGED and p.task.state.terminal:
             self.history.remember(p.task)
+        if self._change_waiters:
+            for waiter in self._change_waiters.pop(p.task.id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
         self._subscribers.deliver(entry)
         for listener in self.listeners:
             listener(entry)

@@ -23,7 +23,7 @@ from .cluster import EngineDied, IpyparallelCluster
 from .cluster.ipp import DIGEST_HISTORY
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage
-from .runtime import registry
+from .runtime import attempts, registry
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -155,6 +155,7 @@ class EngineDriver:
             "max_output_chars": self.config.limits.max_output_chars,
             "rss_tolerance_bytes": self.config.rss_tolerance_bytes,
             "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
+            "drain_if_not_reclaimed": True,
         }
         try:
             raw = await self.cluster.run_task(engine_id, spec)
@@ -225,14 +226,43 @@ class EngineDriver:
             self.ctl.handle(msg.TaskCheckpointed(task_id, attempt, now))
 
     # ------------------------------------------------------------------ signals
-    async def signal(self, engine_id: int, sig: str) -> None:
+    async def signal(self, engine_id: int, sig: str, task_id: str, attempt: int) -> None:
+        """SIGINT / SIGTERM for exactly (task_id, attempt): the engine checks it is armed
+        for that attempt before raising (``runtime.attempts``), so a signal never lands in
+        the attempt queued behind it."""
         generation = self.cluster.generation
+        content = {"task_id": task_id, "attempt": attempt, "signal": sig}
         try:
-            await asyncio.wait_for(self.cluster.signal(engine_id, sig), timeout=5.0)
+            answer = await asyncio.wait_for(
+                self.cluster.control_request(engine_id, attempts.SIGNAL_REQUEST, content),
+                timeout=5.0,
+            )
+            if not answer.get("delivered"):
+                log.info("%s for task %s attempt %s: it had ended", sig, task_id, attempt)
         except Exception as exc:
             log.info("signal %s to engine %s failed: %s", sig, engine_id, exc)
         if self.cluster.generation == generation:
             self.ctl.handle(msg.SignalDelivered(engine_id, time.time()))
+
+    async def withdraw(self, engine_id: int, task_id: str, attempt: int) -> None:
+        """Ask the engine not to start its queued (task_id, attempt); report its answer.
+
+        No answer (the engine is stuck or gone) counts as "it began": the task then
+        runs after the current one, or ends with its engine.
+        """
+        generation = self.cluster.generation
+        content = {"task_id": task_id, "attempt": attempt}
+        withdrawn = False
+        try:
+            answer = await asyncio.wait_for(
+                self.cluster.control_request(engine_id, attempts.WITHDRAW_REQUEST, content),
+                timeout=5.0,
+            )
+            withdrawn = bool(answer.get("withdrawn"))
+        except Exception as exc:
+            log.info("withdraw of task %s from engine %s failed: %s", task_id, engine_id, exc)
+        if self.cluster.generation == generation:
+            self.ctl.handle(msg.Withdrawn(engine_id, task_id, attempt, withdrawn, time.time()))
 
     async def kill(self, engine_id: int, reason: str) -> None:
         """SIGKILL an engine, and the processes its task started.

@@ -57,6 +57,8 @@ from tether_server.core.messages import (
     TimerFired,
     TimerKey,
     TimerKind,
+    Withdraw,
+    Withdrawn,
 )
 from tether_server.core.model import (
     AttemptEnding,
@@ -95,6 +97,8 @@ def retry_policy(backoff: float) -> RetryPolicy:
 
 
 class ControlCoreWorld(RuleBasedStateMachine):
+    PIPELINE_DEPTH = 1
+
     def __init__(self) -> None:
         super().__init__()
         self.core = ControlCore(
@@ -104,7 +108,9 @@ class ControlCoreWorld(RuleBasedStateMachine):
             max_output_chars=8,
             preempt_min_runtime=1.0,
             uniform=lambda: 0.5,
+            pipeline_depth=self.PIPELINE_DEPTH,
         )
+        self.withdrawals: dict[tuple[int, str, int], None] = {}  # unanswered Withdraws
         self.now = 0.0
         self.task_ids = (f"t{n}" for n in itertools.count())
         self.engine_ids = itertools.count()
@@ -161,6 +167,9 @@ class ControlCoreWorld(RuleBasedStateMachine):
             case Dispatch(engine_id=engine_id):
                 assert not was_shutting_down
                 assert core.engines[engine_id].signals_in_flight == 0
+            case Withdraw(engine_id=engine_id, task_id=task_id, attempt=attempt):
+                assert core.engines[engine_id].queued_task == task_id
+                self.withdrawals[(engine_id, task_id, attempt)] = None
             case StartEngine():
                 self.requested_starts += 1
                 alive = sum(e.state is not EngineState.LOST for e in core.engines.values())
@@ -367,21 +376,27 @@ class ControlCoreWorld(RuleBasedStateMachine):
     @invariant()
     def queue_holds_the_pending_tasks_but_those_waiting_out_a_backoff(self) -> None:
         pending = {t.id for t in self.core.tasks.values() if t.state is TaskState.PENDING}
+        behind = [e.queued_task for e in self.core.engines.values() if e.queued_task is not None]
+        assert len(set(behind)) == len(behind)  # one engine per queued task
         queued = set(self.core.queued_task_ids())
-        assert queued <= pending
+        assert not queued & set(behind)
+        assert queued | set(behind) <= pending
         assert self.core.queue_length == len(queued)
-        for task_id in pending - queued:
+        for task_id in pending - queued - set(behind):  # waiting out a retry's backoff
             task = self.core.tasks[task_id]
             assert task.attempts[-1].ending is AttemptEnding.RETRIED
             assert TimerKey(TimerKind.RETRY, task_id, task.attempt) in self.timers
 
     @invariant()
-    def every_dispatch_is_one_attempt_on_the_task(self) -> None:
+    def every_start_is_one_attempt_on_the_task(self) -> None:
         for task in self.core.tasks.values():
-            assert [a.attempt for a in task.attempts] == list(range(1, task.attempt + 1))
+            numbers = [a.attempt for a in task.attempts]
+            # A task withdrawn from behind a running one skips the number it was sent with.
+            assert numbers == sorted(set(numbers)) and all(n <= task.attempt for n in numbers)
             open_attempts = [a for a in task.attempts if a.end_time is None]
             if task.state.active:
                 assert open_attempts == [task.attempts[-1]]
+                assert task.attempts[-1].attempt == task.attempt
                 assert task.attempts[-1].engine_id == task.engine_id
             else:
                 assert not open_attempts
@@ -410,6 +425,9 @@ class ControlCoreWorld(RuleBasedStateMachine):
         timer. Every task must end, except PENDING ones kept after a shutdown."""
         core = self.core
         for _ in range(100):
+            for engine_id, task_id, attempt in list(self.withdrawals):
+                del self.withdrawals[(engine_id, task_id, attempt)]
+                self.apply(Withdrawn(engine_id, task_id, attempt, True, self.tick()))
             for engine in list(core.engines.values()):
                 while engine.signals_in_flight:
                     self.apply(SignalDelivered(engine.id, self.tick()))
@@ -438,12 +456,16 @@ class ControlCoreWorld(RuleBasedStateMachine):
             for key in [k for k in self.timers if k.kind is TimerKind.RETRY]:
                 del self.timers[key]
                 self.apply(TimerFired(key, self.tick()))
+            behind = any(e.queued_task for e in core.engines.values())
             waiting = any(
-                t.state is TaskState.PENDING and t.id not in core.queued_task_ids()
+                t.state is TaskState.PENDING
+                and t.id not in core.queued_task_ids()
+                and not any(e.queued_task == t.id for e in core.engines.values())
                 for t in core.tasks.values()
             )
             if (
                 not core.running_count
+                and not behind
                 and not waiting
                 and (core.shutting_down or not core.queue_length)
             ):
@@ -457,10 +479,44 @@ class ControlCoreWorld(RuleBasedStateMachine):
             ), f"{task.id} is still {task.state.name} after draining"
 
 
-ControlCoreWorld.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class PipelinedWorld(ControlCoreWorld):
+    """The same world with pipelined dispatch: a task may wait queued behind a running one."""
+
+    PIPELINE_DEPTH = 2
+
+    def queued(self) -> list[int]:
+        return [e.id for e in self.core.engines.values() if e.queued_task is not None]
+
+    @precondition(lambda self: bool(self.withdrawals))
+    @rule(data=st.data(), withdrawn=st.booleans())
+    def engine_answers_a_withdrawal(self, data: st.DataObject, withdrawn: bool) -> None:
+        engine_id, task_id, attempt = data.draw(st.sampled_from(list(self.withdrawals)))
+        del self.withdrawals[(engine_id, task_id, attempt)]
+        self.apply(Withdrawn(engine_id, task_id, attempt, withdrawn, self.tick()))
+
+    @precondition(lambda self: bool(self.queued()))
+    @rule(data=st.data())
+    def queued_task_reports_early(self, data: st.DataObject) -> None:
+        engine = self.core.engines[data.draw(st.sampled_from(self.queued()))]
+        assert engine.queued_task is not None
+        task_id, attempt = engine.queued_task, engine.queued_attempt
+        kind = data.draw(st.sampled_from(["started", "output", "not_started"]))
+        if kind == "started":
+            self.armed.add((task_id, attempt))
+            self.apply(TaskStarted(task_id, attempt, self.tick()))
+        elif kind == "output":
+            self.apply(TaskOutput(task_id, attempt, "early ", self.tick()))
+        else:
+            outcome = Outcome(OutcomeStatus.NOT_STARTED)
+            self.apply(TaskFinished(task_id, attempt, outcome, self.tick()))
+
+
+for world in (ControlCoreWorld, PipelinedWorld):
+    world.TestCase.settings = settings(
+        max_examples=300,
+        stateful_step_count=50,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 test_control_core_under_random_events = ControlCoreWorld.TestCase
+test_pipelined_core_under_random_events = PipelinedWorld.TestCase

@@ -245,3 +245,33 @@ def test_a_queued_task_whose_priority_is_not_above_any_running_one_is_left_waiti
         out += submit(core, f"q{n}", now=1.0, priority=5)
     assert of(SignalEngine, out) == []
     assert len(core.queued_task_ids()) == 50
+
+
+# --------------------------------------------------------------------------- pipelined dispatch
+def test_with_depth_two_an_urgent_task_preempts_instead_of_queueing_behind_a_running_one() -> None:
+    core = make_core(target_engines=2, pipeline_depth=2)
+    busy_pool(core, {"id": "a", "preemptible": True}, {"id": "b", "preemptible": True})
+    out = submit(core, "urgent", now=1.0, priority=10)
+    (sig,) = of(SignalEngine, out)
+    assert all(e.queued_task != "urgent" for e in core.engines.values())
+    assert core.queued_task_ids() == ["urgent"]  # waits for the engine it frees
+    ack(core, out, 1.0)
+    victim = sig.task_id
+    out = finish(core, victim, OutcomeStatus.INTERRUPTED, stage=SIGINT, now=1.1)
+    assert Dispatch("urgent", 1, sig.engine_id) in of(Dispatch, out)
+    assert core.tasks[victim].state is TaskState.PENDING
+
+
+def test_with_depth_two_a_task_queued_behind_a_preemptible_one_preempts_it() -> None:
+    core = make_core(target_engines=1, pipeline_depth=2, preempt_min_runtime=10.0)
+    busy_pool(core, {"id": "low", "preemptible": True})
+    ack(core, submit(core, "u1", now=1.0, priority=10), 1.0)
+    finish(core, "low", OutcomeStatus.INTERRUPTED, stage=SIGINT, now=1.1)
+    core.handle(TaskStarted("u1", 1, 1.1))
+    finish(core, "u1", attempt=1, now=2.0)  # low resumes (attempt 2) at t=2
+    core.handle(TaskStarted("low", 2, 2.0))
+    out = submit(core, "u2", now=3.0, priority=10)  # low is too young to preempt again
+    assert of(SignalEngine, out) == []
+    assert core.engines[0].queued_task == "u2"  # so u2 waits behind it
+    out = fire(core, TimerKind.PREEMPT_CHECK, "", attempt=0, now=12.0)
+    assert of(SignalEngine, out) == [SignalEngine(0, "SIGINT", "low", 2)]

@@ -323,15 +323,52 @@ class IpyparallelCluster:
                 raise
         raise TimeoutError(f"engine {engine_id} did not finish setup: {last}")
 
-    def run_task(self, engine_id: int, spec: dict[str, Any]) -> asyncio.Future[Any]:
-        """Send one task to one engine; the future resolves to the runtime's outcome dict."""
-        ar = self._view(engine_id).apply_async(engine_runtime.run_task, spec)
-        return asyncio.wrap_future(ar)
+    async def run_task(self, engine_id: int, spec: dict[str, Any]) -> Any:
+        """Send one task to one engine; returns the runtime's outcome dict.
+
+        ``send_apply_request`` on the client's mux stream, not ``DirectView.apply_async``:
+        the view's per-call decorators and ``AsyncResult`` cost more than the rest of the
+        send (docs/benchmarks.md, B4). The client still tracks the request as
+        outstanding, so an engine's death fails it with ``EngineError``. Raises what the
+        engine raised (``RemoteError``), ``EngineError`` included.
+        """
+        client = self._client
+        if client is None:
+            raise EngineDied(f"engine {engine_id}: the cluster is not connected")
+        uuid = client._engines.get(engine_id)
+        if uuid is None:  # unregistered meanwhile
+            raise EngineDied(f"engine {engine_id} is gone")
+        fut = client.send_apply_request(
+            client._mux_stream, engine_runtime.run_task, args=[spec], ident=uuid.encode("utf8")
+        )
+        result = await asyncio.wrap_future(fut)
+        if isinstance(result, BaseException):  # ipyparallel hands errors back as results
+            raise result
+        return result
 
     async def signal(self, engine_id: int, sig: str) -> None:
         """Deliver ``sig`` through the engine's nanny; returns on the nanny's ack."""
         fut = self._client.send_signal(getattr(signal, sig), targets=[engine_id], block=False)
         await asyncio.wrap_future(fut)
+
+    async def control_request(
+        self, engine_id: int, msg_type: str, content: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One request on the engine's control channel (``runtime.attempts``); its reply content.
+
+        The engine's kernel serves the control channel in its own thread, so the answer
+        comes while a task runs in the main thread.
+        """
+        client = self._client
+        if client is None:
+            raise EngineDied(f"engine {engine_id}: the cluster is not connected")
+        idents, _targets = client._build_targets([engine_id])
+        fut = client._send(client._control_stream, msg_type, content=content, ident=idents[0])
+        reply = await asyncio.wrap_future(fut)
+        answer = dict(reply["content"])
+        if answer.get("status") != "ok":
+            raise RuntimeError(f"{msg_type} to engine {engine_id} failed: {answer}")
+        return answer
 
     async def start_engines(self, n: int) -> None:
         """Embedded mode: add ``n`` engines (there is no restart in ipyparallel)."""

@@ -87,6 +87,7 @@ from .messages import (
     TimerFired,
     TimerKey,
     TimerKind,
+    Withdrawn,
 )
 from .model import (
     AttemptEnding,
@@ -102,6 +103,7 @@ from .model import (
     TaskError,
     TaskState,
 )
+from .pipeline import REPORTS, SHUTDOWN_REASON, SYSTEM, PipelinedDispatch
 from .pool import EnginePool
 from .preemption import Preemption, plan_preemptions
 from .records import bounded, close_attempt, move, resource_report, seconds, snapshot
@@ -112,11 +114,8 @@ ALREADY_ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIME
 """States in which an interrupt is refused (TASK_ALREADY_TERMINAL). INTERRUPTED and
 CANCELLED answer an interrupt idempotently instead: that is what was asked for."""
 
-SYSTEM = "system"
-"""``requested_by`` of interrupts the controller starts itself (timeout, limits, shutdown)."""
 
-
-class ControlCore:
+class ControlCore(PipelinedDispatch):
     """Tasks, engines and the pending queue of one controller, driven by events.
 
     The tables are public for reading (``tasks``, ``engines``); only ``handle``
@@ -132,6 +131,7 @@ class ControlCore:
         replace_lost_engines: bool,
         default_grace: GracePeriods,
         spare_engines: int = 0,
+        pipeline_depth: int = 1,
         first_revision: int = 1,
         max_output_chars: int = 1_000_000,
         preempt_min_runtime: float = 10.0,
@@ -150,6 +150,7 @@ class ControlCore:
             target_engines=target_engines,
             replace_lost_engines=replace_lost_engines,
             spare_engines=spare_engines,
+            pipeline_depth=pipeline_depth,
         )
         self._queue = PendingQueue()
         self._next_revision = first_revision
@@ -191,6 +192,13 @@ class ControlCore:
         """StartEngine instructions whose engine has not registered yet."""
         return self._pool.requested_starts
 
+    def withdrawal_pending(self, task_id: str) -> bool:
+        """An interrupt of ``task_id`` waits for its engine to say whether it had begun."""
+        task = self.tasks.get(task_id)
+        engine = self._pool.queued_on(task_id, task.attempt) if task is not None else None
+        slot = self._pool.slot(engine) if engine is not None else None
+        return slot is not None and slot.cancel is not None
+
     def queued_task_ids(self) -> list[str]:
         """Pending task ids in the order they will be dispatched (tags permitting)."""
         return list(self._queue)
@@ -199,6 +207,8 @@ class ControlCore:
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the controller must now do, in order."""
         out: list[Instruction] = []
+        if isinstance(event, REPORTS) and self._hold(event, out):
+            return out
         match event:
             case TaskSubmitted():
                 self._on_submitted(event, out)
@@ -230,6 +240,8 @@ class ControlCore:
             case SignalDelivered():
                 if self._pool.acknowledge_signal(event.engine_id, event.now):
                     self._dispatch(event.now, out)
+            case Withdrawn():
+                self._on_withdrawn(event, out)
             case TimerFired():
                 self._on_timer(event.key, event.now, out)
             case ResourceLimitExceeded():
@@ -311,18 +323,9 @@ class ControlCore:
             )
         grace = event.grace or task.grace
         if task.state is TaskState.PENDING:
-            self._queue.remove(task.id)
-            task.interrupt = InterruptRecord(
-                event.requested_by,
-                event.reason,
-                event.now,
-                event.cause,
-                grace,
-                final_stage=EscalationStage.DEQUEUED,
-            )
-            message = f"cancelled before it started by {event.requested_by}: {event.reason}"
-            error = TaskError(ErrorReason.CANCELLED, message=message)
-            self._finish(task, TaskState.CANCELLED, error, event.now, out)
+            if not self._cancel_queued(task, event, out):
+                self._queue.remove(task.id)
+                self._cancel_pending(task, event, out)
         elif task.state is TaskState.RUNNING:
             self._begin_interrupt(
                 task, event.requested_by, event.reason, event.cause, grace, event.now, out
@@ -340,6 +343,22 @@ class ControlCore:
             out.append(self._publish(task, EventKind.UPDATED, event.now))
         # INTERRUPTING, INTERRUPTED, CANCELLED: already what was asked for.
 
+    def _cancel_pending(
+        self, task: Task, event: InterruptRequested, out: list[Instruction]
+    ) -> None:
+        """A task that never started is CANCELLED (final stage DEQUEUED)."""
+        task.interrupt = InterruptRecord(
+            event.requested_by,
+            event.reason,
+            event.now,
+            event.cause,
+            event.grace or task.grace,
+            final_stage=EscalationStage.DEQUEUED,
+        )
+        message = f"cancelled before it started by {event.requested_by}: {event.reason}"
+        error = TaskError(ErrorReason.CANCELLED, message=message)
+        self._finish(task, TaskState.CANCELLED, error, event.now, out)
+
     def _begin_interrupt(
         self,
         task: Task,
@@ -356,6 +375,7 @@ class ControlCore:
         in unpickling, an engine that hangs) must still be escalated.
         """
         engine = self._pool.engine_of(task)
+        self._withdraw(engine, out)  # an engine being stopped keeps nothing queued
         task.interrupt = InterruptRecord(requested_by, reason, now, cause, grace)
         move(task, TaskState.INTERRUPTING)
         if engine.armed:
@@ -369,12 +389,13 @@ class ControlCore:
         """Stop dispatching and interrupt what runs. PENDING tasks stay PENDING: they are
         kept in the store and run after a restart."""
         self._shutting_down = True
+        for engine, _queued in self._pool.queued():
+            self._withdraw(engine, out)  # back to the queue: kept PENDING for a restart
         for engine in list(self.engines.values()):
             task = self.tasks.get(engine.current_task) if engine.current_task else None
             if task is not None and task.state is TaskState.RUNNING:
-                reason = "the server is shutting down"
                 cause = InterruptCause.SHUTDOWN
-                self._begin_interrupt(task, SYSTEM, reason, cause, task.grace, now, out)
+                self._begin_interrupt(task, SYSTEM, SHUTDOWN_REASON, cause, task.grace, now, out)
 
     def _on_resource_limit(self, event: ResourceLimitExceeded, out: list[Instruction]) -> None:
         current = self._current(event.task_id, event.attempt)
@@ -461,8 +482,10 @@ class ControlCore:
                 task.result = outcome.value
             self._finish(task, state, error, event.now, out)
         self._pool.release(engine)
-        if recycle:
+        if recycle:  # the runtime starts nothing more there: the queued task comes back
             out.append(self._pool.kill(engine, "resources not reclaimed"))
+        elif (slot := self._pool.slot(engine)) is not None and not slot.withdrawing:
+            self._promote(engine, event.now, out)
         self._dispatch(event.now, out)
 
     def _ending(self, task: Task, outcome: Outcome) -> tuple[TaskState, TaskError | None]:
@@ -470,6 +493,9 @@ class ControlCore:
         over a pending interrupt, whose record stays to say it was asked for."""
         if outcome.status is OutcomeStatus.SUCCEEDED:
             return TaskState.SUCCEEDED, None
+        if outcome.status is OutcomeStatus.NOT_STARTED:  # the engine refused its turn
+            message = f"the engine did not start the task: {outcome.error_message}"
+            return TaskState.FAILED, TaskError(ErrorReason.ENGINE_LOST, message=message)
         record = task.interrupt
         if (
             outcome.status is OutcomeStatus.INTERRUPTED
@@ -499,6 +525,7 @@ class ControlCore:
             return
         message = f"engine {engine.id} was lost while the task ran"
         self._end_with_engine(engine, ErrorReason.ENGINE_LOST, message, now, out)
+        self._unqueue_lost(engine, ErrorReason.ENGINE_LOST, message, now, out)
         replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
         if replacement is not None:
             out.append(replacement)
@@ -509,6 +536,7 @@ class ControlCore:
         message = f"the ipyparallel controller was lost while the task ran: {event.detail}"
         for engine in list(self.engines.values()):
             self._end_with_engine(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
+            self._unqueue_lost(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
         self._pool.clear()
 
     def _end_with_engine(
@@ -543,7 +571,9 @@ class ControlCore:
             return
         if key.kind is TimerKind.PREEMPT_CHECK:
             self._preempt_check_at = None
-            self._dispatch(now, out)
+            if not self._shutting_down:  # the waiting task may be queued behind its victim
+                self._preempt(now, out)
+                self._dispatch(now, out)
             return
         if key.kind is TimerKind.QUEUE_TIMEOUT:
             task = self.tasks.get(key.task_id)
@@ -595,26 +625,48 @@ class ControlCore:
         for task, engine in plan_dispatch(self._queue, self.tasks, self._pool.dispatchable()):
             self._queue.remove(task.id)
             task.attempt += 1
-            move(task, TaskState.RUNNING)
-            task.engine_id = engine.id
-            task.start_time = now
-            self._pool.assign(engine, task)
-            task.attempts.append(TaskAttempt(task.attempt, engine.id, now))
-            self._preempting.pop(task.id, None)
-            out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+            self._start(task, engine, now, out)
             out.append(Dispatch(task.id, task.attempt, engine.id))
-            if task.timeout is not None:
-                key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
-                out.append(StartTimer(key, task.timeout))
-        self._preempt(now, out)
-
-    def _preempt(self, now: float, out: list[Instruction]) -> None:
-        """Queued tasks that found no engine preempt lower-priority preemptible ones
-        (the choice: ``core/preemption.py``); one ladder per (urgent, victim) pair."""
         if not self._queue:
             return
+        # An urgent task that found no idle engine frees one by preemption, and then waits
+        # for that engine rather than being queued behind another running task.
+        self._preempt(now, out)
+        # Pipelined dispatch: one more behind each running task that is not being stopped.
+        behind = [
+            engine
+            for engine in self._pool.queueable()
+            if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
+        ]
+        waiting = [task_id for task_id in self._queue if task_id not in self._preempting]
+        self._queue_behind_running(plan_dispatch(waiting, self.tasks, behind), out)
+        if self._queue:
+            self._reclaim_queued(out)
+
+    def _start(self, task: Task, engine: Engine, now: float, out: list[Instruction]) -> None:
+        """PENDING -> RUNNING on ``engine`` (the attempt was counted at dispatch)."""
+        move(task, TaskState.RUNNING)
+        task.engine_id = engine.id
+        task.start_time = now
+        self._pool.assign(engine, task)
+        task.attempts.append(TaskAttempt(task.attempt, engine.id, now))
+        self._preempting.pop(task.id, None)
+        out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+        if task.timeout is not None:
+            key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
+            out.append(StartTimer(key, task.timeout))
+
+    def _preempt(self, now: float, out: list[Instruction]) -> None:
+        """Waiting tasks preempt lower-priority preemptible ones (the choice:
+        ``core/preemption.py``); one ladder per (urgent, victim) pair. A task queued
+        on an engine behind a preemptible lower-priority one preempts that one."""
         for urgent_id in [u for u, p in self._preempting.items() if not self._freeing(p)]:
             del self._preempting[urgent_id]
+        behind = [
+            (self.tasks[slot.task_id], engine)
+            for engine, slot in self._pool.queued()
+            if not slot.withdrawing and slot.cancel is None
+        ]
         plan = plan_preemptions(
             self._queue,
             self.tasks,
@@ -622,6 +674,7 @@ class ControlCore:
             served=self._preempting.keys(),
             now=now,
             min_runtime=self.preempt_min_runtime,
+            queued_behind=behind,
         )
         for urgent, victim, engine in plan.preemptions:
             self._preempting[urgent.id] = Preemption(victim.id, victim.attempt, engine.id)

@@ -124,6 +124,8 @@ class OutcomeStatus(enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    NOT_STARTED = "not_started"
+    """A queued attempt the engine did not start: withdrawn, or the engine is recycling."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +180,18 @@ class ResourceLimitExceeded:
 
 
 @dataclass(frozen=True, slots=True)
+class Withdrawn:
+    """The engine answered a ``Withdraw``: True when the queued attempt will not start,
+    False when it had already begun (it runs after the current one)."""
+
+    engine_id: int
+    task_id: str
+    attempt: int
+    withdrawn: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownRequested:
     """Stop dispatching; interrupt running tasks (cause SHUTDOWN)."""
 
@@ -198,6 +212,7 @@ Event = (
     | TaskCheckpointed
     | TaskFinished
     | SignalDelivered
+    | Withdrawn
     | TimerFired
     | ResourceLimitExceeded
     | ShutdownRequested
@@ -249,7 +264,8 @@ class Publish:
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Run (task_id, attempt) on engine_id (which is idle and was marked BUSY)."""
+    """Run (task_id, attempt) on engine_id: at once when it was idle, or queued behind
+    its running task (pipelined dispatch, the task stays PENDING until its turn)."""
 
     task_id: str
     attempt: int
@@ -282,6 +298,15 @@ class StartEngine:
 
 
 @dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Ask engine_id not to start its queued (task_id, attempt); it answers ``Withdrawn``."""
+
+    engine_id: int
+    task_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class StartTimer:
     key: TimerKey
     delay: float
@@ -295,5 +320,12 @@ class CancelTimers:
 
 
 Instruction = (
-    Publish | Dispatch | SignalEngine | KillEngine | StartEngine | StartTimer | CancelTimers
+    Publish
+    | Dispatch
+    | SignalEngine
+    | KillEngine
+    | StartEngine
+    | StartTimer
+    | CancelTimers
+    | Withdraw
 )

@@ -250,3 +250,7 @@ class Engine:
     spare: bool = False
     """A warm spare: ready, but given no task until an active engine is lost and it takes
     that engine's place (``--spare-engines``)."""
+    queued_task: str | None = None
+    """Bare id of the task queued behind the running one (pipelined dispatch); it stays
+    PENDING until its turn."""
+    queued_attempt: int = 0

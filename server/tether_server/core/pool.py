@@ -4,12 +4,16 @@ may be signalled, and when a lost engine is replaced.
 ``ControlCore`` owns one ``EnginePool``. The pool keeps the rules that protect
 engines from stray signals in one place:
 
-* an engine runs at most one task, named by (``current_task``, ``current_attempt``);
+* an engine runs at most one task, named by (``current_task``, ``current_attempt``),
+  and with pipelined dispatch (``pipeline_depth`` 2) holds at most one more queued
+  behind it (``queued_task``, ``queued_attempt``), so it never idles for a round trip;
 * a signal is only sent to an engine that runs exactly the (task, attempt) it is
   meant for, and whose runtime has *armed* its guard for it (``Engine.armed``):
-  before that, a SIGINT could land outside the task and kill the engine;
-* an engine with a signal in flight (sent, delivery not yet acknowledged by the
-  nanny) takes no new task, so a late signal cannot hit the next one;
+  before that, a SIGINT could land outside the task and kill the engine. The signal
+  names its attempt and the engine raises it only for that one (``runtime.attempts``),
+  so a signal that arrives after its task ended never touches the queued one;
+* an engine with a signal in flight (sent, delivery not yet acknowledged) takes no
+  new task, neither to run nor to queue;
 * lost engines are replaced up to ``target_engines`` (plus ``spare_engines``), counting
   the starts that were asked for and have not registered yet, so the pool is never
   over-started;
@@ -20,21 +24,51 @@ engines from stray signals in one place:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from .escalation import SIGNALLED_STAGES
 from .messages import KillEngine, SignalEngine, StartEngine
 from .model import Engine, EngineState, EscalationStage, Task
 from .records import InvariantViolation
 
 
+@dataclass(slots=True)
+class QueuedAttempt:
+    """What the pool knows of the attempt queued behind an engine's running task."""
+
+    task_id: str
+    attempt: int
+    early: list[object] = field(default_factory=list)
+    """Reports of the attempt that came before the running one's end (the engine ran
+    both; replies and IOPub travel apart): replayed, in order, at its turn."""
+    cancel: object | None = None
+    """The ``InterruptRequested`` that arrived while it was queued, waiting for the
+    engine's answer to the withdrawal."""
+    withdrawing: bool = False
+    """A ``Withdraw`` of the attempt is unanswered."""
+
+
 class EnginePool:
     """Engines by id, plus the replacement bookkeeping."""
 
     def __init__(
-        self, *, target_engines: int, replace_lost_engines: bool, spare_engines: int = 0
+        self,
+        *,
+        target_engines: int,
+        replace_lost_engines: bool,
+        spare_engines: int = 0,
+        pipeline_depth: int = 1,
     ) -> None:
         if spare_engines < 0:
             raise ValueError("spare_engines must not be negative")
+        if pipeline_depth not in (1, 2):
+            raise ValueError("pipeline_depth must be 1 or 2")
         self.engines: dict[int, Engine] = {}
+        self.pipeline_depth = pipeline_depth
+        self._slots: dict[tuple[str, int], Engine] = {}
+        """Engines by the (task, attempt) queued behind their running task."""
+        self._queued: dict[int, QueuedAttempt] = {}
+        """The queued attempt of each engine that has one, by engine id."""
         self.target_engines = target_engines
         self.spare_engines = spare_engines
         self.replace_lost_engines = replace_lost_engines
@@ -61,6 +95,7 @@ class EnginePool:
             for engine in self.engines.values()
             if engine.state is EngineState.IDLE
             and engine.signals_in_flight == 0
+            and engine.queued_task is None
             and not engine.spare
         ]
 
@@ -91,9 +126,52 @@ class EnginePool:
                 return engine
         return None
 
+    def queueable(self) -> list[Engine]:
+        """Engines that may take a task behind their running one (pipelined dispatch)."""
+        if self.pipeline_depth < 2:
+            return []
+        return [
+            engine
+            for engine in self.engines.values()
+            if engine.state is EngineState.BUSY
+            and engine.current_task is not None
+            and engine.queued_task is None
+            and engine.signals_in_flight == 0
+            and not engine.spare
+        ]
+
+    def queue_behind(self, engine: Engine, task: Task) -> None:
+        """Queue (task, task.attempt) behind ``engine``'s running task."""
+        if engine.state is not EngineState.BUSY or engine.queued_task is not None:
+            raise InvariantViolation(f"engine {engine.id} cannot queue a task now")
+        engine.queued_task = task.id
+        engine.queued_attempt = task.attempt
+        self._slots[(task.id, task.attempt)] = engine
+        self._queued[engine.id] = QueuedAttempt(task.id, task.attempt)
+
+    def queued_on(self, task_id: str, attempt: int) -> Engine | None:
+        """The engine holding (task_id, attempt) queued behind its running task, if any."""
+        return self._slots.get((task_id, attempt))
+
+    def queued(self) -> list[tuple[Engine, QueuedAttempt]]:
+        """Engines holding a queued task, with it."""
+        return [(self.engines[engine_id], q) for engine_id, q in self._queued.items()]
+
+    def slot(self, engine: Engine) -> QueuedAttempt | None:
+        """The attempt queued behind ``engine``'s running task, if any."""
+        return self._queued.get(engine.id)
+
+    def unqueue(self, engine: Engine) -> QueuedAttempt:
+        """Take the queued attempt off ``engine`` and return it."""
+        queued = self._queued.pop(engine.id)
+        self._slots.pop((queued.task_id, queued.attempt), None)
+        engine.queued_task = None
+        engine.queued_attempt = 0
+        return queued
+
     def assign(self, engine: Engine, task: Task) -> None:
         """Put (task, task.attempt) on an idle engine; its guard is not armed yet."""
-        if engine.state is not EngineState.IDLE or engine.signals_in_flight:
+        if engine.state is not EngineState.IDLE:
             raise InvariantViolation(f"engine {engine.id} cannot take a task now")
         engine.state = EngineState.BUSY
         engine.current_task = task.id
@@ -157,6 +235,8 @@ class EnginePool:
         nothing of the old table may be matched against the new one.
         """
         self.engines.clear()
+        self._slots.clear()
+        self._queued.clear()
         self.requested_starts = 0
 
     def mark_lost(self, engine: Engine, *, replace: bool) -> StartEngine | None:

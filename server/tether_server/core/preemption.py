@@ -66,6 +66,7 @@ def plan_preemptions(
     served: Collection[str],
     now: float,
     min_runtime: float,
+    queued_behind: Iterable[tuple[Task, Engine]] = (),
 ) -> Plan:
     """Which queued tasks preempt which running ones now.
 
@@ -74,6 +75,10 @@ def plan_preemptions(
     have an engine being freed for them. The scan stops at the lowest running
     preemptible priority (nothing at or below it can preempt anyone), so a long queue
     of equal priorities costs nothing. Each victim is taken once.
+
+    ``queued_behind`` are tasks queued on an engine behind its running task
+    (pipelined dispatch): such a task preempts the task in front of it when that one
+    is a victim it may take (it already fits that engine).
     """
     running = [
         (task, engine)
@@ -87,20 +92,29 @@ def plan_preemptions(
     plan = Plan()
     if not running:
         return plan
-    floor = min(task.priority for task, _ in running)
-    for task_id in queue:
-        urgent = tasks[task_id]
-        if urgent.priority <= floor or not running:
-            break
-        if task_id in served:
-            continue
-        choice = choose_victim(urgent, running, now=now, min_runtime=min_runtime)
+
+    def consider(urgent: Task, candidates: list[tuple[Task, Engine]]) -> None:
+        choice = choose_victim(urgent, candidates, now=now, min_runtime=min_runtime)
         if isinstance(choice, float):
             if plan.look_again_at is None or choice < plan.look_again_at:
                 plan.look_again_at = choice
         elif choice is not None:
             running.remove(choice)
             plan.preemptions.append((urgent, *choice))
+
+    for urgent, engine in queued_behind:
+        front = [(task, e) for task, e in running if e is engine]
+        if urgent.id not in served and front:
+            consider(urgent, front)
+    if not running:
+        return plan
+    floor = min(task.priority for task, _ in running)
+    for task_id in queue:
+        urgent = tasks[task_id]
+        if urgent.priority <= floor or not running:
+            break
+        if task_id not in served:
+            consider(urgent, running)
     return plan
 
 

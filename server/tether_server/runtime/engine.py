@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import registry
+from .attempts import BOOK, install_control_handlers
 from .context import DEFAULT_MAX_OUTPUT_CHARS, TaskContext
 from .guard import (
     GUARD,
@@ -77,6 +78,7 @@ DEFAULT_GPU_TOLERANCE_BYTES: Final = 64 * 1024 * 1024
 SUCCEEDED: Final = "succeeded"
 FAILED: Final = "failed"
 INTERRUPTED: Final = "interrupted"
+NOT_STARTED: Final = "not_started"
 
 Sink = Callable[[dict[str, Any]], None]
 
@@ -133,7 +135,8 @@ def _detected_tags() -> list[str]:
 
 def _install_guard() -> None:
     GUARD.install()
-    _neutralise_kernel_sigint_swap()
+    if _neutralise_kernel_sigint_swap():
+        install_control_handlers(ipython_shell().kernel)
 
 
 def _bound_kernel_history(signatures: int) -> None:
@@ -179,7 +182,9 @@ def run_task(spec: dict[str, Any], *, sink: Sink | None = None) -> dict[str, Any
     """Run one attempt of a registered task under the signal guard; return its outcome.
 
     ``spec``: ``task_id``, ``attempt``, ``task`` (registered name), ``args`` (JSON object),
-    ``resume_state``, ``max_output_chars``, ``rss_tolerance_bytes``, ``gpu_tolerance_bytes``.
+    ``resume_state``, ``max_output_chars``, ``rss_tolerance_bytes``, ``gpu_tolerance_bytes``,
+    ``drain_if_not_reclaimed`` (start nothing more after a task that left memory behind:
+    the controller recycles the engine, see ``runtime.attempts``).
     ``sink`` replaces ``publish_data`` (tests, or running outside an engine).
 
     The outcome: ``status`` (succeeded / failed / interrupted), ``value`` (JSON),
@@ -194,16 +199,16 @@ def run_task(spec: dict[str, Any], *, sink: Sink | None = None) -> dict[str, Any
     dropped (the task had already ended: the truth wins).
     """
     signals = TaskSignals()
-    guard = _guard_for_this_thread()
-    if guard is not None:
-        guard.arm(signals)
+    key = (str(spec.get("task_id", "")), int(spec.get("attempt", 0)))
+    refused = BOOK.begin(key, signals, _guard_for_this_thread())
+    if refused:  # withdrawn while queued, or the engine is about to be recycled
+        return {"status": NOT_STARTED, "error_message": refused, "published": 0}
     try:
         return _Attempt(spec, signals, sink).run()
     except BaseException as exc:  # a runtime bug; the engine must still answer
         return _internal_error_outcome(exc)
     finally:
-        if guard is not None:
-            guard.disarm()
+        BOOK.end(key)
 
 
 def _guard_for_this_thread() -> SignalGuard | None:
@@ -227,6 +232,7 @@ class _Attempt:
         self.args: Any = spec.get("args") or {}
         self.rss_tolerance = int(spec.get("rss_tolerance_bytes", DEFAULT_RSS_TOLERANCE_BYTES))
         self.gpu_tolerance = int(spec.get("gpu_tolerance_bytes", DEFAULT_GPU_TOLERANCE_BYTES))
+        self.drain_if_held = bool(spec.get("drain_if_not_reclaimed", False))
         self.signals = signals
         self.ctx = TaskContext(
             self.task_id,
@@ -250,6 +256,9 @@ class _Attempt:
         failed = self._call()
         leftover_children = kill_new_children(before)
         report = self._measure(before, leftover_children, failed)
+        if not report.reclaimed and self.drain_if_held:
+            # The controller recycles this engine: what is queued behind must not start.
+            BOOK.drain(f"the engine is being recycled: {report.summary}")
         self.ctx._close()
         return {
             "status": self.status,

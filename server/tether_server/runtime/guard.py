@@ -142,8 +142,15 @@ class SignalGuard:
         self._handler_runs: dict[int, int] = {signal.SIGINT: 0, signal.SIGTERM: 0}
         self._kicker = SignalKicker(lambda: self._armed, self._handler_runs.__getitem__)
         self._fork_hook_registered = False
+        # Signals tether sent to one attempt (``send_to``): how many were sent, how many
+        # handler runs took them, and whose they were (see ``_late``).
+        self._targeted: dict[int, int] = {signal.SIGINT: 0, signal.SIGTERM: 0}
+        self._consumed: dict[int, int] = {signal.SIGINT: 0, signal.SIGTERM: 0}
+        self._target: dict[int, TaskSignals | None] = {signal.SIGINT: None, signal.SIGTERM: None}
         self.ignored_sigints = 0
         """SIGINTs that arrived while no task was armed (they did nothing)."""
+        self.late_signals = 0
+        """Signals sent to an attempt that had ended when they were handled (dropped)."""
 
     @property
     def installed(self) -> bool:
@@ -207,9 +214,38 @@ class SignalGuard:
         """From now on SIGINT is ignored and SIGTERM stops the engine (previous handler)."""
         self._armed = None
 
+    def send_to(self, signals: TaskSignals, signum: int) -> None:
+        """Raise ``signum`` in the main thread for the attempt whose state is ``signals``.
+
+        Called by the engine's control channel (another thread) while ``signals`` is
+        armed, under the lock that also guards arming (``runtime.attempts``). The
+        handler runs in the main thread some bytecodes later; if by then another
+        attempt is armed, the signal is *late* and dropped, so it never reaches the
+        attempt queued behind its target.
+        """
+        self._target[signum] = signals
+        self._targeted[signum] += 1
+        signal.pthread_kill(threading.main_thread().ident or 0, signum)
+
+    def _late(self, signum: int, signals: TaskSignals | None) -> bool:
+        """This handler run is a ``send_to`` signal whose attempt is no longer armed.
+
+        Signals from elsewhere (the nanny, an operator's ``kill``) keep their old
+        meaning. Several signals handled by one run (they coalesce) count as one.
+        """
+        if self._targeted[signum] == self._consumed[signum]:
+            return False
+        self._consumed[signum] = self._targeted[signum]
+        if self._target[signum] is signals:
+            return False
+        self.late_signals += 1
+        return True
+
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         self._handler_runs[signal.SIGINT] += 1
         signals = self._armed
+        if self._late(signal.SIGINT, signals):
+            return
         if signals is None:
             self.ignored_sigints += 1
             return
@@ -227,6 +263,8 @@ class SignalGuard:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self._handler_runs[signal.SIGTERM] += 1
         signals = self._armed
+        if self._late(signal.SIGTERM, signals):
+            return
         if signals is None:
             self._forward_sigterm(signum, frame)
             return
@@ -362,6 +400,7 @@ RUNTIME_CODES: Final[frozenset[CodeType]] = frozenset(
         TaskSignals.raise_owed.__code__,
         SignalGuard._on_sigint.__code__,
         SignalGuard._on_sigterm.__code__,
+        SignalGuard._late.__code__,
         critical.__exit__.__code__,
         uninterruptible.__exit__.__code__,
         _raise_owed_here.__code__,
@@ -378,6 +417,7 @@ _HANDLER_CODES: Final[frozenset[CodeType]] = frozenset(
         SignalGuard._on_sigint.__code__,
         SignalGuard._on_sigterm.__code__,
         SignalGuard._forward_sigterm.__code__,
+        SignalGuard._late.__code__,
     }
 )
 
