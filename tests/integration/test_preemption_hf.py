@@ -121,15 +121,16 @@ def test_a_preempted_hf_generation_resumes_to_the_uninterrupted_text(  # type: i
     finally:
         for stream in streams:
             stream.close()
-    preempted = 0
+    preempted = []
     for task in low:
         done, result = _done(tasks, task.name)
         assert result["text"] == references[temperature]
-        if done.attempt == 2:
-            preempted += 1
-            assert done.attempts[0].ending == tpb.ATTEMPT_ENDING_PREEMPTED
+        endings = [a.ending for a in done.attempts]
+        if tpb.ATTEMPT_ENDING_PREEMPTED in endings:
+            preempted.append(endings)
+            assert endings == [tpb.ATTEMPT_ENDING_PREEMPTED, tpb.ATTEMPT_ENDING_FINAL]
             assert result["resumed_tokens"] > 0
-    assert preempted == 1, "one urgent task preempts one generation"
+    assert len(preempted) == 1, f"one urgent task preempts one generation: {preempted}"
 
 
 def test_an_hf_generation_whose_engine_is_killed_resumes_elsewhere(  # type: ignore[no-untyped-def]
