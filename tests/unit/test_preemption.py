@@ -275,3 +275,17 @@ def test_with_depth_two_a_task_queued_behind_a_preemptible_one_preempts_it() -> 
     assert core.engines[0].queued_task == "u2"  # so u2 waits behind it
     out = fire(core, TimerKind.PREEMPT_CHECK, "", attempt=0, now=12.0)
     assert of(SignalEngine, out) == [SignalEngine(0, "SIGINT", "low", 2)]
+
+
+def test_with_depth_two_a_preempted_task_waits_for_a_free_engine_not_behind_a_running_one() -> None:
+    core = make_core(target_engines=2, pipeline_depth=2)
+    busy_pool(core, {"id": "a", "preemptible": True}, {"id": "b", "preemptible": True})
+    out = submit(core, "urgent", now=1.0, priority=10)
+    ack(core, out, 1.0)
+    (sig,) = of(SignalEngine, out)
+    finish(core, sig.task_id, OutcomeStatus.INTERRUPTED, stage=SIGINT, now=1.1)
+    assert all(e.queued_task != sig.task_id for e in core.engines.values())
+    assert core.queued_task_ids() == [sig.task_id]
+    core.handle(TaskStarted("urgent", 1, 1.1))
+    out = finish(core, "urgent", attempt=1, now=1.2)
+    assert of(Dispatch, out) == [Dispatch(sig.task_id, 2, sig.engine_id)]

@@ -638,7 +638,7 @@ class ControlCore(PipelinedDispatch):
             for engine in self._pool.queueable()
             if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
         ]
-        waiting = [task_id for task_id in self._queue if task_id not in self._preempting]
+        waiting = [task_id for task_id in self._queue if self._may_queue_behind(task_id)]
         self._queue_behind_running(plan_dispatch(waiting, self.tasks, behind), out)
         if self._queue:
             self._reclaim_queued(out)
@@ -688,6 +688,14 @@ class ControlCore(PipelinedDispatch):
             self._preempt_check_at = wait_until
             key = TimerKey(TimerKind.PREEMPT_CHECK, "", 0)
             out.append(StartTimer(key, max(0.0, wait_until - now)))
+
+    def _may_queue_behind(self, task_id: str) -> bool:
+        """Neither an urgent task waiting for the engine its preemption frees, nor a
+        preempted one: it resumes on the first free engine, not behind another long task."""
+        if task_id in self._preempting:
+            return False
+        attempts = self.tasks[task_id].attempts
+        return not attempts or attempts[-1].ending is not AttemptEnding.PREEMPTED
 
     def _freeing(self, preemption: Preemption) -> bool:
         return preemption.still_freeing(self.engines.get(preemption.engine_id))
