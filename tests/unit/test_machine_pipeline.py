@@ -49,7 +49,7 @@ def test_a_second_task_is_queued_behind_the_running_one_and_stays_pending() -> N
     t2, engine = core.tasks["t2"], core.engines[0]
     assert (t2.state, t2.attempt, t2.engine_id) == (TaskState.PENDING, 1, None)
     assert (engine.current_task, engine.queued_task, engine.queued_attempt) == ("t1", "t2", 1)
-    assert core.queue_length == 0
+    assert core.queue_length == 1  # still PENDING: it counts as waiting
 
 
 def test_depth_one_queues_nothing_behind_a_running_task() -> None:
@@ -254,3 +254,15 @@ def test_an_interrupt_request_event_type_is_reused_for_queued_cancels() -> None:
     core.handle(Withdrawn(0, "t2", 1, True, 1.1))
     record = core.tasks["t2"].interrupt
     assert (record.requested_by, record.reason) == ("bob", "changed my mind")
+
+
+def test_an_idle_engine_takes_what_waits_behind_a_busy_one() -> None:
+    core = pipelined(target_engines=2)
+    submit(core, "t2")
+    assert core.engines[0].queued_task == "t2"
+    out = add_engine(core, 1, now=2.0)  # a second engine with nothing to do
+    assert of(Withdraw, out) == [Withdraw(0, "t2", 1)]
+    out = core.handle(Withdrawn(0, "t2", 1, True, 2.1))
+    assert of(Dispatch, out) == [Dispatch("t2", 2, 1)]
+    assert core.tasks["t2"].state is TaskState.RUNNING
+    assert core.tasks["t1"].state is TaskState.RUNNING  # the long one was not touched

@@ -381,7 +381,7 @@ class ControlCoreWorld(RuleBasedStateMachine):
         queued = set(self.core.queued_task_ids())
         assert not queued & set(behind)
         assert queued | set(behind) <= pending
-        assert self.core.queue_length == len(queued)
+        assert self.core.queue_length == len(queued) + len(behind)
         for task_id in pending - queued - set(behind):  # waiting out a retry's backoff
             task = self.core.tasks[task_id]
             assert task.attempts[-1].ending is AttemptEnding.RETRIED

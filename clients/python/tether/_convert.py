@@ -340,4 +340,5 @@ def _engine_from_proto(message: cluster_service_pb2.Engine) -> Engine:
         tags=tuple(message.tags),
         raw=message,
         spare=message.spare,
+        queued_task=message.queued_task,
     )

@@ -443,6 +443,8 @@ class Engine:
     raw: cluster_service_pb2.Engine = field(repr=False, compare=False, hash=False)
     spare: bool = False
     """A warm spare: ready, given no task until it takes a lost engine's place."""
+    queued_task: str = ""
+    """Name of the task queued behind the running one (pipelined dispatch), ``""`` if none."""
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,14 @@ new attempt the task's last checkpoint.
 
 Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
 TaskFinished) -> STOPPING (KillEngine: escalation or recycling) -> LOST
-(EngineLost). Two rules keep signals on target: an engine is only signalled
-while the runtime has *armed* its guard for exactly that (task, attempt), and
-no task is dispatched to an engine while a signal to it is in flight, so a late
-SIGINT can never land in the next task.
+(EngineLost). Signals stay on target: an engine is only signalled while the
+runtime has *armed* its guard for exactly that (task, attempt), the signal names
+that attempt and the engine raises it for no other (``runtime.attempts``), and no
+task is dispatched to an engine while a signal to it is in flight.
+
+With ``pipeline_depth`` 2 a BUSY engine also holds one task queued behind its
+running one (still PENDING, ``attempt`` counted): see ``core/pipeline.py`` for
+its turn, its withdrawal (interrupts, priority, shutdown) and its losses.
 
 Every change to a task bumps its revision and yields one ``Publish`` carrying a
 snapshot (a copy), which is what the event log and the subscribers see.
@@ -176,7 +180,8 @@ class ControlCore(PipelinedDispatch):
 
     @property
     def queue_length(self) -> int:
-        return len(self._queue)
+        """PENDING tasks: in the queue, or queued behind a running task (not started)."""
+        return len(self._queue) + len(self._pool.queued())
 
     @property
     def running_count(self) -> int:
@@ -620,13 +625,15 @@ class ControlCore(PipelinedDispatch):
     # ------------------------------------------------------------------ helpers
     def _dispatch(self, now: float, out: list[Instruction]) -> None:
         """Put queued tasks on idle engines that have no signal in flight."""
-        if self._shutting_down or not self._queue:
+        if self._shutting_down:
             return
-        for task, engine in plan_dispatch(self._queue, self.tasks, self._pool.dispatchable()):
-            self._queue.remove(task.id)
-            task.attempt += 1
-            self._start(task, engine, now, out)
-            out.append(Dispatch(task.id, task.attempt, engine.id))
+        if self._queue:
+            for task, engine in plan_dispatch(self._queue, self.tasks, self._pool.dispatchable()):
+                self._queue.remove(task.id)
+                task.attempt += 1
+                self._start(task, engine, now, out)
+                out.append(Dispatch(task.id, task.attempt, engine.id))
+        self._rebalance(out)  # an idle engine takes what waits behind a busy one
         if not self._queue:
             return
         # An urgent task that found no idle engine frees one by preemption, and then waits

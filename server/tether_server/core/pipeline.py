@@ -20,6 +20,9 @@ The rules, all decided here without I/O:
   attempt had begun. Not begun: it goes back to the queue, or ends CANCELLED when a
   user interrupted it. Begun: it runs after the current one (an interrupt then applies
   at its turn, as for a task that was not armed yet).
+* **No head-of-line blocking.** An engine that is idle (nothing waits in the queue for
+  it) withdraws a task queued behind a busy engine, the one behind the longest-running
+  task first, and runs it.
 * **Priority.** A waiting task of higher priority than a queued one that fits the same
   engine withdraws it (the lowest first) and takes its place at the next dispatch.
 * **Losses.** An engine lost with a queued task: back to the queue if it had not begun,
@@ -56,7 +59,7 @@ from .model import (
 )
 from .pool import EnginePool
 from .records import InvariantViolation
-from .scheduling import PendingQueue, queue_key
+from .scheduling import PendingQueue, choose_engine, queue_key
 
 REPORTS = (TaskStarted, TaskProgressed, TaskOutput, TaskCheckpointed, TaskFinished)
 """Events an engine sends about one attempt; those of a queued attempt wait for its turn."""
@@ -110,6 +113,8 @@ class _Core(Protocol):
     def _promote(self, engine: Engine, now: float, out: list[Instruction]) -> None: ...
 
     def _withdraw(self, engine: Engine, out: list[Instruction]) -> None: ...
+
+    def _rebalance(self, out: list[Instruction]) -> None: ...
 
 
 class PipelinedDispatch:
@@ -221,6 +226,33 @@ class PipelinedDispatch:
         task = self.tasks[slot.task_id]
         self._pool.unqueue(engine)
         self._finish(task, TaskState.FAILED, TaskError(reason, message=message), now, out)
+
+    def _rebalance(self: _Core, out: list[Instruction]) -> None:
+        """Idle engines take back what waits behind busy ones (no head-of-line blocking).
+
+        A task queued behind a long one would otherwise wait for it while another
+        engine idles: each idle engine withdraws one queued task that fits it, behind
+        the running task that started first. Nothing happens while every engine is busy
+        (the usual case under load), so this costs nothing when pipelining pays.
+        """
+        if self._pool.pipeline_depth < 2:
+            return
+        idle = self._pool.dispatchable()
+        if not idle:
+            return
+        queued = [
+            (engine, slot)
+            for engine, slot in self._pool.queued()
+            if not slot.withdrawing and slot.cancel is None and engine.current_task is not None
+        ]
+        queued.sort(key=lambda pair: self.tasks[pair[0].current_task or ""].start_time or 0.0)
+        for engine, slot in queued:
+            if not idle:
+                return
+            taker = choose_engine(self.tasks[slot.task_id].required_tags, idle)
+            if taker is not None:
+                self._withdraw(engine, out)
+                idle.remove(taker)
 
     def _reclaim_queued(self: _Core, out: list[Instruction]) -> None:
         """A waiting task of higher priority takes the place of a queued lower one.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,15 +436,36 @@ def cached_models() -> dict[tuple[str, str], LanguageModel]:
 
 
 def module_bytes(modules: Iterable[nn.Module]) -> tuple[int, int]:
-    """(host, GPU) bytes of these modules' parameters and buffers."""
+    """(host, GPU) bytes of these modules' parameters and buffers.
+
+    The resident probes call this before and after every task, so each module's size is
+    computed once and remembered while the module lives (a cached model's weights keep
+    their size and device; walking a big model's tensors costs milliseconds).
+    """
     host = gpu = 0
     for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            size = tensor.numel() * tensor.element_size()
-            if tensor.device.type == "cuda":
-                gpu += size
-            else:
-                host += size
+        cached = _MODULE_BYTES.get(id(module))
+        if cached is None or cached[0]() is not module:
+            cached = _MODULE_BYTES[id(module)] = (weakref.ref(module), *_tensor_bytes(module))
+        host += cached[1]
+        gpu += cached[2]
+    for key in [key for key, entry in _MODULE_BYTES.items() if entry[0]() is None]:
+        del _MODULE_BYTES[key]  # freed modules
+    return host, gpu
+
+
+_MODULE_BYTES: dict[int, tuple[weakref.ref[nn.Module], int, int]] = {}
+"""Sizes by module id; the weak reference tells a live module from a reused id."""
+
+
+def _tensor_bytes(module: nn.Module) -> tuple[int, int]:
+    host = gpu = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type == "cuda":
+            gpu += size
+        else:
+            host += size
     return host, gpu
 
 

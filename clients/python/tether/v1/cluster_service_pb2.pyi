@@ -250,6 +250,7 @@ class Engine(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     SPARE_FIELD_NUMBER: _builtins.int
+    QUEUED_TASK_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The engine's ipyparallel id (0 is a valid id)."""
     host: _builtins.str
@@ -265,6 +266,10 @@ class Engine(_message.Message):
     spare: _builtins.bool
     """A warm spare (--spare-engines): ready, but given no task until an engine is lost and it
     takes that engine's place.
+    """
+    queued_task: _builtins.str
+    """The task queued behind the running one ("tasks/{id}", pipelined dispatch:
+    --pipeline-depth 2); empty when none. It stays PENDING until its turn.
     """
     @_builtins.property
     def last_seen(self) -> _timestamp_pb2.Timestamp:
@@ -291,10 +296,11 @@ class Engine(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         register_time: _timestamp_pb2.Timestamp | None = ...,
         spare: _builtins.bool = ...,
+        queued_task: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "pid", b"pid", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "pid", b"pid", "queued_task", b"queued_task", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
