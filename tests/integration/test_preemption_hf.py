@@ -113,6 +113,12 @@ def test_a_preempted_hf_generation_resumes_to_the_uninterrupted_text(  # type: i
             stream.wait_for(lambda e: e.type == spb.TASK_EVENT_TYPE_OUTPUT, timeout=120, count=12)
         sent = time.monotonic()
         urgent = submit(tasks, "demo.sleep", args={"seconds": 0.3}, priority=10)
+        # A sampled generation may reach EOS early and free its engine by itself.
+        busy = all(
+            tasks.GetTask(spb.GetTaskRequest(name=t.name), timeout=10).task.state
+            != tpb.TASK_STATE_SUCCEEDED
+            for t in low
+        )
         running = wait_terminal(tasks, urgent.name, 30)
         assert running.state == tpb.TASK_STATE_SUCCEEDED
         assert time.monotonic() - sent < 30
@@ -130,7 +136,10 @@ def test_a_preempted_hf_generation_resumes_to_the_uninterrupted_text(  # type: i
             preempted.append(endings)
             assert endings == [tpb.ATTEMPT_ENDING_PREEMPTED, tpb.ATTEMPT_ENDING_FINAL]
             assert result["resumed_tokens"] > 0
-    assert len(preempted) == 1, f"one urgent task preempts one generation: {preempted}"
+    if busy:
+        assert len(preempted) == 1, f"one urgent task preempts one generation: {preempted}"
+    else:
+        assert len(preempted) <= 1
 
 
 def test_an_hf_generation_whose_engine_is_killed_resumes_elsewhere(  # type: ignore[no-untyped-def]
