@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmarks, print the table, write the JSON file.
 
-    python -m bench                    # B1..B7 and B11, about 12 minutes on a 2-core box
+    python -m bench                    # B1..B7, B10 and B11, about 13 minutes on a 2-core box
     python -m bench --quick            # every bench, small samples, about a minute
     python -m bench --only B1,B3       # a subset
     python -m bench --out /tmp/r.json  # somewhere else than bench/results.json
@@ -34,6 +34,7 @@ from . import (
     b7_storm,
     b8_sustained,
     b9_history,
+    b10_preemption,
     b11_llm,
 )
 from .harness import (
@@ -60,6 +61,7 @@ BENCHES: dict[str, ModuleType] = {
         b7_storm,
         b8_sustained,
         b9_history,
+        b10_preemption,
         b11_llm,
     )
 }

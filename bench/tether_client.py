@@ -135,6 +135,7 @@ class Seen:
     stage: int
     chunk: str
     engine_id: int | None
+    attempt: int = 0
 
 
 Predicate = Callable[[Seen], bool]
@@ -206,6 +207,7 @@ class EventTap:
                 task.interrupt.stage,
                 ev.output_chunk,
                 task.engine_id if task.HasField("engine_id") else None,
+                task.attempt,
             )
             self.seen.setdefault(task.name, []).append(seen)
             if self.on_event is not None:

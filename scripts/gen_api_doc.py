@@ -90,6 +90,7 @@ wrong fields also get `google.rpc.BadRequest` with one violation per field.
 | INVALID_ARGUMENT | `INVALID_NAME` | a name is not `tasks/{id}` |
 | INVALID_ARGUMENT | `INVALID_LABELS` | too many labels, or a key/value breaks the label rules |
 | INVALID_ARGUMENT | `INVALID_TIMEOUT` / `INVALID_GRACE` | a duration is negative, zero or above the server limit |
+| INVALID_ARGUMENT | `INVALID_RETRY_POLICY` | `retry` breaks a rule: `max_attempts` above 100, a reason that cannot be retried (only ENGINE_LOST, CLUSTER_LOST, RESOURCE_LIMIT, TASK_RAISED, TIMED_OUT), a negative backoff, `max_backoff` below `initial_backoff`, `backoff_multiplier` below 1, `jitter` outside [0, 1] (field `retry.<name>`) |
 | INVALID_ARGUMENT | `INVALID_REQUEST_ID` | `request_id` longer than 128 characters |
 | INVALID_ARGUMENT | `INVALID_FILTER` | unknown state in a filter, or both `name` and `filter` on a stream |
 | INVALID_ARGUMENT | `INVALID_PAGE_SIZE` | negative `page_size` |
@@ -116,7 +117,21 @@ Failure reasons of tasks (`Task.error.reason`): `TASK_RAISED`, `INTERRUPTED`,
 died, froze, or lost its nanny while the task ran), `CLUSTER_LOST` (the ipyparallel
 controller died or stopped answering while the task ran; tether restarts the cluster and
 runs the PENDING tasks afterwards), `CONTROLLER_RESTARTED` (tether itself restarted
-while the task ran).
+while the task ran). `PREEMPTED` appears only on an attempt (`Task.attempts[].reason`): a
+preempted task is queued again, never ended.
+
+Retries and preemption: a task runs one or more attempts, each listed in `Task.attempts`
+(`attempt`, `engine_id`, `start_time`, `end_time`, `ending`: FINAL, RETRIED or PREEMPTED,
+`reason`, `message`, `ended_by`). An attempt that ends with a reason its `retry` policy
+names (the request's, or the server's `--retry-*` default; off unless configured) sends the
+task back to PENDING with `attempt` + 1 after an exponential backoff with jitter; the PENDING
+event carries the ended attempt, so a stream shows why. A `preemptible` task (the field, or
+a task name in `--preemptible-tasks`) on which a higher-priority task waits for want of an
+engine with its tags is interrupted with `interrupt.cause: INTERRUPT_CAUSE_PREEMPTED`
+(SIGINT first, so it checkpoints), queued again, and resumes later. Either way the next
+attempt receives the task's last checkpoint as `ctx.resume_state`, and its output starts
+over (a resumed `llm.generate` replays the checkpoint's text as its first chunk). A user's
+interrupt is never retried; an interrupt of a task queued again is CANCELLED.
 
 Interrupt semantics (state on arrival -> what happens -> answer):
 
@@ -179,7 +194,9 @@ pending text was sent and a checkpoint written; the KV cache is freed before the
 (the task's `resources` report shows the memory back). Submit the same arguments with
 `resume_from: "tasks/ID"`: the new task streams the old text as one chunk, rebuilds the KV
 cache, and continues to the text an uninterrupted run gives (identical at temperature 0
-and with a seed, on the same device type).
+and with a seed, on the same device type). Retries and preemptions do the same within one
+task: the next attempt resumes from the task's own last checkpoint (at most 8 tokens old
+after a SIGKILL, none after a SIGINT) and ends with the uninterrupted text.
 """
 
 CONNECT_GATEWAY = """## Over HTTP: the Connect gateway (browsers, curl)
@@ -292,6 +309,12 @@ not yet yielded, so a slow consumer holds submissions back. A failed task raises
 `TaskOutcomeError` subclass when its result is reached (with `ordered=False`, when it ends) and
 iteration stops there; with `return_exceptions=True` the exception is yielded instead. Tasks
 already submitted when iteration stops keep running.
+
+`submit(..., retry=tether.TaskRetryPolicy(max_attempts=3, retry_on=("ENGINE_LOST",)),
+preemptible=True)` sets a task's retry policy and whether it may be preempted (None: the
+server decides); `Task.attempts` lists its `TaskAttempt`s (engine, times, `AttemptEnding`,
+reason). The CLI: `tether submit llm.generate --retry 3 --retry-on ENGINE_LOST
+--preemptible ...`; `tether get ID` prints the attempts.
 
 `handle.watch()` and `client.watch(filter)` are separate streams (they carry every event,
 progress included); `close()` ends them and fails pending waits with `TetherError`

@@ -28,7 +28,8 @@ from .api.reflection import documented_pool
 from .cluster.hosts import SshSettings, parse_engine_hosts, read_hosts_file
 from .config import Limits, LlmTimeoutPolicy, ServerConfig
 from .controller import Controller
-from .core.model import GracePeriods
+from .core.model import ErrorReason, GracePeriods, RetryPolicy
+from .core.retry import DEFAULT_RETRY_ON, RETRYABLE_REASONS, validate_policy
 from .logformat import EventLogger, configure
 from .runtime import registry
 from .tasks import llm_catalog
@@ -413,6 +414,58 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         metavar="ADDR",
         help="serve /metrics (and the probes) on this address instead, without a token (e.g. an internal interface)",
     )
+    p.add_argument(
+        "--retry-max-attempts",
+        type=int,
+        default=1,
+        help="default retry policy: attempts that may fail, the first included (default 1: no retry)",
+    )
+    p.add_argument(
+        "--retry-on",
+        type=_retry_reasons,
+        default=None,
+        metavar="REASON[,REASON...]",
+        help="default retry policy: failure reasons retried, among "
+        + ", ".join(sorted(r.value for r in RETRYABLE_REASONS))
+        + " (default ENGINE_LOST,CLUSTER_LOST)",
+    )
+    p.add_argument(
+        "--retry-initial-backoff",
+        type=_duration,
+        default=1.0,
+        help="default retry policy: wait before the first retry (default 1s)",
+    )
+    p.add_argument(
+        "--retry-max-backoff",
+        type=_duration,
+        default=30.0,
+        help="default retry policy: longest wait between attempts (default 30s)",
+    )
+    p.add_argument(
+        "--retry-multiplier",
+        type=float,
+        default=2.0,
+        help="default retry policy: growth of the wait per retry (default 2)",
+    )
+    p.add_argument(
+        "--retry-jitter",
+        type=float,
+        default=0.2,
+        help="default retry policy: random spread of each wait, a fraction in [0, 1] (default 0.2)",
+    )
+    p.add_argument(
+        "--preemptible-tasks",
+        type=lambda text: tuple(name for name in text.split(",") if name),
+        default=(),
+        metavar="NAME[,NAME...]",
+        help="task names submitted as preemptible unless the request says otherwise (default: none)",
+    )
+    p.add_argument(
+        "--preempt-min-runtime",
+        type=_duration,
+        default=10.0,
+        help="time a preempted task runs in its next attempt before it can be preempted again (default 10s)",
+    )
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     p.add_argument(
         "--log-format",
@@ -461,6 +514,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
             models += _models_file(a.models_file)
         except (OSError, ValueError) as exc:
             p.error(f"--models-file {a.models_file}: {exc}")
+    retry = RetryPolicy(
+        max_attempts=a.retry_max_attempts,
+        retry_on=a.retry_on if a.retry_on is not None else DEFAULT_RETRY_ON,
+        initial_backoff=a.retry_initial_backoff,
+        max_backoff=a.retry_max_backoff,
+        multiplier=a.retry_multiplier,
+        jitter=a.retry_jitter,
+    )
+    for name, problem in validate_policy(retry):
+        p.error(f"--retry-{name.replace('_', '-').removeprefix('backoff-')}: {problem}")
     names = [name for name, _ in models]
     if len(set(names)) != len(names):
         p.error("--model: a model name is given twice")
@@ -518,7 +581,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         http_required=a.http is not None,
         metrics_listen=a.metrics_listen,
         log_format=a.log_format,
+        retry=retry,
+        preemptible_tasks=a.preemptible_tasks,
+        preempt_min_runtime=a.preempt_min_runtime,
     ), str(a.log_level)
+
+
+def _retry_reasons(text: str) -> frozenset[ErrorReason]:
+    """--retry-on: comma-separated failure reasons, each one a policy may retry."""
+    reasons = set()
+    for name in filter(None, text.split(",")):
+        try:
+            reason = ErrorReason(name.strip().upper())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a failure reason") from None
+        if reason not in RETRYABLE_REASONS:
+            raise argparse.ArgumentTypeError(f"{name} cannot be retried")
+        reasons.add(reason)
+    return frozenset(reasons)
 
 
 def _next_port(listen: str) -> str:

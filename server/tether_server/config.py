@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cluster.hosts import EngineHost, SshSettings
-from .core.model import GracePeriods
+from .core.model import GracePeriods, RetryPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,5 +107,11 @@ class ServerConfig:
     otherwise the default address that is taken only costs a warning."""
     metrics_listen: str = ""
     """Serve /metrics (and the probes) on this address instead, without a token."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retry policy of tasks whose request gives none (--retry-*); the default retries nothing."""
+    preemptible_tasks: tuple[str, ...] = ()
+    """Task names submitted as preemptible unless the request says otherwise."""
+    preempt_min_runtime: float = 10.0
+    """Seconds a preempted task runs in its next attempt before it can be preempted again."""
     log_format: str = "text"
     """``text`` or ``json`` (one object a line)."""

@@ -35,7 +35,7 @@ from .core import messages as msg
 from .core.eventlog import EventLog, LogEntry, decode_token
 from .core.filters import TaskFilter
 from .core.machine import ALREADY_ENDED, ControlCore
-from .core.model import EngineState, GracePeriods, InterruptCause, Task, TaskState
+from .core.model import EngineState, GracePeriods, InterruptCause, RetryPolicy, Task, TaskState
 from .core.placement import feasible, unschedulable
 from .core.records import snapshot
 from .dispatch import EngineDriver, log_failure
@@ -70,6 +70,10 @@ class SubmitSpec:
     resume_from: str = ""
     required_tags: tuple[str, ...] = ()
     owner: str = "anonymous"
+    retry: RetryPolicy | None = None
+    """None: the server's default policy (``--retry-*``)."""
+    preemptible: bool | None = None
+    """None: preemptible when the task name is in ``--preemptible-tasks``."""
 
 
 class Controller:
@@ -156,6 +160,7 @@ class Controller:
             default_grace=self.config.grace,
             first_revision=loaded.next_revision,
             max_output_chars=self.config.limits.max_output_chars,
+            preempt_min_runtime=self.config.preempt_min_runtime,
         )
         self.history.core = self.core
         self._seq = itertools.count(loaded.next_seq)
@@ -247,6 +252,12 @@ class Controller:
             grace=spec.grace or self.config.grace,
             resume_from=spec.resume_from,
             required_tags=tuple(spec.required_tags),
+            retry=self._retry_policy(spec),
+            preemptible=(
+                spec.task in self.config.preemptible_tasks
+                if spec.preemptible is None
+                else spec.preemptible
+            ),
             seq=next(self._seq),
         )
         record = WriteBatch(tasks=[task])
@@ -585,6 +596,11 @@ class Controller:
                 p.base_seconds + p.per_token_seconds * tokens + p.per_prompt_char_seconds * prompt
             )
         return self.config.default_timeout_seconds
+
+    def _retry_policy(self, spec: SubmitSpec) -> RetryPolicy | None:
+        """The request's policy, else the server's; None when it retries nothing."""
+        policy = spec.retry if spec.retry is not None else self.config.retry
+        return policy if policy.max_attempts > 1 and policy.retry_on else None
 
     # ================================================================== helpers
     async def _task_or_raise(self, task_id: str) -> Task:

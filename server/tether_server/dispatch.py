@@ -145,11 +145,12 @@ class EngineDriver:
     async def _run_task(self, task_id: str, attempt: int, engine_id: int) -> None:
         generation = self.cluster.generation
         task = self.ctl.core_or_raise().tasks[task_id]
-        resume_state = None
-        if task.resume_from:
-            source = task.resume_from.removeprefix("tasks/")
-            text = await self.ctl.checkpoint_text(source)
-            resume_state = json.loads(text) if text else None
+        # A later attempt resumes from the task's own last checkpoint (retry, preemption);
+        # else, or before the task saved one, from the task it was told to resume from.
+        text = await self.ctl.checkpoint_text(task_id) if attempt > 1 else None
+        if text is None and task.resume_from:
+            text = await self.ctl.checkpoint_text(task.resume_from.removeprefix("tasks/"))
+        resume_state = json.loads(text) if text else None
         spec = {
             "task_id": task_id,
             "attempt": attempt,
@@ -223,6 +224,9 @@ class EngineDriver:
         elif kind == "output":
             self.ctl.handle(msg.TaskOutput(task_id, attempt, str(payload), now))
         elif kind == "checkpoint":
+            task = self.ctl.core_or_raise().tasks.get(task_id)
+            if task is not None and task.attempt != attempt:
+                return  # a late checkpoint of an earlier attempt must not replace a newer one
             self.ctl.save_checkpoint(task_id, json.dumps(payload))
             self.ctl.handle(msg.TaskCheckpointed(task_id, attempt, now))
         elif kind == "load":  # an engine's own load report (runtime/monitor.py)

@@ -67,6 +67,17 @@ RECIPES = [
         "with another payload is ALREADY_EXISTS / REQUEST_ID_REUSED.",
     ),
     Recipe(
+        'grpcurl -plaintext -d \'{"task": "demo.sleep", "args": {"seconds": 5}, '
+        '"retry": {"max_attempts": 3, "retry_on": ["ENGINE_LOST", "TASK_RAISED"], '
+        '"initial_backoff": "1s"}, "preemptible": true}\' '
+        "127.0.0.1:50051 tether.v1.TaskService/SubmitTask",
+        "A retry policy: a failed attempt whose reason the policy names runs again (the same task, "
+        "`attempt` + 1, back to PENDING after the backoff, resuming from the task's last "
+        "checkpoint); every attempt is listed in `attempts`. `preemptible`: a higher-priority task "
+        "that finds no free engine may take this one's engine (the task checkpoints, is queued "
+        "again, and resumes). A bad policy is INVALID_ARGUMENT / INVALID_RETRY_POLICY.",
+    ),
+    Recipe(
         'grpcurl -plaintext -d \'{"name": "tasks/COUNTING"}\' '
         "127.0.0.1:50051 tether.v1.TaskService/StreamTaskStatus",
         "Watch one task: its current state first (SNAPSHOT), then every change (progress, output "

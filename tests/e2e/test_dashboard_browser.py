@@ -18,7 +18,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
 
-from tests.integration.helpers import stream_token, submit, wait_state, wait_terminal
+from tests.integration.helpers import seconds, stream_token, submit, wait_state, wait_terminal
 from tests.integration.http_helpers import call, http_server
 from tests.support import FAST_SERVER_ARGS, ServerProcess, free_port
 from tether.v1 import task_pb2 as tpb
@@ -122,6 +122,26 @@ def test_interrupt_from_the_task_page_shows_interrupted_and_its_stage(
     record = wait_terminal(tasks, task.name).interrupt
     assert record.reason == "stopped from the browser"
     assert record.final_stage == tpb.ESCALATION_STAGE_SIGINT
+
+
+def test_the_task_page_lists_every_attempt_of_a_retried_task(
+    served: tuple[ServerProcess, str], browser: WebDriver, tasks: Any
+) -> None:
+    policy = tpb.RetryPolicy(max_attempts=2, retry_on=["TASK_RAISED"], initial_backoff=seconds(0))
+    task = submit(tasks, "demo.fail", args={}, retry=policy)
+    wait_terminal(tasks, task.name)
+    _open(browser, f"{served[1]}/#/{task.name}")
+    wait_until(browser, lambda: page_state(browser)["state"] == "FAILED")
+    rows = wait_until(
+        browser,
+        lambda: browser.execute_script(
+            "return [...document.querySelectorAll('#task-attempts tr')]"
+            ".slice(1).map((r) => [...r.cells].map((c) => c.textContent))"
+        ),
+    )
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert [row[4] for row in rows] == ["RETRIED", "FINAL"]
+    assert all(row[5].startswith("TASK_RAISED") for row in rows)
 
 
 def test_the_table_filters_by_state_task_and_label_and_counts_states(

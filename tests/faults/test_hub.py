@@ -77,3 +77,24 @@ def test_a_frozen_hub_is_found_by_the_liveness_probe_and_handled_the_same_way(
     data_dir: Path,
 ) -> None:
     _lose_the_hub(data_dir, signal.SIGSTOP, detect_within=20)
+
+
+def test_a_task_whose_policy_retries_cluster_loss_runs_again_on_the_new_cluster(
+    data_dir: Path,
+) -> None:
+    with (
+        ServerProcess(data_dir, engines=1, extra_args=FAST_SERVER_ARGS) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        tasks = task_service_pb2_grpc.TaskServiceStub(channel)
+        assert server.proc is not None
+        hub = hub_process(server.proc.pid)
+        policy = tpb.RetryPolicy(max_attempts=2, retry_on=["CLUSTER_LOST"])
+        task = submit(tasks, "demo.sleep", args={"seconds": 1.0}, retry=policy)
+        wait_state(tasks, task.name, {tpb.TASK_STATE_RUNNING})
+        hub.send_signal(signal.SIGKILL)
+        done = wait_terminal(tasks, task.name, timeout=90)
+        assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
+        first, second = done.attempts
+        assert (first.ending, first.reason) == (tpb.ATTEMPT_ENDING_RETRIED, "CLUSTER_LOST")
+        assert second.ending == tpb.ATTEMPT_ENDING_FINAL

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -52,6 +52,19 @@ def submit(stub: task_service_pb2_grpc.TaskServiceStub, task: str, **kwargs: Any
 
 def get(stub: task_service_pb2_grpc.TaskServiceStub, name: str) -> tpb.Task:
     return stub.GetTask(spb.GetTaskRequest(name=name), timeout=10).task
+
+
+def full_task(stub: task_service_pb2_grpc.TaskServiceStub, name: str) -> tpb.Task:
+    """GetTask in the FULL view (result and traceback included)."""
+    request = spb.GetTaskRequest(name=name, view=tpb.TASK_VIEW_FULL)
+    return stub.GetTask(request, timeout=10).task
+
+
+def result_of(task: tpb.Task) -> dict[str, Any]:
+    """A task's result as a dict (for tasks that return one, like llm.generate)."""
+    result = json_format.MessageToDict(task.result)
+    assert isinstance(result, dict), task
+    return result
 
 
 def wait_state(

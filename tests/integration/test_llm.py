@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
 
 from tests.support import ServerProcess
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
@@ -25,6 +24,8 @@ from .conftest import FAST_GRACE
 from .helpers import (
     SINGLE_THREADED_TORCH,
     TaskStream,
+    full_task,
+    result_of,
     running_server_with_env,
     seconds,
     stream_token,
@@ -82,17 +83,6 @@ def _args(temperature: float, max_tokens: int = TOKENS) -> dict[str, Any]:
     return {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "seed": SEED}
 
 
-def _full(tasks: task_service_pb2_grpc.TaskServiceStub, name: str) -> tpb.Task:
-    request = spb.GetTaskRequest(name=name, view=tpb.TASK_VIEW_FULL)
-    return tasks.GetTask(request, timeout=10).task
-
-
-def _result(task: tpb.Task) -> dict[str, Any]:
-    result = json_format.MessageToDict(task.result)
-    assert isinstance(result, dict), task
-    return result
-
-
 @dataclass(frozen=True)
 class Interrupted:
     """An llm.generate interrupted mid-generation, and what the test saw of it."""
@@ -128,7 +118,7 @@ class Generations:
             )
             done = wait_terminal(self.tasks, task.name, 240)
             assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
-            self._references[temperature] = _full(self.tasks, task.name)
+            self._references[temperature] = full_task(self.tasks, task.name)
         return self._references[temperature]
 
     def interrupted(self, temperature: float) -> Interrupted:
@@ -149,7 +139,7 @@ class Generations:
                 spb.InterruptTaskRequest(name=task.name, reason="test"), timeout=10
             )
             arrived, _ = stream.terminal(timeout=30)
-        return Interrupted(_full(self.tasks, task.name), nth.task.engine_id, arrived - started)
+        return Interrupted(full_task(self.tasks, task.name), nth.task.engine_id, arrived - started)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +157,7 @@ def test_generate_streams_its_text_while_it_runs(tasks, generations):  # type: i
         terminal_arrived, terminal = stream.terminal(timeout=120)
         outputs = stream.of_type(spb.TASK_EVENT_TYPE_OUTPUT)
     assert terminal.task.state == tpb.TASK_STATE_SUCCEEDED
-    result = _result(_full(tasks, task.name))
+    result = result_of(full_task(tasks, task.name))
     assert result["tokens"] == 400
     assert result["text"].isascii()  # greedy tiny text: one character per byte token
     chunks = [event.output_chunk for _, event in outputs]
@@ -194,7 +184,7 @@ def test_generate_interrupted_mid_generation_ends_interrupted_within_a_second(ge
 
 def test_generate_interrupted_keeps_its_partial_text_a_prefix_of_the_full_run(generations):  # type: ignore[no-untyped-def]
     run = generations.interrupted(0.0)
-    full_text = _result(generations.reference(0.0))["text"]
+    full_text = result_of(generations.reference(0.0))["text"]
     assert run.task.output, "the partial text is on the task"
     assert len(run.task.output) < len(full_text), "interrupted before the end"
     assert full_text.startswith(run.task.output)
@@ -218,7 +208,7 @@ def test_generate_resumed_after_an_interrupt_yields_the_uninterrupted_text(  # t
     interrupted = generations.interrupted(temperature)
     assert interrupted.task.state == tpb.TASK_STATE_INTERRUPTED
     assert interrupted.task.has_checkpoint
-    full_text = _result(generations.reference(temperature))["text"]
+    full_text = result_of(generations.reference(temperature))["text"]
     resumed = submit(
         tasks,
         "llm.generate",
@@ -229,7 +219,7 @@ def test_generate_resumed_after_an_interrupt_yields_the_uninterrupted_text(  # t
     done = wait_terminal(tasks, resumed.name, 240)
     assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
     assert done.resume_from == interrupted.task.name
-    result = _result(_full(tasks, resumed.name))
+    result = result_of(full_task(tasks, resumed.name))
     assert result["tokens"] == TOKENS
     assert result["text"] == full_text
     assert done.output == full_text

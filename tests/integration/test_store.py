@@ -15,11 +15,14 @@ from typing import Any
 import pytest
 
 from tether_server.core.model import (
+    AttemptEnding,
     ErrorReason,
     GracePeriods,
     InterruptCause,
     InterruptRecord,
+    RetryPolicy,
     Task,
+    TaskAttempt,
     TaskError,
     TaskState,
 )
@@ -485,3 +488,33 @@ def test_a_version_1_store_is_upgraded_with_task_revisions(db_path: Path) -> Non
     with opened(db_path) as store:
         assert store.get_task("t1") == task
     assert rows(db_path, "SELECT revision FROM tasks") == [(7,)]
+
+
+def test_attempts_a_retry_policy_and_preemptible_survive_close_and_reopen(db_path: Path) -> None:
+    policy = RetryPolicy(max_attempts=3, retry_on=frozenset({ErrorReason.ENGINE_LOST}))
+    attempts = [
+        TaskAttempt(1, 0, 10.0, 12.0, AttemptEnding.PREEMPTED, "PREEMPTED", "stopped", "tasks/u"),
+        TaskAttempt(2, 1, 13.0),
+    ]
+    task = make_task(1, retry=policy, preemptible=True, attempts=attempts, attempt=2)
+    with opened(db_path) as store:
+        store.submit(WriteBatch(tasks=[task])).result(timeout=5)
+    (loaded,) = reload(db_path).tasks
+    assert loaded == task
+
+
+def test_a_version_2_task_without_the_retry_fields_reads_with_their_defaults(
+    db_path: Path,
+) -> None:
+    """What a store written before issue 13 holds: no ``retry``, ``preemptible`` or
+    ``attempts`` keys in the task's JSON. The schema did not change for them."""
+    with opened(db_path) as store:
+        store.submit(WriteBatch(tasks=[make_task(1, revision=3)])).result(timeout=5)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute(
+            "UPDATE tasks SET data = json_remove(data, '$.retry', '$.preemptible', '$.attempts')"
+        )
+    assert "attempts" not in rows(db_path, "SELECT data FROM tasks")[0][0]
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(2,)]
+    (loaded,) = reload(db_path).tasks
+    assert (loaded.retry, loaded.preemptible, loaded.attempts) == (None, False, [])

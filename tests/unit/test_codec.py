@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tether_server.core.model import (
+    AttemptEnding,
     Engine,
     EngineState,
     ErrorReason,
@@ -19,7 +20,9 @@ from tether_server.core.model import (
     InterruptCause,
     InterruptRecord,
     ResourceReport,
+    RetryPolicy,
     Task,
+    TaskAttempt,
     TaskError,
     TaskState,
 )
@@ -66,6 +69,27 @@ resource_reports = st.builds(
     summary=text,
 )
 
+retry_policies = st.builds(
+    RetryPolicy,
+    max_attempts=st.integers(min_value=1),
+    retry_on=st.frozensets(st.sampled_from(ErrorReason)),
+    initial_backoff=floats,
+    max_backoff=floats,
+    multiplier=floats,
+    jitter=floats,
+)
+task_attempts = st.builds(
+    TaskAttempt,
+    attempt=st.integers(min_value=1),
+    engine_id=st.none() | st.integers(min_value=0),
+    start_time=floats,
+    end_time=optional_floats,
+    ending=st.sampled_from(AttemptEnding),
+    reason=text,
+    message=text,
+    ended_by=text,
+)
+
 TASK_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "id": text,
     "task": text,
@@ -95,6 +119,9 @@ TASK_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "has_checkpoint": st.booleans(),
     "resources": st.none() | resource_reports,
     "required_tags": st.lists(text, max_size=4).map(tuple),
+    "retry": st.none() | retry_policies,
+    "preemptible": st.booleans(),
+    "attempts": st.lists(task_attempts, max_size=3),
     "seq": st.integers(min_value=0),
 }
 tasks = st.builds(Task, **TASK_FIELDS)

@@ -56,14 +56,18 @@ from tether_server.core.messages import (
     TaskSubmitted,
     TimerFired,
     TimerKey,
+    TimerKind,
     Withdraw,
     Withdrawn,
 )
 from tether_server.core.model import (
+    AttemptEnding,
     EngineState,
+    ErrorReason,
     EscalationStage,
     GracePeriods,
     InterruptCause,
+    RetryPolicy,
     Task,
     TaskState,
 )
@@ -72,6 +76,24 @@ from tether_server.core.records import LEGAL_TRANSITIONS
 GRACE = GracePeriods(sigint=1.0, sigterm=1.0, sigkill=1.0)
 TARGET_ENGINES = 2
 GPU = frozenset({"gpu"})
+
+
+def retry_policy(backoff: float) -> RetryPolicy:
+    """The retry policy of generated tasks: every retryable reason, three attempts."""
+    reasons = {
+        ErrorReason.ENGINE_LOST,
+        ErrorReason.TASK_RAISED,
+        ErrorReason.TIMED_OUT,
+        ErrorReason.RESOURCE_LIMIT,
+        ErrorReason.CLUSTER_LOST,
+    }
+    return RetryPolicy(
+        max_attempts=3,
+        retry_on=frozenset(reasons),
+        initial_backoff=backoff,
+        max_backoff=max(backoff, 1.0),
+        jitter=0.0,
+    )
 
 
 class ControlCoreWorld(RuleBasedStateMachine):
@@ -84,6 +106,8 @@ class ControlCoreWorld(RuleBasedStateMachine):
             replace_lost_engines=True,
             default_grace=GRACE,
             max_output_chars=8,
+            preempt_min_runtime=1.0,
+            uniform=lambda: 0.5,
             pipeline_depth=self.PIPELINE_DEPTH,
         )
         self.withdrawals: dict[tuple[int, str, int], None] = {}  # unanswered Withdraws
@@ -188,9 +212,17 @@ class ControlCoreWorld(RuleBasedStateMachine):
         gpu=st.booleans(),
         timeout=st.none() | st.just(2.0),
         queue_timeout=st.none() | st.just(3.0),
+        preemptible=st.booleans(),
+        backoff=st.none() | st.sampled_from([0.0, 1.0]),
     )
     def submit(
-        self, priority: int, gpu: bool, timeout: float | None, queue_timeout: float | None
+        self,
+        priority: int,
+        gpu: bool,
+        timeout: float | None,
+        queue_timeout: float | None,
+        preemptible: bool,
+        backoff: float | None,
     ) -> None:
         task_id = next(self.task_ids)
         now = self.tick()
@@ -205,6 +237,8 @@ class ControlCoreWorld(RuleBasedStateMachine):
             grace=GRACE,
             seq=int(task_id[1:]),
             create_time=now,
+            preemptible=preemptible,
+            retry=None if backoff is None else retry_policy(backoff),
         )
         if self.core.shutting_down:
             try:
@@ -340,13 +374,35 @@ class ControlCoreWorld(RuleBasedStateMachine):
         assert core.running_count == len(active)
 
     @invariant()
-    def queue_holds_exactly_the_pending_tasks(self) -> None:
+    def queue_holds_the_pending_tasks_but_those_waiting_out_a_backoff(self) -> None:
         pending = {t.id for t in self.core.tasks.values() if t.state is TaskState.PENDING}
         behind = [e.queued_task for e in self.core.engines.values() if e.queued_task is not None]
         assert len(set(behind)) == len(behind)  # one engine per queued task
-        assert set(self.core.queued_task_ids()) | set(behind) == pending
-        assert not set(self.core.queued_task_ids()) & set(behind)
-        assert self.core.queue_length == len(pending)
+        queued = set(self.core.queued_task_ids())
+        assert not queued & set(behind)
+        assert queued | set(behind) <= pending
+        assert self.core.queue_length == len(queued) + len(behind)
+        for task_id in pending - queued - set(behind):  # waiting out a retry's backoff
+            task = self.core.tasks[task_id]
+            assert task.attempts[-1].ending is AttemptEnding.RETRIED
+            assert TimerKey(TimerKind.RETRY, task_id, task.attempt) in self.timers
+
+    @invariant()
+    def every_start_is_one_attempt_on_the_task(self) -> None:
+        for task in self.core.tasks.values():
+            numbers = [a.attempt for a in task.attempts]
+            # A task withdrawn from behind a running one skips the number it was sent with.
+            assert numbers == sorted(set(numbers)) and all(n <= task.attempt for n in numbers)
+            open_attempts = [a for a in task.attempts if a.end_time is None]
+            if task.state.active:
+                assert open_attempts == [task.attempts[-1]]
+                assert task.attempts[-1].attempt == task.attempt
+                assert task.attempts[-1].engine_id == task.engine_id
+            else:
+                assert not open_attempts
+            if task.retry is not None:
+                failed = sum(a.ending is AttemptEnding.RETRIED for a in task.attempts)
+                assert failed < task.retry.max_attempts
 
     @invariant()
     def tables_match_what_was_published(self) -> None:
@@ -397,10 +453,20 @@ class ControlCoreWorld(RuleBasedStateMachine):
                 if core.tasks[engine.current_task].state is TaskState.INTERRUPTING:
                     status = OutcomeStatus.INTERRUPTED
                 self.finish(engine_id, Outcome(status, stage=EscalationStage.SIGINT))
+            for key in [k for k in self.timers if k.kind is TimerKind.RETRY]:
+                del self.timers[key]
+                self.apply(TimerFired(key, self.tick()))
             behind = any(e.queued_task for e in core.engines.values())
+            waiting = any(
+                t.state is TaskState.PENDING
+                and t.id not in core.queued_task_ids()
+                and not any(e.queued_task == t.id for e in core.engines.values())
+                for t in core.tasks.values()
+            )
             if (
                 not core.running_count
                 and not behind
+                and not waiting
                 and (core.shutting_down or not core.queue_length)
             ):
                 break

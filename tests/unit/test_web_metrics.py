@@ -18,6 +18,7 @@ from tether_server.core.eventlog import LogEntry
 from tether_server.core.filters import TaskFilter
 from tether_server.core.messages import EventKind
 from tether_server.core.model import (
+    AttemptEnding,
     ErrorReason,
     EscalationStage,
     GracePeriods,
@@ -25,6 +26,7 @@ from tether_server.core.model import (
     InterruptRecord,
     ResourceReport,
     Task,
+    TaskAttempt,
     TaskError,
     TaskState,
 )
@@ -109,6 +111,21 @@ def test_a_retried_attempt_is_not_a_new_submission() -> None:
     assert ev.value("tether_task_dispatch_latency_seconds_sum", task="demo.sleep") == pytest.approx(
         1.1
     )
+
+
+def test_requeued_attempts_are_counted_by_ending_and_reason() -> None:
+    ev = Events()
+    task = Task("t4", "llm.generate", {}, create_time=0.0)
+    ev.publish(task, 0.0)
+    task.state, task.attempt = TaskState.RUNNING, 1
+    task.attempts = [TaskAttempt(1, 0, 0.1)]
+    ev.publish(task, 0.1)
+    task.state = TaskState.PENDING
+    task.attempts = [TaskAttempt(1, 0, 0.1, 2.0, AttemptEnding.PREEMPTED, "PREEMPTED")]
+    ev.publish(task, 2.0)
+    labels = {"task": "llm.generate", "ending": "PREEMPTED", "reason": "PREEMPTED"}
+    assert ev.value("tether_task_attempts_requeued_total", **labels) == 1
+    assert ev.value("tether_tasks_submitted_total", task="llm.generate") == 1
 
 
 def test_lagging_cut_offs_are_counted_once_per_subscriber() -> None:

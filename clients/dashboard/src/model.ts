@@ -21,6 +21,17 @@ export interface ResourceReport {
   summary?: string;
 }
 
+export interface TaskAttempt {
+  attempt?: number;
+  engineId?: number;
+  startTime?: string;
+  endTime?: string;
+  ending?: string;
+  reason?: string;
+  message?: string;
+  endedBy?: string;
+}
+
 export interface Task {
   name: string;
   task: string;
@@ -41,6 +52,8 @@ export interface Task {
   resources?: ResourceReport;
   revision?: string;
   owner?: string;
+  preemptible?: boolean;
+  attempts?: TaskAttempt[];
 }
 
 export interface TaskEvent {

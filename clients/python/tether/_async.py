@@ -21,7 +21,16 @@ from tether._async_outcomes import AsyncOutcomeWatcher, map_results
 from tether._async_watch import AsyncTaskWatch, _error
 from tether._convert import Seconds
 from tether._core import RetryPolicy
-from tether._models import Checkpoint, Cluster, GracePeriods, Task, TaskEvent, TaskFilter, TaskView
+from tether._models import (
+    Checkpoint,
+    Cluster,
+    GracePeriods,
+    Task,
+    TaskEvent,
+    TaskFilter,
+    TaskRetryPolicy,
+    TaskView,
+)
 from tether.v1 import (
     cluster_service_pb2,
     cluster_service_pb2_grpc,
@@ -113,6 +122,8 @@ class AsyncClient:
         resume_from: str | None = None,
         required_tags: Sequence[str] | None = None,
         queue_timeout: Seconds | None = None,
+        retry: TaskRetryPolicy | None = None,
+        preemptible: bool | None = None,
     ) -> AsyncTaskHandle:
         """Queues a run of the registered task ``task``; see ``Client.submit``."""
         request = _core.submit_request(
@@ -126,6 +137,8 @@ class AsyncClient:
             resume_from=resume_from,
             required_tags=required_tags,
             queue_timeout=queue_timeout,
+            retry=retry,
+            preemptible=preemptible,
         )
         coverage = self._outcomes.mark()
         response = await self._unary(self._tasks.SubmitTask, request)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from tether._models import (
+    AttemptEnding,
     Checkpoint,
     Cluster,
     ClusterMode,
@@ -29,10 +30,12 @@ from tether._models import (
     ResourceReport,
     ServerLimits,
     Task,
+    TaskAttempt,
     TaskError,
     TaskEvent,
     TaskEventType,
     TaskFilter,
+    TaskRetryPolicy,
     TaskState,
 )
 from tether.v1 import cluster_service_pb2, task_pb2, task_service_pb2
@@ -180,7 +183,51 @@ def task_from_proto(message: task_pb2.Task) -> Task:
         has_checkpoint=message.has_checkpoint,
         resources=_resources_from_proto(message),
         required_tags=tuple(message.required_tags),
+        retry=_retry_from_proto(message),
+        preemptible=message.preemptible,
+        attempts=tuple(_attempt_from_proto(a) for a in message.attempts),
         raw=message,
+    )
+
+
+def _retry_from_proto(task: task_pb2.Task) -> TaskRetryPolicy | None:
+    if not task.HasField("retry"):
+        return None
+    r = task.retry
+    return TaskRetryPolicy(
+        max_attempts=r.max_attempts,
+        retry_on=tuple(r.retry_on),
+        initial_backoff=duration(r.initial_backoff, r.HasField("initial_backoff")),
+        max_backoff=duration(r.max_backoff, r.HasField("max_backoff")),
+        backoff_multiplier=r.backoff_multiplier,
+        jitter=r.jitter,
+    )
+
+
+def retry_proto(policy: TaskRetryPolicy) -> task_pb2.RetryPolicy:
+    message = task_pb2.RetryPolicy(
+        max_attempts=policy.max_attempts,
+        retry_on=list(policy.retry_on),
+        backoff_multiplier=policy.backoff_multiplier,
+        jitter=policy.jitter,
+    )
+    if policy.initial_backoff is not None:
+        message.initial_backoff.CopyFrom(duration_proto(policy.initial_backoff))
+    if policy.max_backoff is not None:
+        message.max_backoff.CopyFrom(duration_proto(policy.max_backoff))
+    return message
+
+
+def _attempt_from_proto(a: task_pb2.TaskAttempt) -> TaskAttempt:
+    return TaskAttempt(
+        attempt=a.attempt,
+        engine_id=a.engine_id if a.HasField("engine_id") else None,
+        start_time=timestamp(a.start_time, a.HasField("start_time")),
+        end_time=timestamp(a.end_time, a.HasField("end_time")),
+        ending=enum_from_proto(AttemptEnding, a.ending),
+        reason=a.reason,
+        message=a.message,
+        ended_by=a.ended_by,
     )
 
 

@@ -45,7 +45,14 @@ from tether._exceptions import (
     Unauthenticated,
     Unavailable,
 )
-from tether._models import GracePeriods, Task, TaskFilter, TaskState, TaskView
+from tether._models import (
+    GracePeriods,
+    Task,
+    TaskFilter,
+    TaskRetryPolicy,
+    TaskState,
+    TaskView,
+)
 from tether.v1 import task_pb2, task_service_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -177,6 +184,8 @@ def submit_request(
     resume_from: str | None,
     required_tags: Sequence[str] | None,
     queue_timeout: Seconds | None,
+    retry: TaskRetryPolicy | None = None,
+    preemptible: bool | None = None,
 ) -> task_service_pb2.SubmitTaskRequest:
     request = task_service_pb2.SubmitTaskRequest(
         task=task,
@@ -194,6 +203,10 @@ def submit_request(
         request.queue_timeout.CopyFrom(_convert.duration_proto(queue_timeout))
     if grace is not None:
         request.grace.CopyFrom(_convert.grace_proto(grace))
+    if retry is not None:
+        request.retry.CopyFrom(_convert.retry_proto(retry))
+    if preemptible is not None:
+        request.preemptible = preemptible
     return request
 
 

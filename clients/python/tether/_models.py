@@ -22,6 +22,7 @@ from typing import Any
 from tether.v1 import cluster_service_pb2, task_pb2, task_service_pb2
 
 __all__ = [
+    "AttemptEnding",
     "Checkpoint",
     "Cluster",
     "ClusterMode",
@@ -35,10 +36,12 @@ __all__ = [
     "ResourceReport",
     "ServerLimits",
     "Task",
+    "TaskAttempt",
     "TaskError",
     "TaskEvent",
     "TaskEventType",
     "TaskFilter",
+    "TaskRetryPolicy",
     "TaskState",
     "TaskView",
 ]
@@ -117,6 +120,21 @@ class InterruptCause(enum.Enum):
     """The task's engine exceeded a configured resource limit."""
     SHUTDOWN = 4
     """The server is shutting down."""
+    PREEMPTED = 5
+    """A higher-priority task needed the engine; the task is queued again and resumes."""
+
+
+class AttemptEnding(enum.Enum):
+    """How one attempt of a task ended."""
+
+    UNSPECIFIED = 0
+    """The attempt still runs."""
+    FINAL = 1
+    """The task ended with this attempt; the task's state and error say how."""
+    RETRIED = 2
+    """The attempt failed with a reason the retry policy retries; another attempt follows."""
+    PREEMPTED = 3
+    """A higher-priority task preempted it; the task was queued again and resumes."""
 
 
 class TaskEventType(enum.Enum):
@@ -254,6 +272,48 @@ class ResourceReport:
 
 
 @dataclass(frozen=True)
+class TaskRetryPolicy:
+    """When a failed attempt of a task runs again (``submit(retry=...)``).
+
+    A retried attempt is the same task with ``attempt + 1``; it resumes from the
+    task's last checkpoint. A user's interrupt is never retried. Zero values and
+    ``None`` take the server's defaults (``jitter`` 0 means no jitter).
+    """
+
+    max_attempts: int = 3
+    """Attempts that may end in a retried failure, the first run included (at most 100)."""
+    retry_on: tuple[str, ...] = ()
+    """Reasons retried, among ENGINE_LOST, CLUSTER_LOST, RESOURCE_LIMIT, TASK_RAISED,
+    TIMED_OUT; empty: ENGINE_LOST and CLUSTER_LOST."""
+    initial_backoff: timedelta | None = None
+    """Wait before the first retry."""
+    max_backoff: timedelta | None = None
+    """Longest wait between two attempts."""
+    backoff_multiplier: float = 0.0
+    """Growth of the wait per retry (at least 1; 0: the server's default)."""
+    jitter: float = 0.0
+    """Random spread of each wait, a fraction in [0, 1]."""
+
+
+@dataclass(frozen=True)
+class TaskAttempt:
+    """One run of a task on an engine."""
+
+    attempt: int
+    """The attempt number, 1 for the first run."""
+    engine_id: int | None
+    start_time: datetime | None
+    end_time: datetime | None
+    """None while the attempt runs."""
+    ending: AttemptEnding
+    reason: str
+    """Why it did not succeed (a TaskError reason, or PREEMPTED); empty otherwise."""
+    message: str
+    ended_by: str
+    """The preempting task's name, for a preemption."""
+
+
+@dataclass(frozen=True)
 class Task:
     """A unit of work: one call of a registered task on one engine.
 
@@ -301,6 +361,12 @@ class Task:
     has_checkpoint: bool
     resources: ResourceReport | None
     required_tags: tuple[str, ...]
+    retry: TaskRetryPolicy | None
+    """The retry policy in effect (the request's or the server's); None: no retry."""
+    preemptible: bool
+    """Whether a higher-priority task may preempt this one (it then resumes later)."""
+    attempts: tuple[TaskAttempt, ...]
+    """Every attempt so far, oldest first; the last is the current or final one."""
     raw: task_pb2.Task = field(repr=False, compare=False, hash=False)
     """The protobuf this task was converted from."""
 

@@ -215,18 +215,49 @@ def task_details(task: Task) -> RenderableType:
         rows.append(("result", Text(json.dumps(task.result))))
     if task.resources is not None and task.resources.summary:
         rows.append(("resources", Text(task.resources.summary)))
+    if task.retry is not None:
+        r = task.retry
+        rows.append(("retry", f"up to {r.max_attempts} attempts on {', '.join(r.retry_on)}"))
+    if task.preemptible:
+        rows.append(("preemptible", "yes"))
     if task.owner:
         rows.append(("owner", task.owner))
     rows.append(("revision", str(task.revision)))
     for label, value in rows:
         grid.add_row(label, value)
     parts: list[RenderableType] = [grid]
+    if len(task.attempts) > 1 or any(a.reason for a in task.attempts):
+        parts += [Text("\nattempts:", style="bold"), attempts_table(task, now)]
     if task.output:
         suffix = " (truncated)" if task.output_truncated else ""
         parts += [Text(f"\noutput{suffix}:", style="bold"), Text(task.output)]
     if task.error is not None and task.error.traceback:
         parts += [Text("\ntraceback:", style="bold"), Text(task.error.traceback, style="dim")]
     return Group(*parts)
+
+
+def attempts_table(task: Task, now: datetime) -> Table:
+    """One row per attempt: engine, start, run time, how it ended and why."""
+    table = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
+    for column in ("#", "engine", "started", "ran", "ending", "reason"):
+        table.add_column(column, no_wrap=column != "reason")
+    for a in task.attempts:
+        ran = "-"
+        if a.start_time is not None:
+            ran = _seconds_text(((a.end_time or now) - a.start_time).total_seconds())
+        ending = "running" if a.end_time is None else a.ending.name.lower()
+        reason = a.reason + (f" by {a.ended_by}" if a.ended_by else "")
+        if a.message:
+            reason += f": {a.message}"
+        table.add_row(
+            str(a.attempt),
+            _engine_text(a.engine_id),
+            _when(a.start_time, now),
+            ran,
+            ending,
+            Text(reason),
+        )
+    return table
 
 
 def _when(moment: datetime | None, now: datetime) -> str:
@@ -308,6 +339,8 @@ class TaskProgress(Progress):
     def __init__(self, console: Console) -> None:
         self._partial = ""  # read by get_renderables, which the base __init__ already calls
         self._written = 0  # characters of the task's output shown so far
+        self._attempt = 0  # the attempt whose output is arriving
+        self._attempt_chars = 0  # characters of that attempt's output seen
         super().__init__(
             SpinnerColumn(),
             TextColumn("{task.fields[state]}"),
@@ -326,13 +359,17 @@ class TaskProgress(Progress):
 
     def show(self, event: TaskEvent) -> None:
         task = event.task
+        if task.attempt != self._attempt:
+            # A retried or preempted task starts its output over: a resumed attempt
+            # replays its checkpoint's text first, which is shown already.
+            self._attempt, self._attempt_chars = task.attempt, 0
         if event.type is TaskEventType.OUTPUT:
             self._write(event.output_chunk)
-        elif task.output and not task.output_truncated and len(task.output) > self._written:
+        elif task.output and not task.output_truncated and len(task.output) > self._attempt_chars:
             # Snapshots and state changes carry the whole output so far. Print what the
             # OUTPUT events have not: everything, on a snapshot; on the final state, a
             # last chunk the task emitted as it ended, which may come without its event.
-            self._write(task.output[self._written :])
+            self._write(task.output[self._attempt_chars :])
         state = Text(task.state.name, style=STATE_STYLES.get(task.state, "")).markup
         fields: dict[str, Any] = {"state": state}
         if task.progress is not None:
@@ -346,6 +383,11 @@ class TaskProgress(Progress):
         self.update(self._bar, **fields)
 
     def _write(self, chunk: str) -> None:
+        start = self._attempt_chars
+        self._attempt_chars += len(chunk)
+        chunk = chunk[max(0, self._written - start) :]
+        if not chunk:
+            return
         self._written += len(chunk)
         lines = (self._partial + chunk).split("\n")
         self._partial = lines.pop()

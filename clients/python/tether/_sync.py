@@ -20,7 +20,16 @@ import grpc
 from tether import _convert, _core, _outcomes, _watch
 from tether._convert import Seconds
 from tether._core import RetryPolicy
-from tether._models import Checkpoint, Cluster, GracePeriods, Task, TaskEvent, TaskFilter, TaskView
+from tether._models import (
+    Checkpoint,
+    Cluster,
+    GracePeriods,
+    Task,
+    TaskEvent,
+    TaskFilter,
+    TaskRetryPolicy,
+    TaskView,
+)
 from tether._sync_outcomes import OutcomeWatcher, map_results
 from tether._sync_watch import ResponseStream, TaskWatch
 from tether.v1 import (
@@ -124,6 +133,8 @@ class Client:
         resume_from: str | None = None,
         required_tags: Sequence[str] | None = None,
         queue_timeout: Seconds | None = None,
+        retry: TaskRetryPolicy | None = None,
+        preemptible: bool | None = None,
     ) -> TaskHandle:
         """Queues a run of the registered task ``task`` and returns its handle at once.
 
@@ -139,6 +150,11 @@ class Client:
             resume_from: A task (name or id) whose last checkpoint this run resumes from.
             required_tags: Engine tags the task needs (e.g. ``"gpu"``).
             queue_timeout: Time the task may wait in the queue before it ends FAILED.
+            retry: When a failed attempt runs again (resuming from the task's last
+                checkpoint); None: the server's default policy.
+            preemptible: Whether a higher-priority task may preempt this one (it is
+                queued again and resumes from its checkpoint); None: the server decides
+                by task name.
 
         Raises:
             InvalidArgument: A field was refused; ``violations`` says which.
@@ -155,6 +171,8 @@ class Client:
             resume_from=resume_from,
             required_tags=required_tags,
             queue_timeout=queue_timeout,
+            retry=retry,
+            preemptible=preemptible,
         )
         coverage = self._outcomes.mark()
         response = self._unary(self._tasks.SubmitTask, request)

@@ -46,7 +46,7 @@ from tether._exceptions import (
     TetherError,
     Unavailable,
 )
-from tether._models import Task, TaskFilter, TaskState
+from tether._models import Task, TaskFilter, TaskRetryPolicy, TaskState
 from tether._sync import Client
 
 EXIT_OK = 0
@@ -212,6 +212,29 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--resume-from", metavar="ID", help="resume from this task's checkpoint")
     submit.add_argument("--request-id", help="idempotency key (default: a fresh UUID4)")
     submit.add_argument(
+        "--retry",
+        type=int,
+        metavar="N",
+        help="retry failed attempts, up to N attempts in all (3 when only --retry-on or --retry-backoff is given); each resumes from the last checkpoint",
+    )
+    submit.add_argument(
+        "--retry-on",
+        type=lambda text: tuple(r.strip().upper() for r in text.split(",") if r.strip()),
+        default=(),
+        metavar="REASON[,REASON...]",
+        help="reasons retried: ENGINE_LOST, CLUSTER_LOST, RESOURCE_LIMIT, TASK_RAISED, TIMED_OUT"
+        " (default ENGINE_LOST,CLUSTER_LOST)",
+    )
+    submit.add_argument(
+        "--retry-backoff", type=parse_duration, help="wait before the first retry (doubles)"
+    )
+    submit.add_argument(
+        "--preemptible",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="may a higher-priority task preempt it (it resumes later)? default: the server's",
+    )
+    submit.add_argument(
         "--wait", action="store_true", help="follow the task to its end; the exit code tells how"
     )
 
@@ -255,6 +278,16 @@ def _filter(args: argparse.Namespace) -> TaskFilter | None:
     return TaskFilter(states=args.state, tasks=args.task, labels=dict(args.label))
 
 
+def _retry(args: argparse.Namespace) -> TaskRetryPolicy | None:
+    if args.retry is None and not args.retry_on and args.retry_backoff is None:
+        return None
+    return TaskRetryPolicy(
+        max_attempts=3 if args.retry is None else args.retry,
+        retry_on=args.retry_on,
+        initial_backoff=args.retry_backoff,
+    )
+
+
 def _cmd_submit(client: Client, args: argparse.Namespace, console: Console) -> int:
     handle = client.submit(
         args.task,
@@ -267,6 +300,8 @@ def _cmd_submit(client: Client, args: argparse.Namespace, console: Console) -> i
         required_tags=args.tag,
         resume_from=args.resume_from,
         request_id=args.request_id,
+        retry=_retry(args),
+        preemptible=args.preemptible,
     )
     if not args.wait:
         if args.output == "json":

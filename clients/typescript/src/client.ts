@@ -24,7 +24,15 @@ import {
   type ListTasksResponse,
   type TaskFilter,
 } from "./gen/tether/v1/task_service_pb.js";
-import { secondsToDuration, toGracePeriods, toTaskFilter, type GraceSeconds, type TaskFilterInit } from "./tasks.js";
+import {
+  secondsToDuration,
+  toGracePeriods,
+  toRetryPolicy,
+  toTaskFilter,
+  type GraceSeconds,
+  type RetryPolicyInit,
+  type TaskFilterInit,
+} from "./tasks.js";
 import { TaskWatch, type WatchBackend, type WatchOptions } from "./watch.js";
 
 /** Options of {@link TetherClient}. */
@@ -72,6 +80,13 @@ export interface SubmitOptions extends CallOpts {
   readonly resumeFrom?: string;
   /** Idempotency key; default a fresh UUID, reused on every retry of this call. */
   readonly requestId?: string;
+  /**
+   * When a failed attempt runs again (resuming from the task's last checkpoint);
+   * default: the server's policy. A user's interrupt is never retried.
+   */
+  readonly retry?: RetryPolicyInit;
+  /** Whether a higher-priority task may preempt this one (it resumes later); default: the server's choice by task name. */
+  readonly preemptible?: boolean;
 }
 
 /** Result of {@link TetherClient.submit}. */
@@ -177,6 +192,8 @@ export class TetherClient {
       requiredTags: [...(options.requiredTags ?? [])],
       resumeFrom: options.resumeFrom ?? "",
       requestId,
+      retry: toRetryPolicy(options.retry),
+      preemptible: options.preemptible,
     });
     const response = await this.unary(options, (call) => this.tasks.submitTask(request, call));
     return { task: required(response.task, "SubmitTaskResponse.task"), deduplicated: response.deduplicated, requestId };

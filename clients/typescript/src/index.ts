@@ -23,7 +23,7 @@ export { TETHER_ERROR_DOMAIN, TetherError, codeToName, isTetherError } from "./e
 export type { FieldViolation } from "./errors.js";
 export type { BackoffOptions } from "./backoff.js";
 export { TERMINAL_STATES, isTerminal, stateName, taskResult, toDate } from "./tasks.js";
-export type { GraceSeconds, TaskFilterInit } from "./tasks.js";
+export type { GraceSeconds, RetryPolicyInit, TaskFilterInit } from "./tasks.js";
 export { Code } from "@connectrpc/connect";
 
 export * from "./gen/tether/v1/task_pb.js";

@@ -4,7 +4,14 @@
  */
 import { create, toJson, type JsonValue } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, ValueSchema, type Timestamp } from "@bufbuild/protobuf/wkt";
-import { GracePeriodsSchema, TaskState, type GracePeriods, type Task } from "./gen/tether/v1/task_pb.js";
+import {
+  GracePeriodsSchema,
+  RetryPolicySchema,
+  TaskState,
+  type GracePeriods,
+  type RetryPolicy,
+  type Task,
+} from "./gen/tether/v1/task_pb.js";
 import { TaskFilterSchema, type TaskFilter } from "./gen/tether/v1/task_service_pb.js";
 
 /** States a task never leaves. */
@@ -60,6 +67,40 @@ export function toGracePeriods(grace: GraceSeconds | undefined): GracePeriods | 
 
 export function secondsToDuration(seconds: number | undefined): ReturnType<typeof durationFromMs> | undefined {
   return seconds === undefined ? undefined : durationFromMs(Math.round(seconds * 1000));
+}
+
+/**
+ * A retry policy for {@link TetherClient.submit}. A retried attempt is the same task
+ * with attempt + 1 and resumes from its last checkpoint; unset fields take the
+ * server's defaults (jitter unset: none).
+ */
+export interface RetryPolicyInit {
+  /** Attempts that may end in a retried failure, the first run included (at most 100). */
+  readonly maxAttempts?: number;
+  /** Reasons retried: ENGINE_LOST, CLUSTER_LOST, RESOURCE_LIMIT, TASK_RAISED, TIMED_OUT (default the first two). */
+  readonly retryOn?: readonly string[];
+  /** Wait before the first retry, in seconds. */
+  readonly initialBackoffSeconds?: number;
+  /** Longest wait between two attempts, in seconds. */
+  readonly maxBackoffSeconds?: number;
+  /** Growth of the wait per retry (at least 1). */
+  readonly backoffMultiplier?: number;
+  /** Random spread of each wait, a fraction in [0, 1]. */
+  readonly jitter?: number;
+}
+
+export function toRetryPolicy(policy: RetryPolicyInit | undefined): RetryPolicy | undefined {
+  if (policy === undefined) {
+    return undefined;
+  }
+  return create(RetryPolicySchema, {
+    maxAttempts: policy.maxAttempts ?? 0,
+    retryOn: [...(policy.retryOn ?? [])],
+    initialBackoff: secondsToDuration(policy.initialBackoffSeconds),
+    maxBackoff: secondsToDuration(policy.maxBackoffSeconds),
+    backoffMultiplier: policy.backoffMultiplier ?? 0,
+    jitter: policy.jitter ?? 0,
+  });
 }
 
 /** Which tasks a list or a watch covers; empty fields match everything, set fields must all match. */

@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 import {
+  AttemptEnding,
   Code,
   TaskEventType,
   TaskState,
@@ -121,6 +122,34 @@ describe("TetherClient against a real server", { timeout: 300_000 }, () => {
       assert.ok(error instanceof TetherError);
       assert.equal(error.code, Code.FailedPrecondition);
       assert.equal(error.reason, "TASK_ALREADY_TERMINAL");
+      return true;
+    });
+  });
+
+  test("a retry policy runs a failing task again and every attempt is on the task", { timeout: 60_000 }, async () => {
+    const { task } = await client.submit("demo.fail", {
+      retry: { maxAttempts: 2, retryOn: ["TASK_RAISED"], initialBackoffSeconds: 0 },
+      preemptible: true,
+    });
+    assert.equal(task.retry?.maxAttempts, 2);
+    assert.equal(task.preemptible, true);
+    const final = await client.wait(task.name);
+    assert.equal(final.state, TaskState.FAILED);
+    assert.equal(final.attempt, 2);
+    assert.deepEqual(
+      final.attempts.map((a) => [a.attempt, a.ending, a.reason]),
+      [
+        [1, AttemptEnding.RETRIED, "TASK_RAISED"],
+        [2, AttemptEnding.FINAL, "TASK_RAISED"],
+      ],
+    );
+  });
+
+  test("a bad retry policy is INVALID_ARGUMENT naming the field", async () => {
+    await assert.rejects(client.submit("demo.echo", { retry: { maxAttempts: 2, retryOn: ["INTERRUPTED"] } }), (error: unknown) => {
+      assert.ok(error instanceof TetherError, String(error));
+      assert.equal(error.reason, "INVALID_RETRY_POLICY");
+      assert.ok(error.violations.some((v) => v.field === "retry.retry_on"), JSON.stringify(error.violations));
       return true;
     });
   });

@@ -73,6 +73,33 @@ def grace_to_pb(g: m.GracePeriods) -> tpb.GracePeriods:
     )
 
 
+def retry_to_pb(r: m.RetryPolicy) -> tpb.RetryPolicy:
+    return tpb.RetryPolicy(
+        max_attempts=r.max_attempts,
+        retry_on=sorted(reason.value for reason in r.retry_on),
+        initial_backoff=duration(r.initial_backoff),
+        max_backoff=duration(r.max_backoff),
+        backoff_multiplier=r.multiplier,
+        jitter=r.jitter,
+    )
+
+
+def attempt_to_pb(a: m.TaskAttempt) -> tpb.TaskAttempt:
+    pb = tpb.TaskAttempt(
+        attempt=a.attempt,
+        start_time=timestamp(a.start_time),
+        ending=tpb.AttemptEnding.ValueType(a.ending.value),
+        reason=a.reason,
+        message=a.message,
+        ended_by=a.ended_by,
+    )
+    if a.engine_id is not None:
+        pb.engine_id = a.engine_id
+    if a.end_time is not None:
+        pb.end_time.CopyFrom(timestamp(a.end_time))
+    return pb
+
+
 def task_to_pb(task: m.Task, view: int = BASIC) -> tpb.Task:
     """A domain task as tether.v1.Task. BASIC leaves out result, traceback and output."""
     full = view == FULL
@@ -91,7 +118,11 @@ def task_to_pb(task: m.Task, view: int = BASIC) -> tpb.Task:
         has_checkpoint=task.has_checkpoint,
         output_truncated=task.output_truncated,
         required_tags=list(task.required_tags),
+        preemptible=task.preemptible,
     )
+    if task.retry is not None:
+        pb.retry.CopyFrom(retry_to_pb(task.retry))
+    pb.attempts.extend(attempt_to_pb(a) for a in task.attempts)
     pb.args.CopyFrom(dict_to_struct(task.args))
     pb.labels.update(task.labels)
     if task.engine_id is not None:

@@ -28,6 +28,7 @@ from .validation import (
     check_request_id,
     grace_from_pb,
     parse_task_name,
+    retry_from_pb,
 )
 
 
@@ -90,6 +91,10 @@ class TaskService:
         for i, tag in enumerate(request.required_tags):
             if not tag or len(tag) > 63:
                 v.add("INVALID_TAGS", f"required_tags[{i}]", "tags are 1-63 characters")
+        retry = None
+        if request.HasField("retry"):
+            default = self.controller.config.retry
+            retry = retry_from_pb(v, request.retry, default, limits, "retry")
         v.raise_if_any()
         spec = SubmitSpec(
             task=request.task,
@@ -104,6 +109,8 @@ class TaskService:
             resume_from=request.resume_from,
             required_tags=tuple(request.required_tags),
             owner=principal.name,
+            retry=retry,
+            preemptible=request.preemptible if request.HasField("preemptible") else None,
         )
         task, dedup = await self.controller.submit(spec)
         return spb.SubmitTaskResponse(

@@ -13,7 +13,8 @@ from tether.v1 import task_service_pb2 as spb
 
 from ..config import Limits
 from ..core.errors import FieldViolation, InvalidRequest
-from ..core.model import GracePeriods, TaskState
+from ..core.model import ErrorReason, GracePeriods, RetryPolicy, TaskState
+from ..core.retry import DEFAULT_RETRY_ON, validate_policy
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
@@ -116,3 +117,50 @@ def check_filter(v: Violations, f: spb.TaskFilter, field: str = "filter") -> Non
         if s not in valid:
             v.add("INVALID_FILTER", f"{field}.states[{i}]", f"unknown task state {s}")
     check_labels(v, f.labels, Limits(max_labels=10_000), f"{field}.labels")
+
+
+def retry_from_pb(
+    v: Violations, r: tpb.RetryPolicy, default: RetryPolicy, limits: Limits, field: str
+) -> RetryPolicy:
+    """A request's retry policy; unset fields take the server's default policy's values.
+
+    Unknown reasons, out-of-range numbers and negative durations are field violations
+    (reason INVALID_RETRY_POLICY) naming ``{field}.{name}``.
+    """
+    reasons: set[ErrorReason] = set()
+    for i, name in enumerate(r.retry_on):
+        try:
+            reasons.add(ErrorReason(name))
+        except ValueError:
+            v.add("INVALID_RETRY_POLICY", f"{field}.retry_on[{i}]", f"{name!r} is not a reason")
+    max_attempts = r.max_attempts or default.max_attempts
+    retry_on = frozenset(reasons) if r.retry_on else default.retry_on
+    if max_attempts > 1 and not retry_on:
+        retry_on = DEFAULT_RETRY_ON
+    values: dict[str, float] = {}
+    given = {
+        "initial_backoff": r.initial_backoff if r.HasField("initial_backoff") else None,
+        "max_backoff": r.max_backoff if r.HasField("max_backoff") else None,
+    }
+    for name, backoff in given.items():
+        if backoff is not None:
+            values[name] = check_duration(
+                v,
+                backoff,
+                f"{field}.{name}",
+                "INVALID_RETRY_POLICY",
+                limits.max_timeout_seconds,
+                allow_zero=True,
+            )
+    initial = values.get("initial_backoff", default.initial_backoff)
+    policy = RetryPolicy(
+        max_attempts=max_attempts,
+        retry_on=retry_on,
+        initial_backoff=initial,
+        max_backoff=values.get("max_backoff", max(default.max_backoff, initial)),
+        multiplier=r.backoff_multiplier or default.multiplier,
+        jitter=r.jitter,
+    )
+    for name, description in validate_policy(policy):
+        v.add("INVALID_RETRY_POLICY", f"{field}.{name}", description)
+    return policy

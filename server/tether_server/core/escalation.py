@@ -25,11 +25,13 @@ INTERRUPT_ENDINGS: Mapping[InterruptCause, tuple[TaskState, ErrorReason]] = {
     InterruptCause.TIMEOUT: (TaskState.TIMED_OUT, ErrorReason.TIMED_OUT),
     InterruptCause.RESOURCE_LIMIT: (TaskState.INTERRUPTED, ErrorReason.RESOURCE_LIMIT),
     InterruptCause.SHUTDOWN: (TaskState.INTERRUPTED, ErrorReason.SHUTDOWN),
+    InterruptCause.PREEMPTED: (TaskState.INTERRUPTED, ErrorReason.PREEMPTED),
 }
 """Terminal state and error reason of a task that an interrupt stopped, by cause.
 
 A timeout ends TIMED_OUT so that users can tell "too slow" from "stopped"; the
-other causes end INTERRUPTED and the error reason says who wanted it.
+other causes end INTERRUPTED and the error reason says who wanted it. A PREEMPTED
+ending is never final: the core queues the task again (it only names the attempt's end).
 """
 
 SIGNALLED_STAGES = frozenset({EscalationStage.SIGINT, EscalationStage.SIGTERM})

@@ -29,6 +29,15 @@ never changes, see ``records.LEGAL_TRANSITIONS``)::
     INTERRUPTING  TaskFinished INTERRUPTED                   INTERRUPTED or TIMED_OUT by cause
     INTERRUPTING  EngineLost / ClusterLost                   INTERRUPTED or TIMED_OUT, final SIGKILL
     RUNNING, INTERRUPTING  restore() after a restart         FAILED     (CONTROLLER_RESTARTED)
+    RUNNING, INTERRUPTING  an ending its retry policy retries  PENDING (after a RETRY timer)
+    INTERRUPTING  ending of an interrupt with cause PREEMPTED  PENDING (queued at once)
+    PENDING       a higher-priority task finds no engine     a victim RUNNING -> INTERRUPTING
+                                                             (cause PREEMPTED, core/preemption.py)
+
+Every dispatch opens a ``TaskAttempt``; every ending closes it (FINAL, RETRIED or
+PREEMPTED). A retried or preempted task is the same task going back to PENDING:
+it is dispatched like a new one, with attempt + 1, and the controller gives the
+new attempt the task's last checkpoint.
 
 Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
 TaskFinished) -> STOPPING (KillEngine: escalation or recycling) -> LOST
@@ -48,7 +57,8 @@ snapshot (a copy), which is what the event log and the subscribers see.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from typing import assert_never
 
 from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
@@ -84,6 +94,7 @@ from .messages import (
     Withdrawn,
 )
 from .model import (
+    AttemptEnding,
     Engine,
     EngineState,
     ErrorReason,
@@ -92,12 +103,15 @@ from .model import (
     InterruptCause,
     InterruptRecord,
     Task,
+    TaskAttempt,
     TaskError,
     TaskState,
 )
 from .pipeline import REPORTS, SHUTDOWN_REASON, SYSTEM, PipelinedDispatch
 from .pool import EnginePool
-from .records import bounded, move, resource_report, seconds, snapshot
+from .preemption import Preemption, plan_preemptions
+from .records import bounded, close_attempt, move, resource_report, seconds, snapshot
+from .retry import retry_delay
 from .scheduling import PendingQueue, plan_dispatch
 
 ALREADY_ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT})
@@ -124,6 +138,8 @@ class ControlCore(PipelinedDispatch):
         pipeline_depth: int = 1,
         first_revision: int = 1,
         max_output_chars: int = 1_000_000,
+        preempt_min_runtime: float = 10.0,
+        uniform: Callable[[], float] = random.random,
     ) -> None:
         if first_revision < 1:
             raise ValueError("first_revision must be at least 1")
@@ -143,6 +159,13 @@ class ControlCore(PipelinedDispatch):
         self._queue = PendingQueue()
         self._next_revision = first_revision
         self._shutting_down = False
+        self.preempt_min_runtime = preempt_min_runtime
+        """Seconds a task that was preempted runs before it may be preempted again."""
+        self._uniform = uniform
+        """Random source of the retry jitter (injected: deterministic in tests)."""
+        self._preempting: dict[str, Preemption] = {}
+        """Urgent task id -> the preemption freeing an engine for it."""
+        self._preempt_check_at: float | None = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -312,6 +335,17 @@ class ControlCore(PipelinedDispatch):
             self._begin_interrupt(
                 task, event.requested_by, event.reason, event.cause, grace, event.now, out
             )
+        elif (
+            task.state is TaskState.INTERRUPTING
+            and task.interrupt is not None
+            and task.interrupt.cause is InterruptCause.PREEMPTED
+            and event.cause is not InterruptCause.PREEMPTED
+        ):
+            # Being preempted, now asked to stop for good: it ends instead of requeueing.
+            task.interrupt.requested_by = event.requested_by
+            task.interrupt.reason = event.reason
+            task.interrupt.cause = event.cause
+            out.append(self._publish(task, EventKind.UPDATED, event.now))
         # INTERRUPTING, INTERRUPTED, CANCELLED: already what was asked for.
 
     def _cancel_pending(
@@ -533,6 +567,23 @@ class ControlCore(PipelinedDispatch):
 
     # ------------------------------------------------------------------ timers
     def _on_timer(self, key: TimerKey, now: float, out: list[Instruction]) -> None:
+        if key.kind is TimerKind.RETRY:
+            task = self.tasks.get(key.task_id)
+            if (
+                task is not None
+                and task.state is TaskState.PENDING
+                and task.attempt == key.attempt
+                and task.id not in self._queue
+            ):
+                self._queue.push(task)
+                self._dispatch(now, out)
+            return
+        if key.kind is TimerKind.PREEMPT_CHECK:
+            self._preempt_check_at = None
+            if not self._shutting_down:  # the waiting task may be queued behind its victim
+                self._preempt(now, out)
+                self._dispatch(now, out)
+            return
         if key.kind is TimerKind.QUEUE_TIMEOUT:
             task = self.tasks.get(key.task_id)
             if task is None or task.state is not TaskState.PENDING or task.attempt != key.attempt:
@@ -589,13 +640,17 @@ class ControlCore(PipelinedDispatch):
         self._rebalance(out)  # an idle engine takes what waits behind a busy one
         if not self._queue:
             return
+        # An urgent task that found no idle engine frees one by preemption, and then waits
+        # for that engine rather than being queued behind another running task.
+        self._preempt(now, out)
         # Pipelined dispatch: one more behind each running task that is not being stopped.
         behind = [
             engine
             for engine in self._pool.queueable()
             if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
         ]
-        self._queue_behind_running(plan_dispatch(self._queue, self.tasks, behind), out)
+        waiting = [task_id for task_id in self._queue if self._may_queue_behind(task_id)]
+        self._queue_behind_running(plan_dispatch(waiting, self.tasks, behind), out)
         if self._queue:
             self._reclaim_queued(out)
 
@@ -605,10 +660,56 @@ class ControlCore(PipelinedDispatch):
         task.engine_id = engine.id
         task.start_time = now
         self._pool.assign(engine, task)
+        task.attempts.append(TaskAttempt(task.attempt, engine.id, now))
+        self._preempting.pop(task.id, None)
         out.append(self._publish(task, EventKind.STATE_CHANGED, now))
         if task.timeout is not None:
             key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
             out.append(StartTimer(key, task.timeout))
+
+    def _preempt(self, now: float, out: list[Instruction]) -> None:
+        """Waiting tasks preempt lower-priority preemptible ones (the choice:
+        ``core/preemption.py``); one ladder per (urgent, victim) pair. A task queued
+        on an engine behind a preemptible lower-priority one preempts that one."""
+        for urgent_id in [u for u, p in self._preempting.items() if not self._freeing(p)]:
+            del self._preempting[urgent_id]
+        behind = [
+            (self.tasks[slot.task_id], engine)
+            for engine, slot in self._pool.queued()
+            if not slot.withdrawing and slot.cancel is None
+        ]
+        plan = plan_preemptions(
+            self._queue,
+            self.tasks,
+            self.engines.values(),
+            served=self._preempting.keys(),
+            now=now,
+            min_runtime=self.preempt_min_runtime,
+            queued_behind=behind,
+        )
+        for urgent, victim, engine in plan.preemptions:
+            self._preempting[urgent.id] = Preemption(victim.id, victim.attempt, engine.id)
+            reason = f"preempted by {urgent.name} (priority {urgent.priority} > {victim.priority})"
+            cause = InterruptCause.PREEMPTED
+            self._begin_interrupt(victim, urgent.name, reason, cause, victim.grace, now, out)
+        wait_until = plan.look_again_at
+        if wait_until is not None and (
+            self._preempt_check_at is None or wait_until < self._preempt_check_at
+        ):
+            self._preempt_check_at = wait_until
+            key = TimerKey(TimerKind.PREEMPT_CHECK, "", 0)
+            out.append(StartTimer(key, max(0.0, wait_until - now)))
+
+    def _may_queue_behind(self, task_id: str) -> bool:
+        """Neither an urgent task waiting for the engine its preemption frees, nor a
+        preempted one: it resumes on the first free engine, not behind another long task."""
+        if task_id in self._preempting:
+            return False
+        attempts = self.tasks[task_id].attempts
+        return not attempts or attempts[-1].ending is not AttemptEnding.PREEMPTED
+
+    def _freeing(self, preemption: Preemption) -> bool:
+        return preemption.still_freeing(self.engines.get(preemption.engine_id))
 
     def _current(self, task_id: str, attempt: int) -> tuple[Task, Engine] | None:
         """The active task and its engine, when ``attempt`` is the task's current one."""
@@ -625,12 +726,47 @@ class ControlCore(PipelinedDispatch):
         now: float,
         out: list[Instruction],
     ) -> None:
-        """Move to a terminal state: the one place that publishes an end and cancels timers."""
+        """Move to a terminal state: the one place that publishes an end and cancels timers.
+
+        An active task whose ending its retry policy retries, or that was preempted,
+        goes back to PENDING instead (:meth:`_requeue`).
+        """
+        if task.state.active and error is not None and self._requeue(task, error, now, out):
+            return
+        close_attempt(task, AttemptEnding.FINAL, error, now)
+        self._preempting.pop(task.id, None)
         move(task, state)
         task.error = error
         task.end_time = now
         out.append(self._publish(task, EventKind.STATE_CHANGED, now))
         out.append(CancelTimers(task.id))
+
+    def _requeue(self, task: Task, error: TaskError, now: float, out: list[Instruction]) -> bool:
+        """End the current attempt and queue the task again, when the ending allows it.
+
+        Preempted: queued at once. A failure the policy retries: queued when its
+        backoff is over (a RETRY timer). The new attempt starts with no output of
+        its own: a resumed task replays the text of its checkpoint first.
+        """
+        if error.reason is ErrorReason.PREEMPTED:
+            ending, delay = AttemptEnding.PREEMPTED, 0.0
+        else:
+            retry = retry_delay(task, error.reason, self._uniform)
+            if retry is None:
+                return False
+            ending, delay = AttemptEnding.RETRIED, retry
+        close_attempt(task, ending, error, now)
+        move(task, TaskState.PENDING)
+        task.engine_id = None
+        task.interrupt = None
+        task.output, task.output_truncated = "", False
+        task.progress_fraction, task.progress_message = 0.0, ""
+        out.append(self._publish(task, EventKind.STATE_CHANGED, now))
+        if delay > 0:
+            out.append(StartTimer(TimerKey(TimerKind.RETRY, task.id, task.attempt), delay))
+        else:
+            self._queue.push(task)
+        return True
 
     def _publish(self, task: Task, kind: EventKind, now: float, chunk: str = "") -> Publish:
         """Stamp the change on the task (revision, update_time) and describe it."""

@@ -227,6 +227,10 @@ class TimerKind(enum.Enum):
     """The task's run-time limit for (task_id, attempt)."""
     QUEUE_TIMEOUT = "queue_timeout"
     """The task's queue limit (attempt 0)."""
+    RETRY = "retry"
+    """The backoff after the failed ``attempt`` is over: queue the task again."""
+    PREEMPT_CHECK = "preempt_check"
+    """A running task reached its minimum run time and may now be preempted (no task id)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,8 @@ class InterruptCause(enum.Enum):
     TIMEOUT = 2
     RESOURCE_LIMIT = 3
     SHUTDOWN = 4
+    PREEMPTED = 5
+    """A higher-priority task needs the engine; the task is queued again (core/preemption.py)."""
 
 
 class EngineState(enum.Enum):
@@ -91,6 +93,8 @@ class ErrorReason(enum.StrEnum):
     RESOURCE_LIMIT = "RESOURCE_LIMIT"
     UNKNOWN_TASK = "UNKNOWN_TASK"
     SHUTDOWN = "SHUTDOWN"
+    PREEMPTED = "PREEMPTED"
+    """Only on an attempt (``TaskAttempt.reason``): a preempted task never ends with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,45 @@ class ResourceReport:
     summary: str = ""
 
 
+class AttemptEnding(enum.Enum):
+    """How one attempt ended. Values match ``tether.v1.AttemptEnding``."""
+
+    RUNNING = 0
+    FINAL = 1
+    RETRIED = 2
+    PREEMPTED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When a failed attempt runs again (see ``core/retry.py``). The default retries nothing."""
+
+    max_attempts: int = 1
+    """Attempts that may end in a retried failure, the first included (preemptions not counted)."""
+    retry_on: frozenset[ErrorReason] = frozenset()
+    initial_backoff: float = 1.0
+    max_backoff: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    """Each wait w becomes ``w * (1 + jitter * u)``, u uniform in [-1, 1]."""
+
+
+@dataclass(slots=True)
+class TaskAttempt:
+    """One run of a task on an engine."""
+
+    attempt: int
+    engine_id: int | None
+    start_time: float
+    end_time: float | None = None
+    ending: AttemptEnding = AttemptEnding.RUNNING
+    reason: str = ""
+    """An ``ErrorReason`` value, or "" when the attempt succeeded or still runs."""
+    message: str = ""
+    ended_by: str = ""
+    """The preempting task's name for a preemption."""
+
+
 @dataclass(slots=True)
 class Task:
     """A task record. ``id`` is the bare id; the resource name is ``tasks/{id}``."""
@@ -172,6 +215,10 @@ class Task:
     has_checkpoint: bool = False
     resources: ResourceReport | None = None
     required_tags: tuple[str, ...] = ()
+    retry: RetryPolicy | None = None
+    preemptible: bool = False
+    attempts: list[TaskAttempt] = field(default_factory=list)
+    """Every attempt, oldest first; the last is the current (or final) one."""
     seq: int = 0
     """Submission sequence number: FIFO order among equal priorities, and list order."""
 

@@ -57,7 +57,7 @@ from .model import (
     TaskError,
     TaskState,
 )
-from .pool import EnginePool, QueuedAttempt
+from .pool import EnginePool
 from .records import InvariantViolation
 from .scheduling import PendingQueue, choose_engine, queue_key
 
@@ -244,14 +244,10 @@ class PipelinedDispatch:
         queued = [
             (engine, slot)
             for engine, slot in self._pool.queued()
-            if not slot.withdrawing and slot.cancel is None
+            if not slot.withdrawing and slot.cancel is None and engine.current_task is not None
         ]
 
-        def running_since(pair: tuple[Engine, QueuedAttempt]) -> float:
-            running = self.tasks.get(pair[0].current_task or "")  # None: a recycled engine
-            return (running.start_time or 0.0) if running is not None else 0.0
-
-        queued.sort(key=running_since)
+        queued.sort(key=lambda pair: self.tasks[pair[0].current_task or ""].start_time or 0.0)
         for engine, slot in queued:
             if not idle:
                 return

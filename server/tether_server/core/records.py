@@ -11,19 +11,21 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from .model import TERMINAL_STATES, ResourceReport, Task, TaskState
+from .model import TERMINAL_STATES, AttemptEnding, ResourceReport, Task, TaskError, TaskState
 
 _S = TaskState
 LEGAL_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     _S.PENDING: frozenset({_S.RUNNING, _S.CANCELLED, _S.FAILED}),
-    _S.RUNNING: frozenset({_S.INTERRUPTING, _S.SUCCEEDED, _S.FAILED}),
-    _S.INTERRUPTING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.INTERRUPTED, _S.TIMED_OUT}),
+    _S.RUNNING: frozenset({_S.INTERRUPTING, _S.SUCCEEDED, _S.FAILED, _S.PENDING}),
+    _S.INTERRUPTING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.INTERRUPTED, _S.TIMED_OUT, _S.PENDING}),
     **{state: frozenset() for state in TERMINAL_STATES},
 }
 """Every state a task may move to from each state. Terminal states have no exit.
 
 RUNNING never goes straight to INTERRUPTED or TIMED_OUT: those mean "stopped
-because someone asked", and asking always passes through INTERRUPTING.
+because someone asked", and asking always passes through INTERRUPTING. An active
+task goes back to PENDING when its attempt is retried or preempted (a new attempt
+follows; see ``core/retry.py`` and ``core/preemption.py``).
 """
 
 
@@ -39,6 +41,19 @@ def move(task: Task, state: TaskState) -> None:
     task.state = state
 
 
+def close_attempt(task: Task, ending: AttemptEnding, error: TaskError | None, now: float) -> None:
+    """Record how the task's current attempt ended (nothing when none is open)."""
+    if not task.attempts or task.attempts[-1].end_time is not None:
+        return
+    attempt = task.attempts[-1]
+    attempt.end_time = now
+    attempt.ending = ending
+    if error is not None:
+        attempt.reason, attempt.message = error.reason.value, error.message
+    if ending is AttemptEnding.PREEMPTED and task.interrupt is not None:
+        attempt.ended_by = task.interrupt.requested_by
+
+
 def snapshot(task: Task, *, keep_output: bool) -> Task:
     """A copy of ``task`` that later changes to the task cannot alter.
 
@@ -52,6 +67,7 @@ def snapshot(task: Task, *, keep_output: bool) -> Task:
     copied.interrupt = copy.copy(task.interrupt)
     copied.error = copy.copy(task.error)
     copied.resources = copy.copy(task.resources)
+    copied.attempts = [copy.copy(attempt) for attempt in task.attempts]
     if not keep_output:
         copied.output = ""
     return copied

@@ -89,7 +89,7 @@ def choose_engine(required_tags: Iterable[str], idle: Sequence[Engine]) -> Engin
 
 
 def plan_dispatch(
-    queue: PendingQueue, tasks: dict[str, Task], idle: Sequence[Engine]
+    queue: Iterable[str], tasks: dict[str, Task], idle: Sequence[Engine]
 ) -> list[tuple[Task, Engine]]:
     """Pair queued tasks with idle engines, in queue order.
 

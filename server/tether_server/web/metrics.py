@@ -96,6 +96,13 @@ class TaskMetrics:
             ["task"],
             registry=r,
         )
+        self.requeued = Counter(
+            "tether_task_attempts_requeued",
+            "Attempts that ended with the task queued again: RETRIED (a failure its retry "
+            "policy retries) or PREEMPTED, by the attempt's reason.",
+            ["task", "ending", "reason"],
+            registry=r,
+        )
         self.output = Counter(
             "tether_task_output_chunks",
             "Output chunks (e.g. tokens) published by tasks.",
@@ -141,6 +148,10 @@ class TaskMetrics:
         if state is TaskState.PENDING:
             if previous is None and task.attempt == 0:
                 self._child(self.submitted, name).inc()
+            elif previous is not None and task.attempts:  # queued again: a new attempt follows
+                ended = task.attempts[-1]
+                self._child(self.requeued, name, ended.ending.name, ended.reason).inc()
+                self._interrupt_seen.discard(task.id)  # the next attempt's interrupt counts too
             self._pending_since[task.id] = entry.time
         elif task.id in self._pending_since and state is TaskState.RUNNING:
             # The RUNNING event is published when the core dispatches the attempt.

@@ -22,6 +22,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AttemptEnding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttemptEndingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttemptEnding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTEMPT_ENDING_UNSPECIFIED: _AttemptEnding.ValueType  # 0
+    """The attempt is still running."""
+    ATTEMPT_ENDING_FINAL: _AttemptEnding.ValueType  # 1
+    """The task ended with this attempt; the task's state and error say how."""
+    ATTEMPT_ENDING_RETRIED: _AttemptEnding.ValueType  # 2
+    """The attempt failed with a reason the retry policy retries; another attempt follows."""
+    ATTEMPT_ENDING_PREEMPTED: _AttemptEnding.ValueType  # 3
+    """A higher-priority task preempted the attempt; the task was queued again and resumes from its checkpoint."""
+
+class AttemptEnding(_AttemptEnding, metaclass=_AttemptEndingEnumTypeWrapper):
+    """How one attempt of a task ended."""
+
+ATTEMPT_ENDING_UNSPECIFIED: AttemptEnding.ValueType  # 0
+"""The attempt is still running."""
+ATTEMPT_ENDING_FINAL: AttemptEnding.ValueType  # 1
+"""The task ended with this attempt; the task's state and error say how."""
+ATTEMPT_ENDING_RETRIED: AttemptEnding.ValueType  # 2
+"""The attempt failed with a reason the retry policy retries; another attempt follows."""
+ATTEMPT_ENDING_PREEMPTED: AttemptEnding.ValueType  # 3
+"""A higher-priority task preempted the attempt; the task was queued again and resumes from its checkpoint."""
+Global___AttemptEnding: _TypeAlias = AttemptEnding  # noqa: Y015
+
 class _TaskState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -120,6 +148,8 @@ class _InterruptCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Interr
     """The task's engine exceeded a configured resource limit."""
     INTERRUPT_CAUSE_SHUTDOWN: _InterruptCause.ValueType  # 4
     """The server is shutting down."""
+    INTERRUPT_CAUSE_PREEMPTED: _InterruptCause.ValueType  # 5
+    """A higher-priority task needed the engine; the task is queued again and resumes from its checkpoint."""
 
 class InterruptCause(_InterruptCause, metaclass=_InterruptCauseEnumTypeWrapper):
     """Why an interrupt was asked for."""
@@ -134,6 +164,8 @@ INTERRUPT_CAUSE_RESOURCE_LIMIT: InterruptCause.ValueType  # 3
 """The task's engine exceeded a configured resource limit."""
 INTERRUPT_CAUSE_SHUTDOWN: InterruptCause.ValueType  # 4
 """The server is shutting down."""
+INTERRUPT_CAUSE_PREEMPTED: InterruptCause.ValueType  # 5
+"""A higher-priority task needed the engine; the task is queued again and resumes from its checkpoint."""
 Global___InterruptCause: _TypeAlias = InterruptCause  # noqa: Y015
 
 class _TaskView:
@@ -216,6 +248,9 @@ class Task(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     REQUIRED_TAGS_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    PREEMPTIBLE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "tasks/{id}". Output only."""
     task: _builtins.str
@@ -240,6 +275,10 @@ class Task(_message.Message):
     """Name of an earlier task whose last checkpoint this task resumes from ("tasks/{id}"), if any."""
     has_checkpoint: _builtins.bool
     """True when the task holds a checkpoint (saved with ctx.checkpoint). Output only."""
+    preemptible: _builtins.bool
+    """True when a higher-priority task may preempt this one: it is then stopped (SIGINT first, so it
+    checkpoints), queued again with attempt + 1, and resumes from its last checkpoint.
+    """
     @_builtins.property
     def args(self) -> _struct_pb2.Struct:
         """JSON-shaped arguments passed to the task as keyword arguments."""
@@ -300,6 +339,14 @@ class Task(_message.Message):
     def queue_timeout(self) -> _duration_pb2.Duration:
         """Time the task may wait in the queue before it ends FAILED with reason QUEUE_TIMEOUT. Unset: no limit."""
 
+    @_builtins.property
+    def retry(self) -> Global___RetryPolicy:
+        """The retry policy in effect for this task (the request's, else the server's default). Unset: no retry."""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAttempt]:
+        """Every attempt so far, oldest first; the last one is the current or final attempt. Output only."""
+
     def __init__(
         self,
         *,
@@ -330,16 +377,132 @@ class Task(_message.Message):
         resources: Global___ResourceReport | None = ...,
         required_tags: _abc.Iterable[_builtins.str] | None = ...,
         queue_timeout: _duration_pb2.Duration | None = ...,
+        retry: Global___RetryPolicy | None = ...,
+        preemptible: _builtins.bool = ...,
+        attempts: _abc.Iterable[Global___TaskAttempt] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id", "args", b"args", "create_time", b"create_time", "end_time", b"end_time", "engine_id", b"engine_id", "error", b"error", "grace", b"grace", "interrupt", b"interrupt", "progress", b"progress", "queue_timeout", b"queue_timeout", "resources", b"resources", "result", b"result", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id", "args", b"args", "create_time", b"create_time", "end_time", b"end_time", "engine_id", b"engine_id", "error", b"error", "grace", b"grace", "interrupt", b"interrupt", "progress", b"progress", "queue_timeout", b"queue_timeout", "resources", b"resources", "result", b"result", "retry", b"retry", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id", "args", b"args", "attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "engine_id", b"engine_id", "error", b"error", "grace", b"grace", "has_checkpoint", b"has_checkpoint", "interrupt", b"interrupt", "labels", b"labels", "name", b"name", "output", b"output", "output_truncated", b"output_truncated", "owner", b"owner", "priority", b"priority", "progress", b"progress", "queue_timeout", b"queue_timeout", "required_tags", b"required_tags", "resources", b"resources", "result", b"result", "resume_from", b"resume_from", "revision", b"revision", "start_time", b"start_time", "state", b"state", "task", b"task", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id", "args", b"args", "attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "engine_id", b"engine_id", "error", b"error", "grace", b"grace", "has_checkpoint", b"has_checkpoint", "interrupt", b"interrupt", "labels", b"labels", "name", b"name", "output", b"output", "output_truncated", b"output_truncated", "owner", b"owner", "preemptible", b"preemptible", "priority", b"priority", "progress", b"progress", "queue_timeout", b"queue_timeout", "required_tags", b"required_tags", "resources", b"resources", "result", b"result", "resume_from", b"resume_from", "retry", b"retry", "revision", b"revision", "start_time", b"start_time", "state", b"state", "task", b"task", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__engine_id: _TypeAlias = _typing.Literal["engine_id"]  # noqa: Y015
     _WhichOneofArgType__engine_id: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__engine_id) -> _WhichOneofReturnType__engine_id | None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """When a failed attempt is run again. A retried attempt is the same task with attempt + 1: it goes
+    back to PENDING (after the backoff) and receives the task's last checkpoint as ctx.resume_state.
+    A user's interrupt is never retried; preemptions do not count as attempts here.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RETRY_ON_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    JITTER_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """Attempts that may end in a retried failure, the first run included; 1 means no retry, 0 the
+    server's default. At most 100.
+    """
+    backoff_multiplier: _builtins.float
+    """Each retry waits this many times longer than the one before (at least 1). 0: the server's default."""
+    jitter: _builtins.float
+    """Random spread of each wait, as a fraction in [0, 1]: a wait w becomes w * (1 + jitter * u), u uniform
+    in [-1, 1]. 0: no jitter (the server's default jitter applies only when the request has no policy).
+    """
+    @_builtins.property
+    def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Failure reasons (TaskError.reason) that are retried, among ENGINE_LOST, CLUSTER_LOST,
+        RESOURCE_LIMIT, TASK_RAISED, TIMED_OUT. Empty with max_attempts above 1: ENGINE_LOST and CLUSTER_LOST.
+        """
+
+    @_builtins.property
+    def initial_backoff(self) -> _duration_pb2.Duration:
+        """Wait before the first retry. Unset: the server's default."""
+
+    @_builtins.property
+    def max_backoff(self) -> _duration_pb2.Duration:
+        """Longest wait between two attempts. Unset: the server's default."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: _builtins.int = ...,
+        retry_on: _abc.Iterable[_builtins.str] | None = ...,
+        initial_backoff: _duration_pb2.Duration | None = ...,
+        max_backoff: _duration_pb2.Duration | None = ...,
+        backoff_multiplier: _builtins.float = ...,
+        jitter: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "retry_on", b"retry_on"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
+
+@_typing.final
+class TaskAttempt(_message.Message):
+    """One run of a task on an engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ENGINE_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    ENDING_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ENDED_BY_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt number (1 for the first run), as in Task.attempt."""
+    engine_id: _builtins.int
+    """The engine that ran the attempt. Engine 0 exists, hence optional."""
+    ending: Global___AttemptEnding.ValueType
+    """How the attempt ended."""
+    reason: _builtins.str
+    """Why it did not succeed (a TaskError reason, or PREEMPTED); empty when it succeeded or still runs."""
+    message: _builtins.str
+    """Human-readable detail of the reason."""
+    ended_by: _builtins.str
+    """Principal or task that caused the ending: the preempting task's name ("tasks/{id}") for a preemption."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt was dispatched to its engine."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt ended; unset while it runs."""
+
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        engine_id: _builtins.int | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        ending: Global___AttemptEnding.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        ended_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id", "end_time", b"end_time", "engine_id", b"engine_id", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id", "attempt", b"attempt", "end_time", b"end_time", "ended_by", b"ended_by", "ending", b"ending", "engine_id", b"engine_id", "message", b"message", "reason", b"reason", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__engine_id: _TypeAlias = _typing.Literal["engine_id"]  # noqa: Y015
+    _WhichOneofArgType__engine_id: _TypeAlias = _typing.Literal["_engine_id", b"_engine_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__engine_id) -> _WhichOneofReturnType__engine_id | None: ...
+
+Global___TaskAttempt: _TypeAlias = TaskAttempt  # noqa: Y015
 
 @_typing.final
 class GracePeriods(_message.Message):
@@ -469,7 +632,7 @@ class TaskError(_message.Message):
     reason: _builtins.str
     """Machine-readable reason: TASK_RAISED, INTERRUPTED, TIMED_OUT, CANCELLED, ENGINE_LOST,
     CLUSTER_LOST (the ipyparallel controller died or froze), CONTROLLER_RESTARTED,
-    QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK.
+    QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK (and PREEMPTED, on TaskAttempt.reason only).
     """
     type: _builtins.str
     """Python exception type name, e.g. "ValueError" (empty when no exception was involved)."""

@@ -95,6 +95,8 @@ class SubmitTaskRequest(_message.Message):
     RESUME_FROM_FIELD_NUMBER: _builtins.int
     REQUIRED_TAGS_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    PREEMPTIBLE_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """Required. The registered task to run, e.g. "demo.sleep"."""
     priority: _builtins.int
@@ -105,6 +107,10 @@ class SubmitTaskRequest(_message.Message):
     """
     resume_from: _builtins.str
     """Name of an earlier task ("tasks/{id}") whose last checkpoint the new task receives as ctx.resume_state."""
+    preemptible: _builtins.bool
+    """Whether a higher-priority task may preempt this one. Unset: the server's default for this task name
+    (--preemptible-tasks).
+    """
     @_builtins.property
     def args(self) -> _struct_pb2.Struct:
         """Keyword arguments of the task, JSON-shaped. Size-limited by the server."""
@@ -129,6 +135,10 @@ class SubmitTaskRequest(_message.Message):
     def queue_timeout(self) -> _duration_pb2.Duration:
         """Maximum time in the queue; past it the task ends FAILED with reason QUEUE_TIMEOUT."""
 
+    @_builtins.property
+    def retry(self) -> _task_pb2.RetryPolicy:
+        """Retry policy for failed attempts. Unset: the server's default (--retry-* flags; no retry unless configured)."""
+
     def __init__(
         self,
         *,
@@ -142,12 +152,16 @@ class SubmitTaskRequest(_message.Message):
         resume_from: _builtins.str = ...,
         required_tags: _abc.Iterable[_builtins.str] | None = ...,
         queue_timeout: _duration_pb2.Duration | None = ...,
+        retry: _task_pb2.RetryPolicy | None = ...,
+        preemptible: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "grace", b"grace", "queue_timeout", b"queue_timeout", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_preemptible", b"_preemptible", "args", b"args", "grace", b"grace", "preemptible", b"preemptible", "queue_timeout", b"queue_timeout", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "grace", b"grace", "labels", b"labels", "priority", b"priority", "queue_timeout", b"queue_timeout", "request_id", b"request_id", "required_tags", b"required_tags", "resume_from", b"resume_from", "task", b"task", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_preemptible", b"_preemptible", "args", b"args", "grace", b"grace", "labels", b"labels", "preemptible", b"preemptible", "priority", b"priority", "queue_timeout", b"queue_timeout", "request_id", b"request_id", "required_tags", b"required_tags", "resume_from", b"resume_from", "retry", b"retry", "task", b"task", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__preemptible: _TypeAlias = _typing.Literal["preemptible"]  # noqa: Y015
+    _WhichOneofArgType__preemptible: _TypeAlias = _typing.Literal["_preemptible", b"_preemptible"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__preemptible) -> _WhichOneofReturnType__preemptible | None: ...
 
 Global___SubmitTaskRequest: _TypeAlias = SubmitTaskRequest  # noqa: Y015
 

@@ -53,6 +53,8 @@ export function renderTaskPage(container, name, authed) {
         field(info, "owner", task.owner ?? "");
         field(info, "engine", task.engineId !== undefined ? String(task.engineId) : "");
         field(info, "attempt", String(task.attempt ?? 0));
+        if (task.preemptible)
+            field(info, "preemptible", "yes");
         field(info, "created", task.createTime ?? "");
         field(info, "runtime", runtime(task));
         field(info, "labels", Object.entries(task.labels ?? {}).map(([k, v]) => `${k}=${v}`).join(" "));
@@ -67,6 +69,30 @@ export function renderTaskPage(container, name, authed) {
             field(dl, "stage", short(rec.stage, "ESCALATION_STAGE_"));
             field(dl, "final stage", short(rec.finalStage, "ESCALATION_STAGE_"), "task-stage");
             parts.push(section("Interrupt", dl, "task-interrupt"));
+        }
+        const attempts = task.attempts ?? [];
+        if (attempts.length > 1 || attempts.some((a) => a.reason)) {
+            // Retried or preempted: one row per attempt, with how it ended and why.
+            const table = el("table", "", "attempts");
+            const header = el("tr");
+            for (const h of ["#", "engine", "started", "ended", "ending", "reason"])
+                header.append(el("th", h));
+            table.append(header);
+            for (const a of attempts) {
+                const row = el("tr");
+                const reason = [a.reason ?? "", a.endedBy ? `by ${a.endedBy}` : "", a.message ?? ""].filter(Boolean).join(" ");
+                for (const cell of [
+                    String(a.attempt ?? ""),
+                    a.engineId !== undefined ? String(a.engineId) : "",
+                    a.startTime ?? "",
+                    a.endTime ?? "",
+                    a.endTime ? short(a.ending, "ATTEMPT_ENDING_") : "running",
+                    reason,
+                ])
+                    row.append(el("td", cell));
+                table.append(row);
+            }
+            parts.push(section("Attempts", table, "task-attempts"));
         }
         const res = task.resources;
         if (res) {
@@ -122,7 +148,9 @@ export function renderTaskPage(container, name, authed) {
             output.textContent = task.output;
             return;
         }
-        const keepOutput = task.output ?? "";
+        // A new attempt (retry, preemption) starts its output over; a resumed one replays it.
+        const newAttempt = (event.task.attempt ?? 0) !== (task.attempt ?? 0);
+        const keepOutput = newAttempt ? "" : (task.output ?? "");
         task = { ...task, ...event.task, output: event.task.output || keepOutput };
         draw();
         // The terminal snapshot is BASIC: fetch the result and traceback once.

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tether/v1/task.proto.
  */
 export const file_tether_v1_task: GenFile = /*@__PURE__*/
-  fileDesc("ChR0ZXRoZXIvdjEvdGFzay5wcm90bxIJdGV0aGVyLnYxIr0HCgRUYXNrEgwKBG5hbWUYASABKAkSDAoEdGFzaxgCIAEoCRIlCgRhcmdzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIjCgVzdGF0ZRgEIAEoDjIULnRldGhlci52MS5UYXNrU3RhdGUSKwoGbGFiZWxzGAUgAygLMhsudGV0aGVyLnYxLlRhc2suTGFiZWxzRW50cnkSEAoIcHJpb3JpdHkYBiABKAUSFgoJZW5naW5lX2lkGAcgASgFSACIAQESDwoHYXR0ZW1wdBgIIAEoBRIvCgtjcmVhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgd0aW1lb3V0GA0gASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKBWdyYWNlGA4gASgLMhcudGV0aGVyLnYxLkdyYWNlUGVyaW9kcxIpCghwcm9ncmVzcxgPIAEoCzIXLnRldGhlci52MS5UYXNrUHJvZ3Jlc3MSDgoGb3V0cHV0GBAgASgJEhgKEG91dHB1dF90cnVuY2F0ZWQYESABKAgSLQoJaW50ZXJydXB0GBIgASgLMhoudGV0aGVyLnYxLkludGVycnVwdFJlY29yZBImCgZyZXN1bHQYEyABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSIwoFZXJyb3IYFCABKAsyFC50ZXRoZXIudjEuVGFza0Vycm9yEhAKCHJldmlzaW9uGBUgASgDEg0KBW93bmVyGBYgASgJEhMKC3Jlc3VtZV9mcm9tGBcgASgJEhYKDmhhc19jaGVja3BvaW50GBggASgIEiwKCXJlc291cmNlcxgZIAEoCzIZLnRldGhlci52MS5SZXNvdXJjZVJlcG9ydBIVCg1yZXF1aXJlZF90YWdzGBogAygJEjAKDXF1ZXVlX3RpbWVvdXQYGyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24aLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZW5naW5lX2lkIpEBCgxHcmFjZVBlcmlvZHMSKQoGc2lnaW50GAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEioKB3NpZ3Rlcm0YAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SKgoHc2lna2lsbBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIxCgxUYXNrUHJvZ3Jlc3MSEAoIZnJhY3Rpb24YASABKAESDwoHbWVzc2FnZRgCIAEoCSKXAgoPSW50ZXJydXB0UmVjb3JkEhQKDHJlcXVlc3RlZF9ieRgBIAEoCRIOCgZyZWFzb24YAiABKAkSMAoMcmVxdWVzdF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIoCgVjYXVzZRgEIAEoDjIZLnRldGhlci52MS5JbnRlcnJ1cHRDYXVzZRIpCgVzdGFnZRgFIAEoDjIaLnRldGhlci52MS5Fc2NhbGF0aW9uU3RhZ2USLwoLZmluYWxfc3RhZ2UYBiABKA4yGi50ZXRoZXIudjEuRXNjYWxhdGlvblN0YWdlEiYKBWdyYWNlGAcgASgLMhcudGV0aGVyLnYxLkdyYWNlUGVyaW9kcyJNCglUYXNrRXJyb3ISDgoGcmVhc29uGAEgASgJEgwKBHR5cGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIRCgl0cmFjZWJhY2sYBCABKAkihAIKDlJlc291cmNlUmVwb3J0EhgKEHJzc19iZWZvcmVfYnl0ZXMYASABKAMSFwoPcnNzX2FmdGVyX2J5dGVzGAIgASgDEiIKGmdwdV9hbGxvY2F0ZWRfYmVmb3JlX2J5dGVzGAMgASgDEiEKGWdwdV9hbGxvY2F0ZWRfYWZ0ZXJfYnl0ZXMYBCABKAMSIAoYZ3B1X3Jlc2VydmVkX2FmdGVyX2J5dGVzGAUgASgDEhkKEWxlZnRvdmVyX2NoaWxkcmVuGAYgASgFEhEKCXJlY2xhaW1lZBgHIAEoCBIXCg9lbmdpbmVfcmVjeWNsZWQYCCABKAgSDwoHc3VtbWFyeRgJIAEoCSr1AQoJVGFza1N0YXRlEhoKFlRBU0tfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJUQVNLX1NUQVRFX1BFTkRJTkcQARIWChJUQVNLX1NUQVRFX1JVTk5JTkcQAhIbChdUQVNLX1NUQVRFX0lOVEVSUlVQVElORxADEhgKFFRBU0tfU1RBVEVfU1VDQ0VFREVEEAQSFQoRVEFTS19TVEFURV9GQUlMRUQQBRIaChZUQVNLX1NUQVRFX0lOVEVSUlVQVEVEEAYSGAoUVEFTS19TVEFURV9USU1FRF9PVVQQBxIYChRUQVNLX1NUQVRFX0NBTkNFTExFRBAIKqsBCg9Fc2NhbGF0aW9uU3RhZ2USIAocRVNDQUxBVElPTl9TVEFHRV9VTlNQRUNJRklFRBAAEhsKF0VTQ0FMQVRJT05fU1RBR0VfU0lHSU5UEAESHAoYRVNDQUxBVElPTl9TVEFHRV9TSUdURVJNEAISHAoYRVNDQUxBVElPTl9TVEFHRV9TSUdLSUxMEAMSHQoZRVNDQUxBVElPTl9TVEFHRV9ERVFVRVVFRBAEKqoBCg5JbnRlcnJ1cHRDYXVzZRIfChtJTlRFUlJVUFRfQ0FVU0VfVU5TUEVDSUZJRUQQABIYChRJTlRFUlJVUFRfQ0FVU0VfVVNFUhABEhsKF0lOVEVSUlVQVF9DQVVTRV9USU1FT1VUEAISIgoeSU5URVJSVVBUX0NBVVNFX1JFU09VUkNFX0xJTUlUEAMSHAoYSU5URVJSVVBUX0NBVVNFX1NIVVRET1dOEAQqTgoIVGFza1ZpZXcSGQoVVEFTS19WSUVXX1VOU1BFQ0lGSUVEEAASEwoPVEFTS19WSUVXX0JBU0lDEAESEgoOVEFTS19WSUVXX0ZVTEwQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChR0ZXRoZXIvdjEvdGFzay5wcm90bxIJdGV0aGVyLnYxIqMICgRUYXNrEgwKBG5hbWUYASABKAkSDAoEdGFzaxgCIAEoCRIlCgRhcmdzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIjCgVzdGF0ZRgEIAEoDjIULnRldGhlci52MS5UYXNrU3RhdGUSKwoGbGFiZWxzGAUgAygLMhsudGV0aGVyLnYxLlRhc2suTGFiZWxzRW50cnkSEAoIcHJpb3JpdHkYBiABKAUSFgoJZW5naW5lX2lkGAcgASgFSACIAQESDwoHYXR0ZW1wdBgIIAEoBRIvCgtjcmVhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgd0aW1lb3V0GA0gASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiYKBWdyYWNlGA4gASgLMhcudGV0aGVyLnYxLkdyYWNlUGVyaW9kcxIpCghwcm9ncmVzcxgPIAEoCzIXLnRldGhlci52MS5UYXNrUHJvZ3Jlc3MSDgoGb3V0cHV0GBAgASgJEhgKEG91dHB1dF90cnVuY2F0ZWQYESABKAgSLQoJaW50ZXJydXB0GBIgASgLMhoudGV0aGVyLnYxLkludGVycnVwdFJlY29yZBImCgZyZXN1bHQYEyABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSIwoFZXJyb3IYFCABKAsyFC50ZXRoZXIudjEuVGFza0Vycm9yEhAKCHJldmlzaW9uGBUgASgDEg0KBW93bmVyGBYgASgJEhMKC3Jlc3VtZV9mcm9tGBcgASgJEhYKDmhhc19jaGVja3BvaW50GBggASgIEiwKCXJlc291cmNlcxgZIAEoCzIZLnRldGhlci52MS5SZXNvdXJjZVJlcG9ydBIVCg1yZXF1aXJlZF90YWdzGBogAygJEjAKDXF1ZXVlX3RpbWVvdXQYGyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJQoFcmV0cnkYHCABKAsyFi50ZXRoZXIudjEuUmV0cnlQb2xpY3kSEwoLcHJlZW1wdGlibGUYHSABKAgSKAoIYXR0ZW1wdHMYHiADKAsyFi50ZXRoZXIudjEuVGFza0F0dGVtcHQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfZW5naW5lX2lkIsUBCgtSZXRyeVBvbGljeRIUCgxtYXhfYXR0ZW1wdHMYASABKAUSEAoIcmV0cnlfb24YAiADKAkSMgoPaW5pdGlhbF9iYWNrb2ZmGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC21heF9iYWNrb2ZmGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhoKEmJhY2tvZmZfbXVsdGlwbGllchgFIAEoARIOCgZqaXR0ZXIYBiABKAEi/wEKC1Rhc2tBdHRlbXB0Eg8KB2F0dGVtcHQYASABKAUSFgoJZW5naW5lX2lkGAIgASgFSACIAQESLgoKc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBmVuZGluZxgFIAEoDjIYLnRldGhlci52MS5BdHRlbXB0RW5kaW5nEg4KBnJlYXNvbhgGIAEoCRIPCgdtZXNzYWdlGAcgASgJEhAKCGVuZGVkX2J5GAggASgJQgwKCl9lbmdpbmVfaWQikQEKDEdyYWNlUGVyaW9kcxIpCgZzaWdpbnQYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SKgoHc2lndGVybRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIqCgdzaWdraWxsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjEKDFRhc2tQcm9ncmVzcxIQCghmcmFjdGlvbhgBIAEoARIPCgdtZXNzYWdlGAIgASgJIpcCCg9JbnRlcnJ1cHRSZWNvcmQSFAoMcmVxdWVzdGVkX2J5GAEgASgJEg4KBnJlYXNvbhgCIAEoCRIwCgxyZXF1ZXN0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBWNhdXNlGAQgASgOMhkudGV0aGVyLnYxLkludGVycnVwdENhdXNlEikKBXN0YWdlGAUgASgOMhoudGV0aGVyLnYxLkVzY2FsYXRpb25TdGFnZRIvCgtmaW5hbF9zdGFnZRgGIAEoDjIaLnRldGhlci52MS5Fc2NhbGF0aW9uU3RhZ2USJgoFZ3JhY2UYByABKAsyFy50ZXRoZXIudjEuR3JhY2VQZXJpb2RzIk0KCVRhc2tFcnJvchIOCgZyZWFzb24YASABKAkSDAoEdHlwZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEhEKCXRyYWNlYmFjaxgEIAEoCSKEAgoOUmVzb3VyY2VSZXBvcnQSGAoQcnNzX2JlZm9yZV9ieXRlcxgBIAEoAxIXCg9yc3NfYWZ0ZXJfYnl0ZXMYAiABKAMSIgoaZ3B1X2FsbG9jYXRlZF9iZWZvcmVfYnl0ZXMYAyABKAMSIQoZZ3B1X2FsbG9jYXRlZF9hZnRlcl9ieXRlcxgEIAEoAxIgChhncHVfcmVzZXJ2ZWRfYWZ0ZXJfYnl0ZXMYBSABKAMSGQoRbGVmdG92ZXJfY2hpbGRyZW4YBiABKAUSEQoJcmVjbGFpbWVkGAcgASgIEhcKD2VuZ2luZV9yZWN5Y2xlZBgIIAEoCBIPCgdzdW1tYXJ5GAkgASgJKoMBCg1BdHRlbXB0RW5kaW5nEh4KGkFUVEVNUFRfRU5ESU5HX1VOU1BFQ0lGSUVEEAASGAoUQVRURU1QVF9FTkRJTkdfRklOQUwQARIaChZBVFRFTVBUX0VORElOR19SRVRSSUVEEAISHAoYQVRURU1QVF9FTkRJTkdfUFJFRU1QVEVEEAMq9QEKCVRhc2tTdGF0ZRIaChZUQVNLX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSVEFTS19TVEFURV9QRU5ESU5HEAESFgoSVEFTS19TVEFURV9SVU5OSU5HEAISGwoXVEFTS19TVEFURV9JTlRFUlJVUFRJTkcQAxIYChRUQVNLX1NUQVRFX1NVQ0NFRURFRBAEEhUKEVRBU0tfU1RBVEVfRkFJTEVEEAUSGgoWVEFTS19TVEFURV9JTlRFUlJVUFRFRBAGEhgKFFRBU0tfU1RBVEVfVElNRURfT1VUEAcSGAoUVEFTS19TVEFURV9DQU5DRUxMRUQQCCqrAQoPRXNjYWxhdGlvblN0YWdlEiAKHEVTQ0FMQVRJT05fU1RBR0VfVU5TUEVDSUZJRUQQABIbChdFU0NBTEFUSU9OX1NUQUdFX1NJR0lOVBABEhwKGEVTQ0FMQVRJT05fU1RBR0VfU0lHVEVSTRACEhwKGEVTQ0FMQVRJT05fU1RBR0VfU0lHS0lMTBADEh0KGUVTQ0FMQVRJT05fU1RBR0VfREVRVUVVRUQQBCrJAQoOSW50ZXJydXB0Q2F1c2USHwobSU5URVJSVVBUX0NBVVNFX1VOU1BFQ0lGSUVEEAASGAoUSU5URVJSVVBUX0NBVVNFX1VTRVIQARIbChdJTlRFUlJVUFRfQ0FVU0VfVElNRU9VVBACEiIKHklOVEVSUlVQVF9DQVVTRV9SRVNPVVJDRV9MSU1JVBADEhwKGElOVEVSUlVQVF9DQVVTRV9TSFVURE9XThAEEh0KGUlOVEVSUlVQVF9DQVVTRV9QUkVFTVBURUQQBSpOCghUYXNrVmlldxIZChVUQVNLX1ZJRVdfVU5TUEVDSUZJRUQQABITCg9UQVNLX1ZJRVdfQkFTSUMQARISCg5UQVNLX1ZJRVdfRlVMTBACYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A unit of work: one call of a registered task on one engine of the cluster.
@@ -210,6 +210,28 @@ export type Task = Message<"tether.v1.Task"> & {
    * @generated from field: google.protobuf.Duration queue_timeout = 27;
    */
   queueTimeout?: Duration | undefined;
+
+  /**
+   * The retry policy in effect for this task (the request's, else the server's default). Unset: no retry.
+   *
+   * @generated from field: tether.v1.RetryPolicy retry = 28;
+   */
+  retry?: RetryPolicy | undefined;
+
+  /**
+   * True when a higher-priority task may preempt this one: it is then stopped (SIGINT first, so it
+   * checkpoints), queued again with attempt + 1, and resumes from its last checkpoint.
+   *
+   * @generated from field: bool preemptible = 29;
+   */
+  preemptible: boolean;
+
+  /**
+   * Every attempt so far, oldest first; the last one is the current or final attempt. Output only.
+   *
+   * @generated from field: repeated tether.v1.TaskAttempt attempts = 30;
+   */
+  attempts: TaskAttempt[];
 };
 
 /**
@@ -218,6 +240,137 @@ export type Task = Message<"tether.v1.Task"> & {
  */
 export const TaskSchema: GenMessage<Task> = /*@__PURE__*/
   messageDesc(file_tether_v1_task, 0);
+
+/**
+ * When a failed attempt is run again. A retried attempt is the same task with attempt + 1: it goes
+ * back to PENDING (after the backoff) and receives the task's last checkpoint as ctx.resume_state.
+ * A user's interrupt is never retried; preemptions do not count as attempts here.
+ *
+ * @generated from message tether.v1.RetryPolicy
+ */
+export type RetryPolicy = Message<"tether.v1.RetryPolicy"> & {
+  /**
+   * Attempts that may end in a retried failure, the first run included; 1 means no retry, 0 the
+   * server's default. At most 100.
+   *
+   * @generated from field: int32 max_attempts = 1;
+   */
+  maxAttempts: number;
+
+  /**
+   * Failure reasons (TaskError.reason) that are retried, among ENGINE_LOST, CLUSTER_LOST,
+   * RESOURCE_LIMIT, TASK_RAISED, TIMED_OUT. Empty with max_attempts above 1: ENGINE_LOST and CLUSTER_LOST.
+   *
+   * @generated from field: repeated string retry_on = 2;
+   */
+  retryOn: string[];
+
+  /**
+   * Wait before the first retry. Unset: the server's default.
+   *
+   * @generated from field: google.protobuf.Duration initial_backoff = 3;
+   */
+  initialBackoff?: Duration | undefined;
+
+  /**
+   * Longest wait between two attempts. Unset: the server's default.
+   *
+   * @generated from field: google.protobuf.Duration max_backoff = 4;
+   */
+  maxBackoff?: Duration | undefined;
+
+  /**
+   * Each retry waits this many times longer than the one before (at least 1). 0: the server's default.
+   *
+   * @generated from field: double backoff_multiplier = 5;
+   */
+  backoffMultiplier: number;
+
+  /**
+   * Random spread of each wait, as a fraction in [0, 1]: a wait w becomes w * (1 + jitter * u), u uniform
+   * in [-1, 1]. 0: no jitter (the server's default jitter applies only when the request has no policy).
+   *
+   * @generated from field: double jitter = 6;
+   */
+  jitter: number;
+};
+
+/**
+ * Describes the message tether.v1.RetryPolicy.
+ * Use `create(RetryPolicySchema)` to create a new message.
+ */
+export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
+  messageDesc(file_tether_v1_task, 1);
+
+/**
+ * One run of a task on an engine.
+ *
+ * @generated from message tether.v1.TaskAttempt
+ */
+export type TaskAttempt = Message<"tether.v1.TaskAttempt"> & {
+  /**
+   * The attempt number (1 for the first run), as in Task.attempt.
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * The engine that ran the attempt. Engine 0 exists, hence optional.
+   *
+   * @generated from field: optional int32 engine_id = 2;
+   */
+  engineId?: number | undefined;
+
+  /**
+   * When the attempt was dispatched to its engine.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 3;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * When the attempt ended; unset while it runs.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 4;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * How the attempt ended.
+   *
+   * @generated from field: tether.v1.AttemptEnding ending = 5;
+   */
+  ending: AttemptEnding;
+
+  /**
+   * Why it did not succeed (a TaskError reason, or PREEMPTED); empty when it succeeded or still runs.
+   *
+   * @generated from field: string reason = 6;
+   */
+  reason: string;
+
+  /**
+   * Human-readable detail of the reason.
+   *
+   * @generated from field: string message = 7;
+   */
+  message: string;
+
+  /**
+   * Principal or task that caused the ending: the preempting task's name ("tasks/{id}") for a preemption.
+   *
+   * @generated from field: string ended_by = 8;
+   */
+  endedBy: string;
+};
+
+/**
+ * Describes the message tether.v1.TaskAttempt.
+ * Use `create(TaskAttemptSchema)` to create a new message.
+ */
+export const TaskAttemptSchema: GenMessage<TaskAttempt> = /*@__PURE__*/
+  messageDesc(file_tether_v1_task, 2);
 
 /**
  * Grace periods of the escalation ladder. Each is the time a stage is given
@@ -254,7 +407,7 @@ export type GracePeriods = Message<"tether.v1.GracePeriods"> & {
  * Use `create(GracePeriodsSchema)` to create a new message.
  */
 export const GracePeriodsSchema: GenMessage<GracePeriods> = /*@__PURE__*/
-  messageDesc(file_tether_v1_task, 1);
+  messageDesc(file_tether_v1_task, 3);
 
 /**
  * A progress report from a running task (ctx.progress).
@@ -282,7 +435,7 @@ export type TaskProgress = Message<"tether.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_tether_v1_task, 2);
+  messageDesc(file_tether_v1_task, 4);
 
 /**
  * The record of an interrupt: who asked, why, and which stage ended the task.
@@ -345,7 +498,7 @@ export type InterruptRecord = Message<"tether.v1.InterruptRecord"> & {
  * Use `create(InterruptRecordSchema)` to create a new message.
  */
 export const InterruptRecordSchema: GenMessage<InterruptRecord> = /*@__PURE__*/
-  messageDesc(file_tether_v1_task, 3);
+  messageDesc(file_tether_v1_task, 5);
 
 /**
  * Why a task did not succeed.
@@ -356,7 +509,7 @@ export type TaskError = Message<"tether.v1.TaskError"> & {
   /**
    * Machine-readable reason: TASK_RAISED, INTERRUPTED, TIMED_OUT, CANCELLED, ENGINE_LOST,
    * CLUSTER_LOST (the ipyparallel controller died or froze), CONTROLLER_RESTARTED,
-   * QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK.
+   * QUEUE_TIMEOUT, RESOURCE_LIMIT, UNKNOWN_TASK (and PREEMPTED, on TaskAttempt.reason only).
    *
    * @generated from field: string reason = 1;
    */
@@ -389,7 +542,7 @@ export type TaskError = Message<"tether.v1.TaskError"> & {
  * Use `create(TaskErrorSchema)` to create a new message.
  */
 export const TaskErrorSchema: GenMessage<TaskError> = /*@__PURE__*/
-  messageDesc(file_tether_v1_task, 4);
+  messageDesc(file_tether_v1_task, 6);
 
 /**
  * Resources an engine reported around a task, measured by the engine runtime.
@@ -466,7 +619,48 @@ export type ResourceReport = Message<"tether.v1.ResourceReport"> & {
  * Use `create(ResourceReportSchema)` to create a new message.
  */
 export const ResourceReportSchema: GenMessage<ResourceReport> = /*@__PURE__*/
-  messageDesc(file_tether_v1_task, 5);
+  messageDesc(file_tether_v1_task, 7);
+
+/**
+ * How one attempt of a task ended.
+ *
+ * @generated from enum tether.v1.AttemptEnding
+ */
+export enum AttemptEnding {
+  /**
+   * The attempt is still running.
+   *
+   * @generated from enum value: ATTEMPT_ENDING_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The task ended with this attempt; the task's state and error say how.
+   *
+   * @generated from enum value: ATTEMPT_ENDING_FINAL = 1;
+   */
+  FINAL = 1,
+
+  /**
+   * The attempt failed with a reason the retry policy retries; another attempt follows.
+   *
+   * @generated from enum value: ATTEMPT_ENDING_RETRIED = 2;
+   */
+  RETRIED = 2,
+
+  /**
+   * A higher-priority task preempted the attempt; the task was queued again and resumes from its checkpoint.
+   *
+   * @generated from enum value: ATTEMPT_ENDING_PREEMPTED = 3;
+   */
+  PREEMPTED = 3,
+}
+
+/**
+ * Describes the enum tether.v1.AttemptEnding.
+ */
+export const AttemptEndingSchema: GenEnum<AttemptEnding> = /*@__PURE__*/
+  enumDesc(file_tether_v1_task, 0);
 
 /**
  * Where a task is in its life. Terminal states (SUCCEEDED, FAILED, INTERRUPTED,
@@ -543,7 +737,7 @@ export enum TaskState {
  * Describes the enum tether.v1.TaskState.
  */
 export const TaskStateSchema: GenEnum<TaskState> = /*@__PURE__*/
-  enumDesc(file_tether_v1_task, 0);
+  enumDesc(file_tether_v1_task, 1);
 
 /**
  * A stage of the escalation ladder used to stop a running task.
@@ -591,7 +785,7 @@ export enum EscalationStage {
  * Describes the enum tether.v1.EscalationStage.
  */
 export const EscalationStageSchema: GenEnum<EscalationStage> = /*@__PURE__*/
-  enumDesc(file_tether_v1_task, 1);
+  enumDesc(file_tether_v1_task, 2);
 
 /**
  * Why an interrupt was asked for.
@@ -633,13 +827,20 @@ export enum InterruptCause {
    * @generated from enum value: INTERRUPT_CAUSE_SHUTDOWN = 4;
    */
   SHUTDOWN = 4,
+
+  /**
+   * A higher-priority task needed the engine; the task is queued again and resumes from its checkpoint.
+   *
+   * @generated from enum value: INTERRUPT_CAUSE_PREEMPTED = 5;
+   */
+  PREEMPTED = 5,
 }
 
 /**
  * Describes the enum tether.v1.InterruptCause.
  */
 export const InterruptCauseSchema: GenEnum<InterruptCause> = /*@__PURE__*/
-  enumDesc(file_tether_v1_task, 2);
+  enumDesc(file_tether_v1_task, 3);
 
 /**
  * How much of a task to return.
@@ -673,5 +874,5 @@ export enum TaskView {
  * Describes the enum tether.v1.TaskView.
  */
 export const TaskViewSchema: GenEnum<TaskView> = /*@__PURE__*/
-  enumDesc(file_tether_v1_task, 3);
+  enumDesc(file_tether_v1_task, 4);
 
