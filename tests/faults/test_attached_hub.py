@@ -10,7 +10,11 @@ import grpc
 import psutil
 
 from tests.integration.helpers import submit, wait_state, wait_terminal
-from tests.integration.test_attached import kill_cluster_pids, start_external_cluster
+from tests.integration.test_attached import (
+    kill_cluster_pids,
+    kill_external_cluster,
+    start_external_cluster,
+)
 from tests.support import ServerProcess
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2_grpc
@@ -72,3 +76,4 @@ def test_attached_server_reports_a_lost_cluster_and_reconnects_when_it_is_back(
             server.kill_leftovers()
             for path in files:
                 _kill_external(path)
+            kill_external_cluster(profile)

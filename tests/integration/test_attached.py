@@ -38,6 +38,10 @@ ipp.Cluster.from_file(sys.argv[1]).stop_cluster_sync()
 """
 
 
+CLUSTER_TAG = "TETHER_TEST_EXTERNAL_CLUSTER"
+"""Environment variable every process of an external test cluster inherits: its profile."""
+
+
 def kill_cluster_pids(pids: list[int]) -> None:
     """SIGKILL the processes of a cluster file and their descendants."""
     for pid in pids:
@@ -48,6 +52,21 @@ def kill_cluster_pids(pids: list[int]) -> None:
             proc.kill()
 
 
+def kill_external_cluster(profile: Path) -> None:
+    """SIGKILL, by pid, every process started for the external cluster of ``profile``.
+
+    The cluster file lists the launchers' pids, but the cluster outlives the process that
+    started it (its processes are re-parented to init) and a file written again by a
+    restarted cluster forgets the first one's: every process that inherited this
+    cluster's tag is found instead (hub, schedulers, engines, nannies).
+    """
+    tag = str(profile)
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and proc.environ().get(CLUSTER_TAG) == tag:
+                proc.kill()
+
+
 def start_external_cluster(profile: Path) -> Path:
     """Start an ipyparallel cluster of its own (as an operator would); its cluster file."""
     out = subprocess.run(
@@ -56,13 +75,15 @@ def start_external_cluster(profile: Path) -> Path:
         text=True,
         timeout=90,
         check=True,
+        env={**os.environ, CLUSTER_TAG: str(profile)},
     )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture()
 def external_cluster(tmp_path: Path) -> Iterator[Path]:
-    cluster_file = start_external_cluster(tmp_path / "external-profile")
+    profile = tmp_path / "external-profile"
+    cluster_file = start_external_cluster(profile)
     pids = pids_in_cluster_file(cluster_file)
     try:
         yield cluster_file
@@ -72,6 +93,7 @@ def external_cluster(tmp_path: Path) -> Iterator[Path]:
                 [sys.executable, "-c", _STOP, str(cluster_file)], timeout=60, check=False
             )
         kill_cluster_pids(pids)
+        kill_external_cluster(profile)
 
 
 def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves_the_cluster_running(

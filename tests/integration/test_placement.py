@@ -17,7 +17,7 @@ from tether.v1 import task_service_pb2 as spb
 from tether_server.cluster.ipp import pids_in_cluster_file
 
 from .helpers import error_info, submit, wait_terminal
-from .test_attached import kill_cluster_pids, start_external_cluster
+from .test_attached import kill_cluster_pids, kill_external_cluster, start_external_cluster
 
 
 def test_a_task_no_engine_can_carry_is_refused_at_submit_and_not_stored(tasks) -> None:  # type: ignore[no-untyped-def]
@@ -40,7 +40,8 @@ def test_a_task_with_tags_that_no_engine_carries_but_none_required_still_runs(ta
 def test_attached_mode_shows_an_unschedulable_task_and_ends_it_by_the_default_queue_timeout(
     tmp_path: Path,
 ) -> None:
-    cluster_file = start_external_cluster(tmp_path / "external-profile")
+    profile = tmp_path / "external-profile"
+    cluster_file = start_external_cluster(profile)
     try:
         server = ServerProcess(
             tmp_path / "data",
@@ -67,3 +68,4 @@ def test_attached_mode_shows_an_unschedulable_task_and_ends_it_by_the_default_qu
     finally:
         with contextlib.suppress(Exception):
             kill_cluster_pids(pids_in_cluster_file(cluster_file))
+        kill_external_cluster(profile)
