@@ -22,6 +22,7 @@ argument; 3 the task was interrupted or cancelled; 4 it timed out; 5 not found;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -422,13 +423,24 @@ _COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Console], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one ``tether`` command; returns its exit code."""
+    """Runs one ``tether`` command; returns its exit code.
+
+    On Ctrl-C the client is left open: :func:`run` ends the process at once (closing
+    gRPC channels after an interrupted stream can block, see there).
+    """
     address = DEFAULT_ADDRESS
     try:
         args = build_parser().parse_args(argv)
-        with Client(args.address or None) as client:
-            address = client.address
-            return _COMMANDS[args.command](client, args, _console())
+        client = Client(args.address or None)
+        address = client.address
+        try:
+            code = _COMMANDS[args.command](client, args, _console())
+        except BaseException:
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                client.close()
+            raise
+        client.close()
+        return code
     except KeyboardInterrupt:
         return EXIT_CTRL_C
     except BrokenPipeError:
@@ -441,5 +453,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code_for(error)
 
 
+def run() -> None:
+    """The ``tether`` console command: :func:`main`, then exit with its code.
+
+    After Ctrl-C the process leaves without the interpreter's shutdown: closing a gRPC
+    channel whose stream a KeyboardInterrupt cut, and joining gRPC's threads at exit,
+    could block (a rare hang of ``tether watch`` under load, exit by SIGKILL instead of
+    130). Nothing is left to save at that point; the output is flushed first.
+    """
+    code = main()
+    if code == EXIT_CTRL_C:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
