@@ -43,8 +43,9 @@ def test_python_snippet_runs(server: ServerProcess) -> None:
 def test_cli_snippet_runs(server: ServerProcess) -> None:
     env = {**os.environ, "TETHER_ADDRESS": server.address}
     task_id = ""
-    for line in _block("CLI", "bash").strip().splitlines():
-        argv = shlex.split(line.replace("ID", task_id))
+    script = _block("CLI", "bash").strip().replace("\\\n", " ")  # continued lines
+    for line in script.splitlines():
+        argv = shlex.split(line.replace("ID", task_id), comments=True)
         argv[0] = str(BIN / "tether")
         if argv[1] == "submit" and "--wait" not in argv:
             argv += ["--output", "json"]
