@@ -84,10 +84,21 @@ def test_interrupting_a_sleeping_task_makes_result_raise_task_interrupted(
 
 
 def test_interrupting_a_task_that_cannot_start_cancels_it(client: tether.Client) -> None:
-    handle = client.submit("demo.echo", {"value": 1}, required_tags=["no-engine-has-this"])
-    assert client.interrupt(handle.id).state is tether.TaskState.CANCELLED
-    with pytest.raises(tether.TaskCancelled):
-        handle.result(timeout=WAIT)
+    # Both engines busy: two echoes wait queued behind them (pipelined dispatch), one in
+    # the server's queue; each interrupt cancels it, wherever it waits.
+    blockers = [client.submit("demo.sleep", {"seconds": 60}, priority=10) for _ in range(2)]
+    try:
+        for blocker in blockers:
+            wait_running(blocker)
+        waiting = [client.submit("demo.echo", {"value": n}) for n in range(3)]
+        for handle in waiting:
+            assert client.interrupt(handle.id).state is tether.TaskState.CANCELLED
+            with pytest.raises(tether.TaskCancelled):
+                handle.result(timeout=WAIT)
+    finally:
+        for blocker in blockers:
+            with contextlib.suppress(tether.TaskAlreadyTerminal):
+                blocker.interrupt("the test is over")
 
 
 def test_a_raising_task_makes_result_raise_task_failed_with_the_traceback(
