@@ -239,15 +239,9 @@ class EngineDriver:
         the attempt queued behind it."""
         generation = self.cluster.generation
         content = {"task_id": task_id, "attempt": attempt, "signal": sig}
-        try:
-            answer = await asyncio.wait_for(
-                self.cluster.control_request(engine_id, attempts.SIGNAL_REQUEST, content),
-                timeout=5.0,
-            )
-            if not answer.get("delivered"):
-                log.info("%s for task %s attempt %s: it had ended", sig, task_id, attempt)
-        except Exception as exc:
-            log.info("signal %s to engine %s failed: %s", sig, engine_id, exc)
+        answer = await self._ask(engine_id, attempts.SIGNAL_REQUEST, content)
+        if answer is not None and not answer.get("delivered"):
+            log.info("%s for task %s attempt %s: it had ended", sig, task_id, attempt)
         if self.cluster.generation == generation:
             self.ctl.handle(msg.SignalDelivered(engine_id, time.time()))
 
@@ -259,17 +253,22 @@ class EngineDriver:
         """
         generation = self.cluster.generation
         content = {"task_id": task_id, "attempt": attempt}
-        withdrawn = False
-        try:
-            answer = await asyncio.wait_for(
-                self.cluster.control_request(engine_id, attempts.WITHDRAW_REQUEST, content),
-                timeout=5.0,
-            )
-            withdrawn = bool(answer.get("withdrawn"))
-        except Exception as exc:
-            log.info("withdraw of task %s from engine %s failed: %s", task_id, engine_id, exc)
+        answer = await self._ask(engine_id, attempts.WITHDRAW_REQUEST, content)
+        withdrawn = bool(answer and answer.get("withdrawn"))
         if self.cluster.generation == generation:
             self.ctl.handle(msg.Withdrawn(engine_id, task_id, attempt, withdrawn, time.time()))
+
+    async def _ask(
+        self, engine_id: int, msg_type: str, content: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """One control-channel request to the engine's runtime; None (logged) without an answer."""
+        try:
+            return await asyncio.wait_for(
+                self.cluster.control_request(engine_id, msg_type, content), timeout=5.0
+            )
+        except Exception as exc:
+            log.info("%s %s to engine %s failed: %s", msg_type, content, engine_id, exc)
+            return None
 
     async def kill(self, engine_id: int, reason: str) -> None:
         """SIGKILL an engine, and the processes its task started.

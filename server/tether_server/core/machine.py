@@ -181,7 +181,7 @@ class ControlCore(PipelinedDispatch):
     @property
     def queue_length(self) -> int:
         """PENDING tasks: in the queue, or queued behind a running task (not started)."""
-        return len(self._queue) + len(self._pool.queued())
+        return len(self._queue) + self._pool.queued_count
 
     @property
     def running_count(self) -> int:

@@ -159,6 +159,11 @@ class EnginePool:
         """Engines holding a queued task, with it."""
         return [(self.engines[engine_id], q) for engine_id, q in self._queued.items()]
 
+    @property
+    def queued_count(self) -> int:
+        """Tasks queued behind running ones."""
+        return len(self._queued)
+
     def slot(self, engine: Engine) -> QueuedAttempt | None:
         """The attempt queued behind ``engine``'s running task, if any."""
         return self._queued.get(engine.id)
