@@ -42,6 +42,7 @@ from .dispatch import EngineDriver, log_failure
 from .history import TaskHistory, entry_of
 from .journal import Journal
 from .loads import EngineLoads
+from .reattach import Reattacher
 from .runtime import registry
 from .store import IdempotencyRecord, SqliteStore, StoredEvent, WriteBatch
 from .subscriptions import StreamOptions, SubscriberIndex, Subscription
@@ -111,6 +112,7 @@ class Controller:
             ),
         )
         self.engines_driver = EngineDriver(self)
+        self.reattacher = Reattacher(self)
         self.target_engines = config.engines
         """Engines the pool should hold: this host's plus the engine hosts' slots."""
         self.loads = EngineLoads(self)
@@ -165,9 +167,12 @@ class Controller:
         self.history.core = self.core
         self._seq = itertools.count(loaded.next_seq)
         self._idempotency = dict(loaded.idempotency)
-        self._execute(self.core.restore(loaded.tasks, time.time()))
+        # Attached: the cluster outlived the old controller, and its work may still run.
+        reattach = bool(self.config.attach)
+        self._execute(self.core.restore(loaded.tasks, time.time(), reattach=reattach))
         await self.journal.flush()
         await self.cluster.start()
+        await self.reattacher.reconcile()
         self.supervisor.cluster_ok = True
         self.spawn(self.supervisor.run())
         if self.config.memory_limit_bytes:
@@ -181,15 +186,18 @@ class Controller:
         self.on_serving_changed(False)
         core = self.core_or_raise()
         self.supervisor.stop()
+        # Attached mode detaches: the cluster is the operator's, and what runs on it goes
+        # on; the next start re-attaches to it (reattach.py).
+        detach = bool(self.config.attach)
         with contextlib.suppress(Exception):
-            self.handle(msg.ShutdownRequested(time.time()))
+            self.handle(msg.ShutdownRequested(time.time(), detach=detach))
         deadline = time.monotonic() + 2.5
-        while core.running_count and time.monotonic() < deadline:
+        while core.running_count and time.monotonic() < deadline and not detach:
             await asyncio.sleep(0.05)
         # Tasks that ignored SIGINT would hold their engines past the exit deadline
         # (ipyparallel's stop waits 5 s per busy engine): kill those engines now, so
         # their tasks end (INTERRUPTED, stage SIGKILL) before the streams close.
-        for engine in list(core.engines.values()):
+        for engine in [] if detach else list(core.engines.values()):
             if engine.current_task is not None and engine.pid:
                 local_pid = self.supervisor.local_pid(engine.id)
                 if local_pid:

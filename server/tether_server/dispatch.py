@@ -19,7 +19,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from .cluster import EngineDied, IpyparallelCluster
+from .cluster import EngineDied, IpyparallelCluster, hub_records
 from .cluster.ipp import DIGEST_HISTORY
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage
@@ -162,21 +162,16 @@ class EngineDriver:
             "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
             "drain_if_not_reclaimed": True,
         }
+        label = hub_records.label(self.ctl.epoch, task_id, attempt)
         try:
-            raw = await self.cluster.run_task(engine_id, spec)
+            raw = await self.cluster.run_task(engine_id, spec, label)
         except Exception as exc:
             if self.cluster.generation != generation:
                 return
-            cause = IpyparallelCluster.unwrap_error(exc)
-            if isinstance(cause, EngineDied):
+            outcome = outcome_of_error(exc)
+            if outcome is None:
                 self.ctl.handle(msg.EngineLost(engine_id, time.time()))
             else:
-                outcome = msg.Outcome(
-                    msg.OutcomeStatus.FAILED,
-                    error_type=getattr(exc, "ename", type(exc).__name__),
-                    error_message=str(getattr(exc, "evalue", exc)),
-                    traceback="".join(getattr(exc, "traceback", "") or ""),
-                )
                 self.ctl.handle(msg.TaskFinished(task_id, attempt, outcome, time.time()))
         else:
             # The reply and the IOPub messages travel on different sockets: wait (briefly)
@@ -184,7 +179,7 @@ class EngineDriver:
             await self._messages_seen((task_id, attempt), int(raw.get("published", 0) or 0))
             if self.cluster.generation != generation:
                 return
-            self.ctl.handle(msg.TaskFinished(task_id, attempt, _outcome(raw), time.time()))
+            self.ctl.handle(msg.TaskFinished(task_id, attempt, outcome_of(raw), time.time()))
         finally:
             self._received.pop((task_id, attempt), None)
 
@@ -239,7 +234,7 @@ class EngineDriver:
         the attempt queued behind it."""
         generation = self.cluster.generation
         content = {"task_id": task_id, "attempt": attempt, "signal": sig}
-        answer = await self._ask(engine_id, attempts.SIGNAL_REQUEST, content)
+        answer = await self.ask(engine_id, attempts.SIGNAL_REQUEST, content)
         if answer is not None and not answer.get("delivered"):
             log.info("%s for task %s attempt %s: it had ended", sig, task_id, attempt)
         if self.cluster.generation == generation:
@@ -253,12 +248,12 @@ class EngineDriver:
         """
         generation = self.cluster.generation
         content = {"task_id": task_id, "attempt": attempt}
-        answer = await self._ask(engine_id, attempts.WITHDRAW_REQUEST, content)
+        answer = await self.ask(engine_id, attempts.WITHDRAW_REQUEST, content)
         withdrawn = bool(answer and answer.get("withdrawn"))
         if self.cluster.generation == generation:
             self.ctl.handle(msg.Withdrawn(engine_id, task_id, attempt, withdrawn, time.time()))
 
-    async def _ask(
+    async def ask(
         self, engine_id: int, msg_type: str, content: dict[str, Any]
     ) -> dict[str, Any] | None:
         """One control-channel request to the engine's runtime; None (logged) without an answer."""
@@ -327,7 +322,20 @@ def log_failure(fut: asyncio.Future[Any]) -> None:
         log.error("background task failed", exc_info=fut.exception())
 
 
-def _outcome(raw: dict[str, Any]) -> msg.Outcome:
+def outcome_of_error(exc: BaseException) -> msg.Outcome | None:
+    """What a failed apply means: None when the engine died, else the task FAILED."""
+    if isinstance(IpyparallelCluster.unwrap_error(exc), EngineDied):
+        return None
+    return msg.Outcome(
+        msg.OutcomeStatus.FAILED,
+        error_type=getattr(exc, "ename", type(exc).__name__),
+        error_message=str(getattr(exc, "evalue", exc)),
+        traceback="".join(getattr(exc, "traceback", "") or ""),
+    )
+
+
+def outcome_of(raw: dict[str, Any]) -> msg.Outcome:
+    """The runtime's ``run_task`` answer as a core ``Outcome``."""
     status = msg.OutcomeStatus(raw.get("status", "failed"))
     return msg.Outcome(
         status=status,

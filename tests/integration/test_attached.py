@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from tests.support import ServerProcess, pid_alive
 from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
+from tether.v1 import task_service_pb2 as spb
 from tether_server.cluster.ipp import pids_in_cluster_file
 
 from .conftest import wait_for
-from .helpers import submit, wait_state, wait_terminal
+from .helpers import TaskStream, get, stream_token, submit, wait_state, wait_terminal
 
 _START = """
 import logging, sys, ipyparallel as ipp
@@ -129,33 +131,81 @@ def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves
     assert pid_alive(survivor.pid)
 
 
-def test_after_a_restart_an_engine_still_busy_with_old_work_gets_nothing_until_it_is_free(
+def test_a_restarted_server_reattaches_to_the_work_it_left_on_the_cluster(
     external_cluster: Path, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    first = ServerProcess(data, engines=2, extra_args=["--attach", str(external_cluster)])
+    """Killed with a task running, one that ends while it is down and one queued behind:
+    the next server delivers every result, each task having run exactly once."""
+    data, runs = tmp_path / "data", tmp_path / "runs.txt"
+    attach = ["--attach", str(external_cluster)]
+    first = ServerProcess(data, engines=2, extra_args=attach)
     first.start()
     with grpc.insecure_channel(first.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)
-        old = submit(tasks, "demo.sleep", args={"seconds": 8})
-        busy_engine = wait_state(tasks, old.name, {tpb.TASK_STATE_RUNNING}).engine_id
-    first.kill()  # the cluster (and the old task on its engine) lives on
-    second = ServerProcess(
-        data, port=first.port, engines=2, extra_args=["--attach", str(external_cluster)]
-    )
+        long = submit(tasks, "demo.count", args={"n": 150, "interval": 0.1})  # 15 s
+        stream = TaskStream(tasks, long.name)
+        stream.wait_for(lambda e: e.type == spb.TASK_EVENT_TYPE_PROGRESS)
+        busy_engine = get(tasks, long.name).engine_id
+        short = submit(
+            tasks, "demo.append", args={"path": str(runs), "line": "short", "seconds": 1}
+        )
+        wait_state(tasks, short.name, {tpb.TASK_STATE_RUNNING})
+        # Pipelined dispatch queues it behind one of the two (the store says PENDING).
+        queued = submit(tasks, "demo.append", args={"path": str(runs), "line": "queued"})
+        token = stream_token(tasks)
+        assert get(tasks, queued.name).state == tpb.TASK_STATE_PENDING
+    first.kill()  # a crash: the cluster, and the work on its engines, live on
+    time.sleep(2)  # the short task ends while no server listens
+    second = ServerProcess(data, port=first.port, engines=2, extra_args=attach)
     with second, grpc.insecure_channel(second.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)
-        assert wait_terminal(tasks, old.name).error.reason == "CONTROLLER_RESTARTED"
+        # The stream resumes where the first server's left off: the task goes on.
+        resumed = TaskStream(tasks, long.name, resume_token=token)
+        _, running = resumed.wait_for(lambda e: e.type == spb.TASK_EVENT_TYPE_PROGRESS)
+        assert running.task.state == tpb.TASK_STATE_RUNNING
         new = [submit(tasks, "demo.echo", args={"value": i}) for i in range(4)]
         ran_on = {wait_terminal(tasks, t.name, timeout=60).engine_id for t in new}
-        # Nothing was queued behind the old task: the busy engine took no new work while
-        # it was busy (the echoes finished long before its 8 s were up).
-        assert busy_engine not in ran_on
-        # Once the old task is done, the engine joins the pool again.
+        assert busy_engine not in ran_on  # the engine of the adopted task took no new work
+        for task in (short, queued):
+            done = wait_terminal(tasks, task.name, timeout=60)
+            assert done.state == tpb.TASK_STATE_SUCCEEDED, done.error
+        _, end = resumed.terminal(timeout=60)
+        assert end.task.state == tpb.TASK_STATE_SUCCEEDED, end.task.error
+        whole = get(tasks, long.name)
+        assert (whole.attempt, whole.engine_id, whole.result.number_value) == (1, busy_engine, 150)
+        assert whole.output.endswith("step 150\n")
+        # Nothing ran twice: the queued attempt either ran on its engine (and was found)
+        # or was withdrawn there before it began and ran once elsewhere.
+        assert sorted(runs.read_text().split()) == ["queued", "short"]
+        assert all(e.task.state != tpb.TASK_STATE_FAILED for _, e in resumed.events)
+
+
+def test_a_detached_task_can_be_interrupted_by_the_next_server_and_its_engine_serves_again(
+    external_cluster: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    attach = ["--attach", str(external_cluster)]
+    first = ServerProcess(data, engines=2, extra_args=attach)
+    first.start()
+    with grpc.insecure_channel(first.address) as ch:
+        tasks = task_service_pb2_grpc.TaskServiceStub(ch)
+        old = submit(tasks, "demo.sleep", args={"seconds": 60})
+        engine = wait_state(tasks, old.name, {tpb.TASK_STATE_RUNNING}).engine_id
+    assert first.stop() == 0  # a graceful stop detaches from an attached cluster
+    second = ServerProcess(data, port=first.port, engines=2, extra_args=attach)
+    with second, grpc.insecure_channel(second.address) as ch:
+        tasks = task_service_pb2_grpc.TaskServiceStub(ch)
+        assert get(tasks, old.name).state == tpb.TASK_STATE_RUNNING
+        tasks.InterruptTask(spb.InterruptTaskRequest(name=old.name, reason="enough"), timeout=10)
+        done = wait_terminal(tasks, old.name, timeout=30)
+        assert done.state == tpb.TASK_STATE_INTERRUPTED
+        assert done.interrupt.final_stage == tpb.ESCALATION_STAGE_SIGINT
+        assert "[on_interrupt] demo.sleep cleaned up" in done.output
+        # The engine lived through its SIGINT and serves this server now.
         cluster = cluster_service_pb2_grpc.ClusterServiceStub(ch)
         wait_for(
             lambda: any(
-                e.id == busy_engine and e.state == cpb.ENGINE_STATE_IDLE
+                e.id == engine and e.state == cpb.ENGINE_STATE_IDLE
                 for e in cluster.GetCluster(cpb.GetClusterRequest(), timeout=10).engines
             ),
             timeout=60,

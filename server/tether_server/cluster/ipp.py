@@ -37,7 +37,9 @@ from traitlets.config import Config
 from ..runtime import engine as engine_runtime
 from ..runtime.engine import detected_tags
 from ..runtime.placement import process_namespace
+from . import hub_records
 from .hosts import EngineHost, SshSettings
+from .hub_records import HubRecord
 from .ssh import RemoteEngines
 
 log = logging.getLogger(__name__)
@@ -322,28 +324,57 @@ class IpyparallelCluster:
 
     # ------------------------------------------------------------------ engines
     async def setup_engine(self, engine_id: int, config: dict[str, Any]) -> dict[str, Any]:
-        """Install the tether runtime on one engine; returns its description."""
+        """Install the tether runtime on one engine; returns its description.
+
+        A just-registered engine may not be connected to the mux yet (ipyparallel
+        issue 476): an early apply can be dropped, so it is sent again every 5 s until
+        the deadline. An engine whose queue holds other work (attached mode: a task of
+        a previous controller runs there) answers only after that work: it is waited
+        for, without sending again and without a deadline.
+        """
         view = self._view(engine_id)
-        last: BaseException | None = None
-        # A just-registered engine may not be connected to the mux yet (ipyparallel
-        # issue 476): an early apply can be dropped, so retry with a short deadline.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.engine_setup_timeout
+        sent: list[asyncio.Future[Any]] = []
         while loop.time() < deadline:
-            ar = view.apply_async(engine_runtime.setup_engine, config)
-            try:
-                result = await asyncio.wait_for(asyncio.wrap_future(ar), timeout=5.0)
-                return dict(result)
-            except TimeoutError as exc:
-                last = exc
-            except ipp_error.RemoteError as exc:
-                if exc.ename == "EngineError":
-                    raise EngineDied(str(exc)) from exc
-                raise
-        raise TimeoutError(f"engine {engine_id} did not finish setup: {last}")
+            if not sent or await self._queued_requests(engine_id) <= len(sent):
+                sent.append(
+                    asyncio.wrap_future(view.apply_async(engine_runtime.setup_engine, config))
+                )
+            else:
+                deadline = loop.time() + self.config.engine_setup_timeout
+            done, _pending = await asyncio.wait(
+                sent, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
+            )
+            for fut in done:
+                try:
+                    return dict(fut.result())
+                except ipp_error.RemoteError as exc:
+                    if exc.ename == "EngineError":
+                        raise EngineDied(str(exc)) from exc
+                    raise
+        raise TimeoutError(
+            f"engine {engine_id} did not finish setup in {self.config.engine_setup_timeout} s"
+        )
 
-    async def run_task(self, engine_id: int, spec: dict[str, Any]) -> Any:
+    async def _queued_requests(self, engine_id: int) -> int:
+        """Requests waiting in or running on the engine, as the hub counts them (0: unknown)."""
+        client = self._client
+        if client is None:
+            return 0
+        try:
+            content = {"targets": [engine_id], "verbose": False}
+            fut = client._send(client._query_stream, "queue_request", content=content)
+            reply = await asyncio.wait_for(asyncio.wrap_future(fut), 5.0)
+            return int(reply["content"][str(engine_id)]["queue"])
+        except Exception:
+            return 0
+
+    async def run_task(self, engine_id: int, spec: dict[str, Any], label: str = "") -> Any:
         """Send one task to one engine; returns the runtime's outcome dict.
+
+        ``label`` goes into the hub's record of the request (``hub_records``): a
+        restarted controller finds it there.
 
         ``send_apply_request`` on the client's mux stream, not ``DirectView.apply_async``:
         the view's per-call decorators and ``AsyncResult`` cost more than the rest of the
@@ -358,12 +389,32 @@ class IpyparallelCluster:
         if uuid is None:  # unregistered meanwhile
             raise EngineDied(f"engine {engine_id} is gone")
         fut = client.send_apply_request(
-            client._mux_stream, engine_runtime.run_task, args=[spec], ident=uuid.encode("utf8")
+            client._mux_stream,
+            engine_runtime.run_task,
+            args=[spec],
+            metadata={"label": label} if label else None,
+            ident=uuid.encode("utf8"),
         )
         result = await asyncio.wrap_future(fut)
         if isinstance(result, BaseException):  # ipyparallel hands errors back as results
             raise result
         return result
+
+    async def hub_records(self, query: dict[str, Any]) -> list[tuple[HubRecord, int | None]]:
+        """The hub's records matching ``query``, each with its engine's id (None: gone)."""
+        client = self._client
+        if client is None:
+            raise EngineDied("the cluster is not connected")
+        ids = {uuid: eid for eid, uuid in client._engines.items()}
+        records = await hub_records.find(client, query, timeout=10.0)
+        return [(rec, ids.get(rec.engine_uuid)) for rec in records]
+
+    async def hub_result(self, msg_id: str) -> tuple[bool, Any]:
+        """Whether request ``msg_id`` ended, and its reply (``hub_records.result``)."""
+        client = self._client
+        if client is None:
+            raise EngineDied("the cluster is not connected")
+        return await hub_records.result(client, msg_id, timeout=10.0)
 
     async def signal(self, engine_id: int, sig: str) -> None:
         """Deliver ``sig`` through the engine's nanny; returns on the nanny's ack."""

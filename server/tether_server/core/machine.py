@@ -29,8 +29,11 @@ never changes, see ``records.LEGAL_TRANSITIONS``)::
     INTERRUPTING  TaskFinished INTERRUPTED                   INTERRUPTED or TIMED_OUT by cause
     INTERRUPTING  EngineLost / ClusterLost                   INTERRUPTED or TIMED_OUT, final SIGKILL
     RUNNING, INTERRUPTING  restore() after a restart         FAILED     (CONTROLLER_RESTARTED)
+                  (embedded mode: the cluster died too)
     RUNNING, INTERRUPTING  an ending its retry policy retries  PENDING (after a RETRY timer)
     INTERRUPTING  ending of an interrupt with cause PREEMPTED  PENDING (queued at once)
+    RUNNING, INTERRUPTING  Reattached (attached mode, restarted)  RUNNING on its engine, its result,
+                                                             or back to PENDING (core/restore.py)
     PENDING       a higher-priority task finds no engine     a victim RUNNING -> INTERRUPTING
                                                              (cause PREEMPTED, core/preemption.py)
 
@@ -61,6 +64,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import assert_never
 
+from . import restore as restoring
 from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
 from .escalation import SIGNALLED_STAGES, deadline_stage, interrupted_ending
 from .messages import (
@@ -78,6 +82,7 @@ from .messages import (
     Outcome,
     OutcomeStatus,
     Publish,
+    Reattached,
     ResourceLimitExceeded,
     ShutdownRequested,
     SignalDelivered,
@@ -166,6 +171,8 @@ class ControlCore(PipelinedDispatch):
         self._preempting: dict[str, Preemption] = {}
         """Urgent task id -> the preemption freeing an engine for it."""
         self._preempt_check_at: float | None = None
+        self._reconciling: restoring.Reconciliation | None = None
+        """Attached mode after a restart: what waits for the controller's ``Reattached``."""
 
     # ------------------------------------------------------------------ views
     @property
@@ -199,10 +206,22 @@ class ControlCore(PipelinedDispatch):
 
     def withdrawal_pending(self, task_id: str) -> bool:
         """An interrupt of ``task_id`` waits for its engine to say whether it had begun."""
+        if restoring.interrupt_deferred(self, task_id):
+            return True  # it is applied when the restarted controller knows where the task is
         task = self.tasks.get(task_id)
         engine = self._pool.queued_on(task_id, task.attempt) if task is not None else None
         slot = self._pool.slot(engine) if engine is not None else None
         return slot is not None and slot.cancel is not None
+
+    @property
+    def reconciling(self) -> bool:
+        """Attached mode after a restart: waiting for ``Reattached`` (nothing is dispatched)."""
+        return self._reconciling is not None
+
+    def unreconciled(self) -> list[Task]:
+        """The restored tasks a re-attaching core waits to hear about (``Reattached``)."""
+        rec = self._reconciling
+        return [] if rec is None else [self.tasks[task_id] for task_id in sorted(rec.tasks)]
 
     def queued_task_ids(self) -> list[str]:
         """Pending task ids in the order they will be dispatched (tags permitting)."""
@@ -212,7 +231,7 @@ class ControlCore(PipelinedDispatch):
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the controller must now do, in order."""
         out: list[Instruction] = []
-        if isinstance(event, REPORTS) and self._hold(event, out):
+        if isinstance(event, REPORTS) and (restoring.hold(self, event) or self._hold(event, out)):
             return out
         match event:
             case TaskSubmitted():
@@ -252,7 +271,9 @@ class ControlCore(PipelinedDispatch):
             case ResourceLimitExceeded():
                 self._on_resource_limit(event, out)
             case ShutdownRequested():
-                self._on_shutdown(event.now, out)
+                self._on_shutdown(event.now, out, detach=event.detach)
+            case Reattached():
+                restoring.on_reattached(self, event, out)
             case _:
                 assert_never(event)
         return out
@@ -270,35 +291,18 @@ class ControlCore(PipelinedDispatch):
         del self.tasks[task_id]
         return True
 
-    def restore(self, tasks: Iterable[Task], now: float) -> list[Instruction]:
+    def restore(
+        self, tasks: Iterable[Task], now: float, *, reattach: bool = False
+    ) -> list[Instruction]:
         """Load the task table of a restarted controller; call once, on a fresh core.
 
-        PENDING tasks are queued again in their old order, their queue timeout
-        counting from ``create_time``. RUNNING and INTERRUPTING tasks died with
-        the old cluster: they end FAILED (CONTROLLER_RESTARTED). Terminal tasks
-        are kept as they are. Revisions continue above the highest restored one.
+        PENDING tasks are queued again in their old order, their queue timeout counting
+        from ``create_time``. RUNNING and INTERRUPTING tasks died with an embedded
+        cluster: they end FAILED (CONTROLLER_RESTARTED). With ``reattach`` (an attached
+        cluster outlived the controller) nothing is dispatched until ``Reattached`` says
+        what became of them (``core/restore.py``).
         """
-        if self.tasks:
-            raise ValueError("restore() must be the first call on a fresh core")
-        restored = sorted(tasks, key=lambda task: (task.seq, task.id))
-        if len({task.id for task in restored}) != len(restored):
-            raise ValueError("restore() got the same task id twice")
-        highest = max((task.revision for task in restored), default=0)
-        self._next_revision = max(self._next_revision, highest + 1)
-        out: list[Instruction] = []
-        for task in restored:
-            self.tasks[task.id] = task
-            if task.state is TaskState.PENDING:
-                self._queue.push(task)
-                if task.queue_timeout is not None:
-                    remaining = task.create_time + task.queue_timeout - now
-                    out.append(_queue_timer(task, max(0.0, remaining)))
-            elif task.state.active:
-                message = "the controller restarted while the task ran"
-                error = TaskError(ErrorReason.CONTROLLER_RESTARTED, message=message)
-                self._finish(task, TaskState.FAILED, error, now, out)
-        self._dispatch(now, out)
-        return out
+        return restoring.restore(self, tasks, now, reattach=reattach)
 
     # ------------------------------------------------------------------ requests
     def _on_submitted(self, event: TaskSubmitted, out: list[Instruction]) -> None:
@@ -326,6 +330,8 @@ class ControlCore(PipelinedDispatch):
                 f"task {task.name} already ended {task.state.name}; there is nothing to interrupt",
                 metadata={"name": task.name, "state": f"TASK_STATE_{task.state.name}"},
             )
+        if restoring.defer_interrupt(self, event):
+            return  # where the task is (queued on an engine, running, ended) is not known yet
         grace = event.grace or task.grace
         if task.state is TaskState.PENDING:
             if not self._cancel_queued(task, event, out):
@@ -390,12 +396,15 @@ class ControlCore(PipelinedDispatch):
             out.append(self._pool.signal(engine, task, EscalationStage.SIGINT))
         out.append(_escalation_timer(task, EscalationStage.SIGINT, grace.sigint))
 
-    def _on_shutdown(self, now: float, out: list[Instruction]) -> None:
+    def _on_shutdown(self, now: float, out: list[Instruction], *, detach: bool) -> None:
         """Stop dispatching and interrupt what runs. PENDING tasks stay PENDING: they are
-        kept in the store and run after a restart."""
+        kept in the store and run after a restart. ``detach``: what runs goes on (the
+        next controller re-attaches to it, ``core/restore.py``)."""
         self._shutting_down = True
         for engine, _queued in self._pool.queued():
             self._withdraw(engine, out)  # back to the queue: kept PENDING for a restart
+        if detach:
+            return
         for engine in list(self.engines.values()):
             task = self.tasks.get(engine.current_task) if engine.current_task else None
             if task is not None and task.state is TaskState.RUNNING:
@@ -414,7 +423,7 @@ class ControlCore(PipelinedDispatch):
     # ------------------------------------------------------------------ engine reports
     def _on_engine_ready(self, event: EngineReady, out: list[Instruction]) -> None:
         engine = self._pool.register(event.engine_id, event.now)
-        if engine.state is not EngineState.STARTING:
+        if engine.state is not EngineState.STARTING and engine.id not in self._pool.unready:
             return
         self._pool.ready(engine)
         engine.host, engine.pid, engine.tags = event.host, event.pid, event.tags
@@ -629,7 +638,7 @@ class ControlCore(PipelinedDispatch):
     # ------------------------------------------------------------------ helpers
     def _dispatch(self, now: float, out: list[Instruction]) -> None:
         """Put queued tasks on idle engines that have no signal in flight."""
-        if self._shutting_down:
+        if self._shutting_down or self._reconciling is not None:
             return
         if self._queue:
             for task, engine in plan_dispatch(self._queue, self.tasks, self._pool.dispatchable()):
@@ -716,6 +725,8 @@ class ControlCore(PipelinedDispatch):
         task = self.tasks.get(task_id)
         if task is None or task.attempt != attempt or not task.state.active:
             return None
+        if self._reconciling is not None and task_id in self._reconciling.tasks:
+            return None  # not on an engine of this controller yet
         return task, self._pool.engine_of(task)
 
     def _finish(

@@ -192,10 +192,41 @@ class Withdrawn:
 
 
 @dataclass(frozen=True, slots=True)
+class FoundAttempt:
+    """One attempt a previous controller dispatched, as the hub's records and its engine
+    tell it after a restart in attached mode (``reattach.py``)."""
+
+    task_id: str
+    attempt: int
+    engine_id: int
+    submitted: float
+    """When the hub received it: the order of the attempts on one engine."""
+    began: bool
+    """False: the engine had not started it, and now never will (it was withdrawn)."""
+    outcome: Outcome | None = None
+    """Its result, when it ended while no controller listened; None while it runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reattached:
+    """Attached mode, after a restart: what became of the work the previous controller
+    left on the cluster. Ends the reconciliation that ``restore(reattach=True)`` began:
+    the core dispatches again."""
+
+    found: tuple[FoundAttempt, ...]
+    detail: str
+    """Why nothing could be found ("" when the hub answered): the message of the
+    CONTROLLER_RESTARTED failures."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownRequested:
-    """Stop dispatching; interrupt running tasks (cause SHUTDOWN)."""
+    """Stop dispatching; interrupt running tasks (cause SHUTDOWN), or with ``detach``
+    (attached mode) leave them running on the cluster for the next controller."""
 
     now: float
+    detach: bool = False
 
 
 Event = (
@@ -216,6 +247,7 @@ Event = (
     | TimerFired
     | ResourceLimitExceeded
     | ShutdownRequested
+    | Reattached
 )
 
 

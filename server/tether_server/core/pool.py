@@ -76,6 +76,9 @@ class EnginePool:
         self.replace_lost_engines = replace_lost_engines
         self.requested_starts = 0
         """StartEngine instructions whose engine has not registered yet."""
+        self.unready: set[int] = set()
+        """Engines that run an adopted task (``adopt``) and whose setup has not answered
+        yet: they take no new task until it does (their tags are not known)."""
 
     @property
     def running_count(self) -> int:
@@ -99,10 +102,17 @@ class EnginePool:
             and engine.signals_in_flight == 0
             and engine.queued_task is None
             and not engine.spare
+            and engine.id not in self.unready
         ]
 
     def ready(self, engine: Engine) -> None:
-        """A registered engine finished its setup: active while the pool is short, else spare."""
+        """A registered engine finished its setup: active while the pool is short, else spare.
+
+        An engine that ran an adopted task meanwhile (``adopt``) keeps what it does."""
+        if engine.id in self.unready:
+            self.unready.discard(engine.id)
+            engine.spare = False
+            return
         engine.state = EngineState.IDLE
         engine.spare = (
             self.spare_engines > 0 and self._active(besides=engine) >= self.target_engines
@@ -140,6 +150,7 @@ class EnginePool:
             and engine.queued_task is None
             and engine.signals_in_flight == 0
             and not engine.spare
+            and engine.id not in self.unready
         ]
 
     def queue_behind(self, engine: Engine, task: Task) -> None:
@@ -184,6 +195,20 @@ class EnginePool:
         engine.current_task = task.id
         engine.current_attempt = task.attempt
         engine.armed = False
+
+    def adopt(self, engine: Engine, task: Task) -> None:
+        """Attached mode, after a restart: ``engine`` runs (task, task.attempt), which a
+        previous controller dispatched and which has begun (so it is armed). An engine
+        whose setup is still queued behind that task stays out of dispatch until it
+        answers (``ready``)."""
+        if engine.state not in (EngineState.STARTING, EngineState.IDLE):
+            raise InvariantViolation(f"engine {engine.id} cannot adopt a task now")
+        if engine.state is EngineState.STARTING:
+            self.unready.add(engine.id)
+        engine.state = EngineState.BUSY
+        engine.current_task = task.id
+        engine.current_attempt = task.attempt
+        engine.armed = True
 
     def release(self, engine: Engine) -> None:
         """The engine's task ended; it is idle again unless it is being killed."""
@@ -242,6 +267,7 @@ class EnginePool:
         nothing of the old table may be matched against the new one.
         """
         self.engines.clear()
+        self.unready.clear()
         self._slots.clear()
         self._queued.clear()
         self.requested_starts = 0
@@ -253,6 +279,7 @@ class EnginePool:
         count as alive: their own loss will ask for their replacement.
         """
         engine.state = EngineState.LOST
+        self.unready.discard(engine.id)
         engine.current_task = None
         engine.armed = False
         engine.signals_in_flight = 0  # nobody is left to acknowledge them

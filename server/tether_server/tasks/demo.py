@@ -5,6 +5,7 @@ Each one shows one behaviour an operator meets in real work:
 ============================  ===========================================================
 ``demo.echo(value)``          returns ``value``
 ``demo.sleep(seconds)``       sleeps; registers an ``on_interrupt`` hook that reports
+``demo.append(path, line)``   appends a line to a file (after ``seconds``): an effect to count runs by
 ``demo.spin(seconds)``        pure-Python busy loop (SIGINT stops it at once)
 ``demo.fail(message)``        raises ``RuntimeError(message)``
 ``demo.stubborn(seconds)``    swallows ``KeyboardInterrupt``; only SIGTERM (or worse) stops it
@@ -50,6 +51,15 @@ def sleep(ctx: TaskContext, seconds: float) -> float:
     ctx.on_interrupt(lambda: ctx.emit("[on_interrupt] demo.sleep cleaned up\n"))
     time.sleep(seconds)
     return seconds
+
+
+@task("demo.append")
+def append(path: str, line: str, seconds: float = 0.0) -> str:
+    """Sleep ``seconds``, then append ``line`` to the file ``path``: an effect to count runs by."""
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    return line
 
 
 @task("demo.spin")
