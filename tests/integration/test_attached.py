@@ -40,6 +40,12 @@ ipp.Cluster.from_file(sys.argv[1]).stop_cluster_sync()
 """
 
 
+_ADD_ENGINE = """
+import sys, ipyparallel as ipp
+ipp.Cluster.from_file(sys.argv[1]).start_engines_sync(1)
+"""
+
+
 CLUSTER_TAG = "TETHER_TEST_EXTERNAL_CLUSTER"
 """Environment variable every process of an external test cluster inherits: its profile."""
 
@@ -127,6 +133,21 @@ def test_attached_server_runs_tasks_reports_a_lost_engine_as_degraded_and_leaves
         assert len(degraded.engines) == 2  # no replacement in attached mode
         task = submit(tasks, "demo.echo", args={"value": "still works"})
         assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
+        # The operator's launcher adds an engine: tether sets it up, the pool is whole.
+        subprocess.run(
+            [sys.executable, "-c", _ADD_ENGINE, str(external_cluster)],
+            timeout=90,
+            check=True,
+            env={**os.environ, CLUSTER_TAG: str(tmp_path / "external-profile")},
+        )
+        whole = wait_for(
+            lambda: (
+                not (r := cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)).degraded and r
+            ),
+            timeout=60,
+        )
+        idle = [e.id for e in whole.engines if e.state == cpb.ENGINE_STATE_IDLE]
+        assert len(idle) == 2 and victim.id not in idle
     # The server is gone; the cluster it attached to is not.
     assert pid_alive(survivor.pid)
 
