@@ -59,14 +59,15 @@ snapshot (a copy), which is what the event log and the subscribers see.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterable
 from typing import assert_never
 
+from . import engine_reports as reports
+from . import requeueing
 from . import restore as restoring
 from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
-from .escalation import SIGNALLED_STAGES, deadline_stage, interrupted_ending
+from .escalation import deadline_stage
 from .messages import (
     CancelTimers,
     ClusterLost,
@@ -79,8 +80,6 @@ from .messages import (
     EventKind,
     Instruction,
     InterruptRequested,
-    Outcome,
-    OutcomeStatus,
     Publish,
     Reattached,
     ResourceLimitExceeded,
@@ -114,9 +113,8 @@ from .model import (
 )
 from .pipeline import REPORTS, SHUTDOWN_REASON, SYSTEM, PipelinedDispatch
 from .pool import EnginePool
-from .preemption import Preemption, plan_preemptions
-from .records import bounded, close_attempt, move, resource_report, seconds, snapshot
-from .retry import retry_delay
+from .preemption import Preemption
+from .records import close_attempt, move, seconds, snapshot
 from .scheduling import PendingQueue, plan_dispatch
 
 ALREADY_ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT})
@@ -248,19 +246,19 @@ class ControlCore(PipelinedDispatch):
             case EngineLost():
                 engine = self.engines.get(event.engine_id)
                 if engine is not None:
-                    self._lose(engine, event.now, out)
+                    reports.lose(self, engine, event.now, out)
             case ClusterLost():
-                self._on_cluster_lost(event, out)
+                reports.on_cluster_lost(self, event, out)
             case TaskStarted():
-                self._on_started(event, out)
+                reports.on_started(self, event, out)
             case TaskProgressed():
-                self._on_progressed(event, out)
+                reports.on_progressed(self, event, out)
             case TaskOutput():
-                self._on_output(event, out)
+                reports.on_output(self, event, out)
             case TaskCheckpointed():
-                self._on_checkpointed(event, out)
+                reports.on_checkpointed(self, event, out)
             case TaskFinished():
-                self._on_finished(event, out)
+                reports.on_finished(self, event, out)
             case SignalDelivered():
                 if self._pool.acknowledge_signal(event.engine_id, event.now):
                     self._dispatch(event.now, out)
@@ -430,168 +428,13 @@ class ControlCore(PipelinedDispatch):
         engine.last_seen = event.now
         self._dispatch(event.now, out)
 
-    def _on_started(self, event: TaskStarted, out: list[Instruction]) -> None:
-        current = self._current(event.task_id, event.attempt)
-        if current is None or current[1].armed:
-            return
-        task, engine = current
-        engine.armed = True
-        record = task.interrupt
-        if task.state is not TaskState.INTERRUPTING or record is None:
-            return
-        if record.stage is EscalationStage.NONE:
-            # The interrupt came before the guard was armed: deliver it now.
-            record.stage = EscalationStage.SIGINT
-            out.append(self._publish(task, EventKind.UPDATED, event.now))
-            out.append(self._pool.signal(engine, task, EscalationStage.SIGINT))
-        elif record.stage is EscalationStage.SIGTERM:
-            # The SIGINT deadline passed before arming, so SIGTERM was never sent.
-            out.append(self._pool.signal(engine, task, EscalationStage.SIGTERM))
-
-    def _on_progressed(self, event: TaskProgressed, out: list[Instruction]) -> None:
-        current = self._current(event.task_id, event.attempt)
-        if current is None:
-            return
-        task = current[0]
-        if math.isfinite(event.fraction):
-            task.progress_fraction = min(1.0, max(0.0, event.fraction))
-        task.progress_message = event.message
-        out.append(self._publish(task, EventKind.PROGRESS, event.now))
-
-    def _on_output(self, event: TaskOutput, out: list[Instruction]) -> None:
-        current = self._current(event.task_id, event.attempt)
-        if current is None or not event.chunk or current[0].output_truncated:
-            return  # once cut, further output is dropped without an event
-        task = current[0]
-        kept = event.chunk[: max(0, self.max_output_chars - len(task.output))]
-        task.output += kept
-        task.output_truncated = len(kept) < len(event.chunk)
-        out.append(self._publish(task, EventKind.OUTPUT, event.now, chunk=kept))
-
-    def _on_checkpointed(self, event: TaskCheckpointed, out: list[Instruction]) -> None:
-        current = self._current(event.task_id, event.attempt)
-        if current is None:
-            return
-        task = current[0]
-        task.has_checkpoint = True
-        out.append(self._publish(task, EventKind.UPDATED, event.now))
-
-    def _on_finished(self, event: TaskFinished, out: list[Instruction]) -> None:
-        engine = self._pool.running(event.task_id, event.attempt)
-        if engine is None:
-            return  # stale: that attempt already ended (e.g. its engine was lost)
-        task = self.tasks[event.task_id]
-        outcome = event.outcome
-        recycle = False
-        if task.state.active and task.attempt == event.attempt:
-            state, error = self._ending(task, outcome)
-            if outcome.output is not None:
-                task.output, cut = bounded(outcome.output, self.max_output_chars)
-                task.output_truncated = outcome.output_truncated or cut
-            if outcome.resources is not None:
-                task.resources = resource_report(outcome.resources)
-                recycle = not task.resources.reclaimed and engine.state is EngineState.BUSY
-                task.resources.engine_recycled = recycle
-            if state is TaskState.SUCCEEDED:
-                task.result = outcome.value
-            self._finish(task, state, error, event.now, out)
-        self._pool.release(engine)
-        if recycle:  # the runtime starts nothing more there: the queued task comes back
-            out.append(self._pool.kill(engine, "resources not reclaimed"))
-        elif (
-            engine.state is EngineState.IDLE  # not on its way to SIGKILL
-            and (slot := self._pool.slot(engine)) is not None
-            and not slot.withdrawing
-        ):
-            self._promote(engine, event.now, out)
-        self._dispatch(event.now, out)
-
-    def _ending(self, task: Task, outcome: Outcome) -> tuple[TaskState, TaskError | None]:
-        """The terminal state an outcome gives an active task: the engine's truth wins
-        over a pending interrupt, whose record stays to say it was asked for."""
-        if outcome.status is OutcomeStatus.SUCCEEDED:
-            return TaskState.SUCCEEDED, None
-        if outcome.status is OutcomeStatus.NOT_STARTED:  # the engine refused its turn
-            message = f"the engine did not start the task: {outcome.error_message}"
-            return TaskState.FAILED, TaskError(ErrorReason.ENGINE_LOST, message=message)
-        record = task.interrupt
-        if (
-            outcome.status is OutcomeStatus.INTERRUPTED
-            and task.state is TaskState.INTERRUPTING
-            and record is not None
-        ):
-            stage = outcome.stage if outcome.stage in SIGNALLED_STAGES else record.stage
-            record.final_stage = stage
-            return interrupted_ending(
-                record,
-                final_stage=stage,
-                error_type=outcome.error_type,
-                traceback=outcome.traceback,
-            )
-        # FAILED, or a KeyboardInterrupt nobody asked for: the task raised.
-        error = TaskError(
-            ErrorReason.TASK_RAISED,
-            message=outcome.error_message,
-            type=outcome.error_type,
-            traceback=outcome.traceback,
-        )
-        return TaskState.FAILED, error
-
-    def _lose(self, engine: Engine, now: float, out: list[Instruction]) -> None:
-        """The engine is gone: end its task and ask for a replacement. Idempotent."""
-        if engine.state is EngineState.LOST:
-            return
-        message = f"engine {engine.id} was lost while the task ran"
-        self._end_with_engine(engine, ErrorReason.ENGINE_LOST, message, now, out)
-        self._unqueue_lost(engine, ErrorReason.ENGINE_LOST, message, now, out)
-        replacement = self._pool.mark_lost(engine, replace=not self._shutting_down)
-        if replacement is not None:
-            out.append(replacement)
-        self._dispatch(now, out)  # a warm spare may have taken the engine's place
-
-    def _on_cluster_lost(self, event: ClusterLost, out: list[Instruction]) -> None:
-        """End what ran on the lost cluster and forget its engines; keep the queue."""
-        message = f"the ipyparallel controller was lost while the task ran: {event.detail}"
-        for engine in list(self.engines.values()):
-            self._end_with_engine(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
-            self._unqueue_lost(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
-        self._pool.clear()
-
-    def _end_with_engine(
-        self, engine: Engine, reason: ErrorReason, message: str, now: float, out: list[Instruction]
-    ) -> None:
-        """The engine's current task died with it: FAILED for ``reason``, or, when it was
-        being interrupted, INTERRUPTED at stage SIGKILL (asked to stop, and it stopped:
-        with its engine, the hardest way)."""
-        task = self.tasks.get(engine.current_task) if engine.current_task else None
-        if task is None or not task.state.active or task.attempt != engine.current_attempt:
-            return
-        record = task.interrupt
-        if task.state is TaskState.INTERRUPTING and record is not None:
-            record.final_stage = EscalationStage.SIGKILL
-            state, error = interrupted_ending(record, final_stage=EscalationStage.SIGKILL)
-        else:
-            state, error = TaskState.FAILED, TaskError(reason, message=message)
-        self._finish(task, state, error, now, out)
-
     # ------------------------------------------------------------------ timers
     def _on_timer(self, key: TimerKey, now: float, out: list[Instruction]) -> None:
         if key.kind is TimerKind.RETRY:
-            task = self.tasks.get(key.task_id)
-            if (
-                task is not None
-                and task.state is TaskState.PENDING
-                and task.attempt == key.attempt
-                and task.id not in self._queue
-            ):
-                self._queue.push(task)
-                self._dispatch(now, out)
+            requeueing.on_retry_timer(self, key, now, out)
             return
         if key.kind is TimerKind.PREEMPT_CHECK:
-            self._preempt_check_at = None
-            if not self._shutting_down:  # the waiting task may be queued behind its victim
-                self._preempt(now, out)
-                self._dispatch(now, out)
+            requeueing.on_preempt_check(self, now, out)
             return
         if key.kind is TimerKind.QUEUE_TIMEOUT:
             task = self.tasks.get(key.task_id)
@@ -633,7 +476,7 @@ class ControlCore(PipelinedDispatch):
             out.append(kill)
             out.append(_escalation_timer(task, EscalationStage.SIGKILL, record.grace.sigkill))
         elif key.stage is EscalationStage.SIGKILL:
-            self._lose(engine, now, out)  # the engine never confirmed its death
+            reports.lose(self, engine, now, out)  # the engine never confirmed its death
 
     # ------------------------------------------------------------------ helpers
     def _dispatch(self, now: float, out: list[Instruction]) -> None:
@@ -651,14 +494,14 @@ class ControlCore(PipelinedDispatch):
             return
         # An urgent task that found no idle engine frees one by preemption, and then waits
         # for that engine rather than being queued behind another running task.
-        self._preempt(now, out)
+        requeueing.preempt(self, now, out)
         # Pipelined dispatch: one more behind each running task that is not being stopped.
         behind = [
             engine
             for engine in self._pool.queueable()
             if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
         ]
-        waiting = [task_id for task_id in self._queue if self._may_queue_behind(task_id)]
+        waiting = [task_id for task_id in self._queue if requeueing.may_queue_behind(self, task_id)]
         self._queue_behind_running(plan_dispatch(waiting, self.tasks, behind), out)
         if self._queue:
             self._reclaim_queued(out)
@@ -675,50 +518,6 @@ class ControlCore(PipelinedDispatch):
         if task.timeout is not None:
             key = TimerKey(TimerKind.TIMEOUT, task.id, task.attempt)
             out.append(StartTimer(key, task.timeout))
-
-    def _preempt(self, now: float, out: list[Instruction]) -> None:
-        """Waiting tasks preempt lower-priority preemptible ones (the choice:
-        ``core/preemption.py``); one ladder per (urgent, victim) pair. A task queued
-        on an engine behind a preemptible lower-priority one preempts that one."""
-        for urgent_id in [u for u, p in self._preempting.items() if not self._freeing(p)]:
-            del self._preempting[urgent_id]
-        behind = [
-            (self.tasks[slot.task_id], engine)
-            for engine, slot in self._pool.queued()
-            if not slot.withdrawing and slot.cancel is None
-        ]
-        plan = plan_preemptions(
-            self._queue,
-            self.tasks,
-            self.engines.values(),
-            served=self._preempting.keys(),
-            now=now,
-            min_runtime=self.preempt_min_runtime,
-            queued_behind=behind,
-        )
-        for urgent, victim, engine in plan.preemptions:
-            self._preempting[urgent.id] = Preemption(victim.id, victim.attempt, engine.id)
-            reason = f"preempted by {urgent.name} (priority {urgent.priority} > {victim.priority})"
-            cause = InterruptCause.PREEMPTED
-            self._begin_interrupt(victim, urgent.name, reason, cause, victim.grace, now, out)
-        wait_until = plan.look_again_at
-        if wait_until is not None and (
-            self._preempt_check_at is None or wait_until < self._preempt_check_at
-        ):
-            self._preempt_check_at = wait_until
-            key = TimerKey(TimerKind.PREEMPT_CHECK, "", 0)
-            out.append(StartTimer(key, max(0.0, wait_until - now)))
-
-    def _may_queue_behind(self, task_id: str) -> bool:
-        """Neither an urgent task waiting for the engine its preemption frees, nor a
-        preempted one: it resumes on the first free engine, not behind another long task."""
-        if task_id in self._preempting:
-            return False
-        attempts = self.tasks[task_id].attempts
-        return not attempts or attempts[-1].ending is not AttemptEnding.PREEMPTED
-
-    def _freeing(self, preemption: Preemption) -> bool:
-        return preemption.still_freeing(self.engines.get(preemption.engine_id))
 
     def _current(self, task_id: str, attempt: int) -> tuple[Task, Engine] | None:
         """The active task and its engine, when ``attempt`` is the task's current one."""
@@ -740,9 +539,13 @@ class ControlCore(PipelinedDispatch):
         """Move to a terminal state: the one place that publishes an end and cancels timers.
 
         An active task whose ending its retry policy retries, or that was preempted,
-        goes back to PENDING instead (:meth:`_requeue`).
+        goes back to PENDING instead (``requeueing.requeue``).
         """
-        if task.state.active and error is not None and self._requeue(task, error, now, out):
+        if (
+            task.state.active
+            and error is not None
+            and requeueing.requeue(self, task, error, now, out)
+        ):
             return
         close_attempt(task, AttemptEnding.FINAL, error, now)
         self._preempting.pop(task.id, None)
@@ -751,33 +554,6 @@ class ControlCore(PipelinedDispatch):
         task.end_time = now
         out.append(self._publish(task, EventKind.STATE_CHANGED, now))
         out.append(CancelTimers(task.id))
-
-    def _requeue(self, task: Task, error: TaskError, now: float, out: list[Instruction]) -> bool:
-        """End the current attempt and queue the task again, when the ending allows it.
-
-        Preempted: queued at once. A failure the policy retries: queued when its
-        backoff is over (a RETRY timer). The new attempt starts with no output of
-        its own: a resumed task replays the text of its checkpoint first.
-        """
-        if error.reason is ErrorReason.PREEMPTED:
-            ending, delay = AttemptEnding.PREEMPTED, 0.0
-        else:
-            retry = retry_delay(task, error.reason, self._uniform)
-            if retry is None:
-                return False
-            ending, delay = AttemptEnding.RETRIED, retry
-        close_attempt(task, ending, error, now)
-        move(task, TaskState.PENDING)
-        task.engine_id = None
-        task.interrupt = None
-        task.output, task.output_truncated = "", False
-        task.progress_fraction, task.progress_message = 0.0, ""
-        out.append(self._publish(task, EventKind.STATE_CHANGED, now))
-        if delay > 0:
-            out.append(StartTimer(TimerKey(TimerKind.RETRY, task.id, task.attempt), delay))
-        else:
-            self._queue.push(task)
-        return True
 
     def _publish(self, task: Task, kind: EventKind, now: float, chunk: str = "") -> Publish:
         """Stamp the change on the task (revision, update_time) and describe it."""

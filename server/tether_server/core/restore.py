@@ -39,8 +39,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import engine_reports as reports
 from .errors import TaskAlreadyTerminal
-from .escalation import SIGNALLED_STAGES, interrupted_ending
+from .escalation import interrupted_ending
 from .messages import (
     Event,
     EventKind,
@@ -68,7 +69,7 @@ from .model import (
     TaskError,
     TaskState,
 )
-from .records import bounded, close_attempt, move, resource_report
+from .records import close_attempt, move
 
 if TYPE_CHECKING:
     from .machine import ControlCore
@@ -277,17 +278,7 @@ def _deliver(
     outcome = f.outcome
     assert outcome is not None
     _own(core, task, f, now)
-    state, error = core._ending(task, outcome)
-    if outcome.output is not None:
-        task.output, cut = bounded(outcome.output, core.max_output_chars)
-        task.output_truncated = outcome.output_truncated or cut
-    if outcome.resources is not None:
-        task.resources = resource_report(outcome.resources)
-    if state is TaskState.SUCCEEDED:
-        task.result = outcome.value
-    if task.interrupt is not None and outcome.stage in SIGNALLED_STAGES:
-        task.interrupt.final_stage = outcome.stage
-    core._finish(task, state, error, now, out)
+    reports.conclude(core, task, outcome, now, out, may_recycle=False)
 
 
 def _requeue_unstarted(core: ControlCore, task: Task, now: float, out: list[Instruction]) -> None:
