@@ -23,11 +23,10 @@ import logging
 import os
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from .admission import Admission, SubmitSpec
 from .cluster import ClusterCallbacks, ClusterConfig, IpyparallelCluster
 from .config import ServerConfig
 from .core import errors as err
@@ -35,8 +34,8 @@ from .core import messages as msg
 from .core.eventlog import EventLog, LogEntry, decode_token
 from .core.filters import TaskFilter
 from .core.machine import ALREADY_ENDED, ControlCore
-from .core.model import EngineState, GracePeriods, InterruptCause, RetryPolicy, Task, TaskState
-from .core.placement import feasible, unschedulable
+from .core.model import EngineState, GracePeriods, InterruptCause, Task, TaskState
+from .core.placement import unschedulable
 from .core.records import snapshot
 from .dispatch import EngineDriver, log_failure
 from .history import TaskHistory, entry_of
@@ -53,28 +52,6 @@ log = logging.getLogger(__name__)
 WITHDRAW_ANSWER_SECONDS = 6.0
 """How long InterruptTask waits for an engine to answer the withdrawal of a queued task
 (the driver gives up after 5 s and treats the task as begun)."""
-
-
-@dataclass(slots=True)
-class SubmitSpec:
-    """A validated SubmitTask request in domain terms."""
-
-    task: str
-    args: dict[str, Any]
-    labels: dict[str, str] = field(default_factory=dict)
-    priority: int = 0
-    timeout: float | None = None
-    queue_timeout: float | None = None
-    grace: GracePeriods | None = None
-    request_id: str = ""
-    fingerprint: str = ""
-    resume_from: str = ""
-    required_tags: tuple[str, ...] = ()
-    owner: str = "anonymous"
-    retry: RetryPolicy | None = None
-    """None: the server's default policy (``--retry-*``)."""
-    preemptible: bool | None = None
-    """None: preemptible when the task name is in ``--preemptible-tasks``."""
 
 
 class Controller:
@@ -113,6 +90,7 @@ class Controller:
         )
         self.engines_driver = EngineDriver(self)
         self.reattacher = Reattacher(self)
+        self.admission = Admission(self)
         self.target_engines = config.engines
         """Engines the pool should hold: this host's plus the engine hosts' slots."""
         self.loads = EngineLoads(self)
@@ -238,39 +216,12 @@ class Controller:
         dedup = self._check_idempotency(spec.request_id, "SubmitTask", spec.fingerprint)
         if dedup is not None:
             return _public_copy(await self._task_or_raise(dedup)), True
-        self._validate_task_args(spec)
-        self._check_schedulable(spec)
-        if spec.resume_from:
-            await self._check_resume_source(spec.resume_from)
-        now = time.time()
-        timeout = spec.timeout
-        if timeout is None:
-            timeout = self._policy_timeout(spec)
-        task = Task(
-            id=uuid.uuid4().hex,
-            task=spec.task,
-            args=spec.args,
-            owner=spec.owner,
-            labels=dict(spec.labels),
-            priority=spec.priority,
-            create_time=now,
-            update_time=now,
-            timeout=timeout,
-            queue_timeout=self._queue_timeout(spec),
-            grace=spec.grace or self.config.grace,
-            resume_from=spec.resume_from,
-            required_tags=tuple(spec.required_tags),
-            retry=self._retry_policy(spec),
-            preemptible=(
-                spec.task in self.config.preemptible_tasks
-                if spec.preemptible is None
-                else spec.preemptible
-            ),
-            seq=next(self._seq),
-        )
+        await self.admission.check(spec)
+        task = self.admission.new_task(spec, time.time(), next(self._seq))
         record = WriteBatch(tasks=[task])
         key = None
         if spec.request_id:
+            now = task.create_time
             key = IdempotencyRecord(spec.request_id, "SubmitTask", spec.fingerprint, task.id, now)
             record.idempotency.append(key)
         in_flight: asyncio.Future[None] | None = None
@@ -562,53 +513,10 @@ class Controller:
         return text
 
     # ================================================================== policies
-    def _check_schedulable(self, spec: SubmitSpec) -> None:
-        """Refuse a task no engine can ever run (embedded mode: every engine is ours)."""
-        if not spec.required_tags or not self.cluster.embedded:
-            return
-        offers = self.cluster.engine_offers(frozenset(self.config.engine_tags))
-        if feasible(spec.required_tags, self.core_or_raise().engines.values(), offers):
-            return
-        known = sorted(set().union(*offers, *(e.tags for e in self.engines())))
-        raise err.Unschedulable(
-            f"no engine carries the tags {sorted(spec.required_tags)}, and none this server "
-            f"starts would (engine tags: {known or 'none'})",
-            metadata={
-                "required_tags": ",".join(spec.required_tags),
-                "engine_tags": ",".join(known),
-            },
-        )
-
-    def _queue_timeout(self, spec: SubmitSpec) -> float | None:
-        """The request's, else the server default; a task no engine can run yet (attached
-        mode) gets the unschedulable default, so it never waits forever."""
-        if spec.queue_timeout is not None:
-            return spec.queue_timeout
-        if self.config.default_queue_timeout_seconds is not None:
-            return self.config.default_queue_timeout_seconds
-        if spec.required_tags and not feasible(spec.required_tags, self.engines(), ()):
-            return self.config.unschedulable_queue_timeout_seconds
-        return None
-
     def unschedulable_tasks(self) -> list[Task]:
         """PENDING tasks whose tags no engine that is there now carries (GetCluster)."""
         core = self.core_or_raise()
         return unschedulable(core.tasks.values(), core.engines.values())
-
-    def _policy_timeout(self, spec: SubmitSpec) -> float | None:
-        if spec.task == "llm.generate":
-            p = self.config.llm_timeout
-            tokens = float(spec.args.get("max_tokens", 64) or 0)
-            prompt = len(str(spec.args.get("prompt", "")))
-            return (
-                p.base_seconds + p.per_token_seconds * tokens + p.per_prompt_char_seconds * prompt
-            )
-        return self.config.default_timeout_seconds
-
-    def _retry_policy(self, spec: SubmitSpec) -> RetryPolicy | None:
-        """The request's policy, else the server's; None when it retries nothing."""
-        policy = spec.retry if spec.retry is not None else self.config.retry
-        return policy if policy.max_attempts > 1 and policy.retry_on else None
 
     # ================================================================== helpers
     async def _task_or_raise(self, task_id: str) -> Task:
@@ -647,39 +555,6 @@ class Controller:
                 metadata={"requestId": request_id, "method": rec.method},
             )
         return rec.task_id
-
-    def _validate_task_args(self, spec: SubmitSpec) -> None:
-        """The task name is registered and the arguments fit its signature."""
-        try:
-            registry.get(spec.task)
-        except KeyError:
-            raise err.InvalidRequest(
-                "UNKNOWN_TASK",
-                f"task: no task named {spec.task!r} is registered",
-                violations=[
-                    err.FieldViolation("task", f"no task named {spec.task!r} is registered")
-                ],
-                metadata={"field": "task"},
-            ) from None
-        try:
-            registry.validate_args(spec.task, spec.args)
-        except registry.ArgumentError as exc:
-            raise err.InvalidRequest(
-                exc.reason,
-                f"args: {exc}",
-                violations=[err.FieldViolation(v.field, v.description) for v in exc.violations],
-                metadata={"field": "args", **exc.metadata},
-            ) from None
-
-    async def _check_resume_source(self, name: str) -> None:
-        source_id = name.removeprefix("tasks/")
-        source = await self.history.get(source_id)
-        if source is None:
-            raise err.TaskNotFound(f"task {name} does not exist", metadata={"name": name})
-        if not source.has_checkpoint and await self.checkpoint_text(source_id) is None:
-            raise err.CheckpointNotFound(
-                f"task {name} has no checkpoint to resume from", metadata={"name": name}
-            )
 
     def _update_serving(self) -> None:
         if self._shutting_down or self.core is None:

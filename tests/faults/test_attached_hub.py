@@ -18,7 +18,7 @@ from tests.integration.test_attached import (
 from tests.support import ServerProcess
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2_grpc
-from tether_server.cluster.ipp import pids_in_cluster_file
+from tether_server.cluster.processes import pids_in_cluster_file
 
 from .support import NOT_SERVING, SERVING, health, wait_until
 

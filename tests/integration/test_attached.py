@@ -20,7 +20,7 @@ from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
-from tether_server.cluster.ipp import pids_in_cluster_file
+from tether_server.cluster.processes import pids_in_cluster_file
 
 from .conftest import wait_for
 from .helpers import TaskStream, get, stream_token, submit, wait_state, wait_terminal

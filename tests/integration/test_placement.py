@@ -14,7 +14,7 @@ from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
-from tether_server.cluster.ipp import pids_in_cluster_file
+from tether_server.cluster.processes import pids_in_cluster_file
 
 from .helpers import error_info, submit, wait_terminal
 from .test_attached import kill_cluster_pids, kill_external_cluster, start_external_cluster

@@ -6,7 +6,8 @@ ipyparallel reports (registrations, unregistrations, IOPub data messages, apply
 replies) into plain callbacks for the controller.
 """
 
-from .ipp import ClusterCallbacks, ClusterConfig, EngineDied, IpyparallelCluster, process_alive
+from .ipp import ClusterCallbacks, ClusterConfig, EngineDied, IpyparallelCluster
+from .processes import process_alive
 
 __all__ = [
     "ClusterCallbacks",

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import inspect
 import json
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,13 @@ from ..runtime.placement import process_namespace
 from . import hub_records
 from .hosts import EngineHost, SshSettings
 from .hub_records import HubRecord
+from .processes import (
+    cluster_pids,
+    kill_and_wait,
+    kill_tree,
+    pids_in_cluster_file,
+    remove_connection_files,
+)
 from .ssh import RemoteEngines
 
 log = logging.getLogger(__name__)
@@ -228,7 +233,7 @@ class IpyparallelCluster:
                 await asyncio.wait_for(self._cluster.stop_cluster(), timeout=3.5)
             except Exception:
                 log.warning("stop_cluster did not finish cleanly; killing what is left")
-            await asyncio.to_thread(_kill_and_wait, pids + self._cluster_pids(), 2.0)
+            await asyncio.to_thread(kill_and_wait, pids + self._cluster_pids(), 2.0)
             with contextlib.suppress(Exception):
                 self._cluster.remove_cluster_file()
 
@@ -245,7 +250,7 @@ class IpyparallelCluster:
         self.engine_slots.clear()
         if self.embedded and self._cluster is not None:
             pids = self._cluster_pids()
-            await asyncio.to_thread(_kill_and_wait, pids, 3.0)
+            await asyncio.to_thread(kill_and_wait, pids, 3.0)
             self._remove_connection_files()
             self._cluster = None
             self._hub_children.clear()
@@ -603,124 +608,17 @@ class IpyparallelCluster:
             return
         log.warning("found a cluster left by a previous run (%s); stopping it", path)
         for pid in pids_in_cluster_file(path):
-            _kill_tree(pid)
+            kill_tree(pid)
         self._remove_connection_files()
 
     def _remove_connection_files(self) -> None:
         """The cluster file and the hub's connection files: a new hub must not find the
         old one's ports (its client would wait for an answer that never comes)."""
-        for stale in glob.glob(str(self.config.profile_dir / "security" / f"*{CLUSTER_ID}*")):
-            with contextlib.suppress(OSError):
-                os.unlink(stale)
+        remove_connection_files(self.config.profile_dir, CLUSTER_ID)
 
     def _cluster_pids(self) -> list[int]:
         """Pids of every process of the embedded cluster: launchers' records and children."""
-        import psutil
-
-        pids: set[int] = set()
-        path = self._cluster_file()
-        if path.exists():
-            pids.update(pids_in_cluster_file(path))
-        cluster = self._cluster
-        if cluster is not None:
-            launchers = [getattr(cluster, "controller", None)]
-            launchers += list(getattr(cluster, "engines", {}).values())
-            for launcher in launchers:
-                for pid in _launcher_pids(launcher):
-                    pids.add(pid)
-        for pid in list(pids):
-            with contextlib.suppress(psutil.Error):
-                pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
-        for child in self._hub_children:
-            with contextlib.suppress(psutil.Error):
-                if child.is_running():
-                    pids.add(child.pid)
-        return sorted(pids)
-
-
-def pids_in_cluster_file(path: Path) -> list[int]:
-    """Pids of the controller and engine launchers recorded in an ipyparallel cluster file."""
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    pids: list[int] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("pid", "process_id") and isinstance(value, int) and value > 0:
-                    pids.append(value)
-                elif key == "pids" and isinstance(value, list):
-                    pids.extend(v for v in value if isinstance(v, int) and v > 0)
-                else:
-                    walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(info)
-    return pids
-
-
-def _launcher_pids(launcher: Any) -> list[int]:
-    """Pids a launcher started (one process, or an engine set's)."""
-    if launcher is None:
-        return []
-    found: list[int] = []
-    pid = getattr(getattr(launcher, "process", None), "pid", None)
-    if pid:
-        found.append(int(pid))
-    for child in getattr(launcher, "launchers", {}).values():
-        found.extend(_launcher_pids(child))
-    return found
-
-
-def _kill_and_wait(pids: list[int], timeout: float) -> None:
-    """SIGKILL every pid (that is still an ipyparallel process) and wait until all are gone."""
-    import psutil
-
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            procs.append(psutil.Process(pid))
-    for proc in procs:
-        _kill_tree(proc.pid)
-    deadline = time.monotonic() + timeout
-    alive = [p for p in procs if process_alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [p for p in alive if process_alive(p)]
-    if alive:
-        log.warning("cluster processes still alive after SIGKILL: %s", [p.pid for p in alive])
-
-
-def process_alive(proc: Any) -> bool:
-    """Whether a psutil.Process still runs (a zombie does not; a reused pid is told apart)."""
-    import psutil
-
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and its descendants (nannies, engines) if they still exist."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        cmdline = " ".join(proc.cmdline())
-    except (psutil.Error, ValueError):
-        return
-    if "ipyparallel" not in cmdline and "ipengine" not in cmdline and "ipcontroller" not in cmdline:
-        return  # the pid was reused by an unrelated process
-    with contextlib.suppress(psutil.Error):
-        for child in proc.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        proc.kill()
+        return cluster_pids(self._cluster_file(), self._cluster, self._hub_children)
 
 
 def local_detected_tags() -> frozenset[str]:
