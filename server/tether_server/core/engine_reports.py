@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from . import pipeline
 from .escalation import SIGNALLED_STAGES, interrupted_ending
 from .messages import (
     ClusterLost,
@@ -97,7 +98,7 @@ def on_finished(core: ControlCore, event: TaskFinished, out: list[Instruction]) 
         and (slot := core._pool.slot(engine)) is not None
         and not slot.withdrawing
     ):
-        core._promote(engine, event.now, out)
+        pipeline.promote(core, engine, event.now, out)
     core._dispatch(event.now, out)
 
 
@@ -166,7 +167,7 @@ def lose(core: ControlCore, engine: Engine, now: float, out: list[Instruction]) 
         return
     message = f"engine {engine.id} was lost while the task ran"
     end_with_engine(core, engine, ErrorReason.ENGINE_LOST, message, now, out)
-    core._unqueue_lost(engine, ErrorReason.ENGINE_LOST, message, now, out)
+    pipeline.unqueue_lost(core, engine, ErrorReason.ENGINE_LOST, message, now, out)
     replacement = core._pool.mark_lost(engine, replace=not core._shutting_down)
     if replacement is not None:
         out.append(replacement)
@@ -178,7 +179,7 @@ def on_cluster_lost(core: ControlCore, event: ClusterLost, out: list[Instruction
     message = f"the ipyparallel controller was lost while the task ran: {event.detail}"
     for engine in list(core.engines.values()):
         end_with_engine(core, engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
-        core._unqueue_lost(engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
+        pipeline.unqueue_lost(core, engine, ErrorReason.CLUSTER_LOST, message, event.now, out)
     core._pool.clear()
 
 

@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable
 from typing import assert_never
 
 from . import engine_reports as reports
-from . import requeueing
+from . import pipeline, requeueing
 from . import restore as restoring
 from .errors import ShuttingDown, TaskAlreadyTerminal, TaskNotFound
 from .escalation import deadline_stage
@@ -111,7 +111,7 @@ from .model import (
     TaskError,
     TaskState,
 )
-from .pipeline import REPORTS, SHUTDOWN_REASON, SYSTEM, PipelinedDispatch
+from .pipeline import REPORTS, SHUTDOWN_REASON, SYSTEM
 from .pool import EnginePool
 from .preemption import Preemption
 from .records import close_attempt, move, seconds, snapshot
@@ -122,7 +122,7 @@ ALREADY_ENDED = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIME
 CANCELLED answer an interrupt idempotently instead: that is what was asked for."""
 
 
-class ControlCore(PipelinedDispatch):
+class ControlCore:
     """Tasks, engines and the pending queue of one controller, driven by events.
 
     The tables are public for reading (``tasks``, ``engines``); only ``handle``
@@ -229,7 +229,9 @@ class ControlCore(PipelinedDispatch):
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the controller must now do, in order."""
         out: list[Instruction] = []
-        if isinstance(event, REPORTS) and (restoring.hold(self, event) or self._hold(event, out)):
+        if isinstance(event, REPORTS) and (
+            restoring.hold(self, event) or pipeline.hold(self, event, out)
+        ):
             return out
         match event:
             case TaskSubmitted():
@@ -263,7 +265,7 @@ class ControlCore(PipelinedDispatch):
                 if self._pool.acknowledge_signal(event.engine_id, event.now):
                     self._dispatch(event.now, out)
             case Withdrawn():
-                self._on_withdrawn(event, out)
+                pipeline.on_withdrawn(self, event, out)
             case TimerFired():
                 self._on_timer(event.key, event.now, out)
             case ResourceLimitExceeded():
@@ -332,7 +334,7 @@ class ControlCore(PipelinedDispatch):
             return  # where the task is (queued on an engine, running, ended) is not known yet
         grace = event.grace or task.grace
         if task.state is TaskState.PENDING:
-            if not self._cancel_queued(task, event, out):
+            if not pipeline.cancel_queued(self, task, event, out):
                 self._queue.remove(task.id)
                 self._cancel_pending(task, event, out)
         elif task.state is TaskState.RUNNING:
@@ -384,7 +386,7 @@ class ControlCore(PipelinedDispatch):
         in unpickling, an engine that hangs) must still be escalated.
         """
         engine = self._pool.engine_of(task)
-        self._withdraw(engine, out)  # an engine being stopped keeps nothing queued
+        pipeline.withdraw(self, engine, out)  # an engine being stopped keeps nothing queued
         task.interrupt = InterruptRecord(requested_by, reason, now, cause, grace)
         move(task, TaskState.INTERRUPTING)
         if engine.armed:
@@ -400,7 +402,7 @@ class ControlCore(PipelinedDispatch):
         next controller re-attaches to it, ``core/restore.py``)."""
         self._shutting_down = True
         for engine, _queued in self._pool.queued():
-            self._withdraw(engine, out)  # back to the queue: kept PENDING for a restart
+            pipeline.withdraw(self, engine, out)  # back to the queue: kept PENDING for a restart
         if detach:
             return
         for engine in list(self.engines.values()):
@@ -489,7 +491,7 @@ class ControlCore(PipelinedDispatch):
                 task.attempt += 1
                 self._start(task, engine, now, out)
                 out.append(Dispatch(task.id, task.attempt, engine.id))
-        self._rebalance(out)  # an idle engine takes what waits behind a busy one
+        pipeline.rebalance(self, out)  # an idle engine takes what waits behind a busy one
         if not self._queue:
             return
         # An urgent task that found no idle engine frees one by preemption, and then waits
@@ -502,9 +504,9 @@ class ControlCore(PipelinedDispatch):
             if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
         ]
         waiting = [task_id for task_id in self._queue if requeueing.may_queue_behind(self, task_id)]
-        self._queue_behind_running(plan_dispatch(waiting, self.tasks, behind), out)
+        pipeline.queue_behind_running(self, plan_dispatch(waiting, self.tasks, behind), out)
         if self._queue:
-            self._reclaim_queued(out)
+            pipeline.reclaim_queued(self, out)
 
     def _start(self, task: Task, engine: Engine, now: float, out: list[Instruction]) -> None:
         """PENDING -> RUNNING on ``engine`` (the attempt was counted at dispatch)."""
