@@ -152,7 +152,7 @@ class PySpy:
 
 
 _THREADS = (
-    ("store writer thread", "SqliteStore._run_writer"),
+    ("store writer thread", "GroupWriter._run_writer"),
     ("ipyparallel client IO thread", "Client._io_main"),
     ("event loop (main thread)", "main (tether_server/app.py)"),
 )

@@ -196,10 +196,10 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-FAST_SERVER_ARGS = [
-    "--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--grace-sigkill", "5s",
-    "--checkpoint-interval", "0.5s",
-]  # fmt: skip
+FAST_GRACE = ["--grace-sigint", "0.5s", "--grace-sigterm", "0.5s", "--grace-sigkill", "5s"]
+"""Short graces, so tests of the interrupt ladder run quickly."""
+
+FAST_SERVER_ARGS = [*FAST_GRACE, "--checkpoint-interval", "0.5s"]
 """Short graces and checkpoints, so tests of the ladder and of idle streams run quickly."""
 
 

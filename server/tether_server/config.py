@@ -1,4 +1,4 @@
-"""Server configuration: plain dataclasses filled from the command line (app.py)."""
+"""Server configuration: plain dataclasses filled from the command line (flags/)."""
 
 from __future__ import annotations
 

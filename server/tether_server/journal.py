@@ -17,7 +17,7 @@ it joins the *backlog*, the journal reports itself unhealthy (health
 NOT_SERVING, submits refused), and a retry loop writes the backlog, oldest
 first, until the store takes it. Meanwhile new batches queue behind the
 backlog, so events reach the disk in revision order. Task rows are upserted
-only by a newer revision (``store.sqlite``), so a retried old row never
+only by a newer revision (``store.schema``), so a retried old row never
 overwrites a newer one that got through. When the store writes again, the
 journal is healthy and tether serves again, without a restart.
 

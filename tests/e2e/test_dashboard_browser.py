@@ -19,7 +19,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
 
 from tests.integration.helpers import seconds, stream_token, submit, wait_state, wait_terminal
-from tests.integration.http_helpers import call, http_server
+from tests.integration.http_helpers import call, http_server, serve_http
 from tests.support import FAST_SERVER_ARGS, ServerProcess, free_port
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
@@ -30,12 +30,7 @@ from .browser import chromium, connection, page_state, seen_revisions, wait_unti
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
-    proc, base = http_server(tmp_path_factory.mktemp("dashboard") / "data")
-    try:
-        yield proc, base
-    finally:
-        proc.stop()
-        proc.kill_leftovers()
+    yield from serve_http(tmp_path_factory.mktemp("dashboard") / "data")
 
 
 @pytest.fixture(scope="module")

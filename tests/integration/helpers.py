@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.support import REPO, ServerProcess
+from tests.support import FAST_GRACE, REPO, ServerProcess
 from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
@@ -247,3 +247,18 @@ def running_server_with_env(
             server.stop()
         finally:
             server.kill_leftovers()
+
+
+def llm_server(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *extra_args: str
+) -> Iterator[ServerProcess]:
+    """A fixture body: a two-engine server for torch tasks, in its own data dir ``name``.
+
+    Short graces (``FAST_GRACE``) and one torch thread per engine
+    (``SINGLE_THREADED_TORCH``); ``extra_args`` are the module's own flags.
+    """
+    data = tmp_path_factory.mktemp(name) / "data"
+    with running_server_with_env(
+        data, SINGLE_THREADED_TORCH, engines=2, extra_args=[*FAST_GRACE, *extra_args]
+    ) as server:
+        yield server

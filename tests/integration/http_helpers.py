@@ -30,6 +30,16 @@ def http_server(data_dir: Any, *extra: str, engines: int = 2) -> tuple[ServerPro
     return proc, f"http://127.0.0.1:{port}"
 
 
+def serve_http(data_dir: Any, *extra: str, engines: int = 2) -> Iterator[tuple[ServerProcess, str]]:
+    """A fixture body: :func:`http_server`'s server and base URL, stopped after."""
+    proc, base = http_server(data_dir, *extra, engines=engines)
+    try:
+        yield proc, base
+    finally:
+        proc.stop()
+        proc.kill_leftovers()
+
+
 def get(url: str, token: str = "") -> tuple[int, dict[str, str], bytes]:
     """GET ``url``; (status, headers, body), error statuses included."""
     request = urllib.request.Request(url)

@@ -27,7 +27,7 @@ from tether.v1 import task_service_pb2 as spb
 from tether.v1 import task_service_pb2_grpc
 
 from .helpers import error_info, stream_token, submit, wait_state, wait_terminal
-from .http_helpers import call, error_reason, get, http_server, scrape, stream, value
+from .http_helpers import call, error_reason, get, http_server, scrape, serve_http, stream, value
 
 ALICE = "alice-admin-token-3f9a"  # admin
 BOB = "bob-user-token-77c1"
@@ -39,12 +39,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     root = tmp_path_factory.mktemp("http-gateway")
     tokens = root / "tokens"
     tokens.write_text(f"{ALICE} alice admin\n{BOB} bob\n{CAROL} carol\n")
-    proc, base = http_server(root / "data", "--auth-tokens", str(tokens), "--log-level", "INFO")
-    try:
-        yield proc, base
-    finally:
-        proc.stop()
-        proc.kill_leftovers()
+    yield from serve_http(root / "data", "--auth-tokens", str(tokens), "--log-level", "INFO")
 
 
 @pytest.fixture(scope="module")

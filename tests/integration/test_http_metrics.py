@@ -13,17 +13,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from tests.support import ServerProcess
-from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
 from .conftest import wait_for
 from .helpers import seconds, submit, usable_engines, wait_state, wait_terminal
-from .http_helpers import get, http_server, names, scrape, value
+from .http_helpers import get, names, scrape, serve_http, value
 
 LATENCY = "tether_interrupt_latency_seconds_count"
 
@@ -31,33 +29,18 @@ LATENCY = "tether_interrupt_latency_seconds_count"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
     data = tmp_path_factory.mktemp("http-metrics") / "data"
-    proc, base = http_server(data, "--log-format", "json", "--log-level", "INFO")
-    try:
-        yield proc, base
-    finally:
-        proc.stop()
-        proc.kill_leftovers()
+    yield from serve_http(data, "--log-format", "json", "--log-level", "INFO")
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[ServerProcess, str]) -> ServerProcess:
+    """The module's server, for the shared gRPC stubs (tests/conftest.py)."""
+    return served[0]
 
 
 @pytest.fixture(scope="module")
 def base(served: tuple[ServerProcess, str]) -> str:
     return served[1]
-
-
-@pytest.fixture(scope="module")
-def channel(served: tuple[ServerProcess, str]) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(served[0].address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def tasks(channel: grpc.Channel) -> task_service_pb2_grpc.TaskServiceStub:
-    return task_service_pb2_grpc.TaskServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def cluster(channel: grpc.Channel) -> cluster_service_pb2_grpc.ClusterServiceStub:
-    return cluster_service_pb2_grpc.ClusterServiceStub(channel)
 
 
 def _full_pool(cluster: Any) -> None:

@@ -12,21 +12,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import pytest
 
 from tests.support import ServerProcess
-from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
+from tether.v1 import task_service_pb2_grpc
 
-from .conftest import FAST_GRACE
 from .helpers import (
-    SINGLE_THREADED_TORCH,
     TaskStream,
     full_task,
+    llm_server,
     result_of,
-    running_server_with_env,
     seconds,
     stream_token,
     submit,
@@ -46,9 +43,10 @@ EXPLICIT_TIMEOUT = seconds(300)
 
 
 @pytest.fixture(scope="module")
-def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = [
-        *FAST_GRACE,
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from llm_server(
+        tmp_path_factory,
+        "llm-server",
         "--rss-tolerance",
         f"{RSS_TOLERANCE // 2**20}MiB",
         "--llm-timeout-base",
@@ -57,26 +55,7 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
         f"{POLICY_PER_TOKEN}s",
         "--llm-timeout-per-prompt-char",
         f"{POLICY_PER_CHAR}s",
-    ]
-    data = tmp_path_factory.mktemp("llm-server") / "data"
-    with running_server_with_env(data, SINGLE_THREADED_TORCH, engines=2, extra_args=args) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def channel(llm_server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(llm_server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def tasks(channel: grpc.Channel) -> task_service_pb2_grpc.TaskServiceStub:
-    return task_service_pb2_grpc.TaskServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def cluster(channel: grpc.Channel) -> cluster_service_pb2_grpc.ClusterServiceStub:
-    return cluster_service_pb2_grpc.ClusterServiceStub(channel)
+    )
 
 
 def _args(temperature: float, max_tokens: int = TOKENS) -> dict[str, Any]:

@@ -23,17 +23,14 @@ pytest.importorskip("transformers")
 
 from tests.support import ServerProcess
 from tether.v1 import cluster_service_pb2 as cpb
-from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 from tether_server.tasks import hf_random, hf_text
 
-from .conftest import FAST_GRACE
 from .helpers import (
-    SINGLE_THREADED_TORCH,
     TaskStream,
     error_info,
-    running_server_with_env,
+    llm_server,
     seconds,
     stream_token,
     struct,
@@ -73,29 +70,11 @@ def allowed_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str,
 def server(
     tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path], allowed_dir: Path
 ) -> Iterator[ServerProcess]:
-    args = [*FAST_GRACE, "--rss-tolerance", f"{RSS_TOLERANCE // 2**20}MiB"]
+    args = ["--rss-tolerance", f"{RSS_TOLERANCE // 2**20}MiB"]
     for name, path in checkpoints.items():
         args += ["--model", f"{name}={path}"]
     args += ["--allow-model-path", str(allowed_dir)]
-    data = tmp_path_factory.mktemp("llm-hf-server") / "data"
-    with running_server_with_env(data, SINGLE_THREADED_TORCH, engines=2, extra_args=args) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def tasks(channel: grpc.Channel) -> task_service_pb2_grpc.TaskServiceStub:
-    return task_service_pb2_grpc.TaskServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def cluster(channel: grpc.Channel) -> cluster_service_pb2_grpc.ClusterServiceStub:
-    return cluster_service_pb2_grpc.ClusterServiceStub(channel)
+    yield from llm_server(tmp_path_factory, "llm-hf-server", *args)
 
 
 def args(model: str, **extra: Any) -> dict[str, Any]:

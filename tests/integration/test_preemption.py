@@ -24,15 +24,13 @@ from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
-from .conftest import FAST_GRACE
 from .helpers import (
-    SINGLE_THREADED_TORCH,
     TaskStream,
     engines,
     error_info,
     full_task,
+    llm_server,
     result_of,
-    running_server_with_env,
     seconds,
     stream_token,
     submit,
@@ -43,7 +41,7 @@ from .helpers import (
 
 pytestmark = pytest.mark.llm
 
-SIGINT_GRACE = 0.5  # FAST_GRACE
+SIGINT_GRACE = 0.5  # FAST_GRACE, which llm_server gives
 PROMPT = "Once upon a time"
 TOKENS = 1800  # several seconds of generation on a CPU: long enough to preempt mid-way
 TIMEOUT = seconds(600)
@@ -51,26 +49,14 @@ TIMEOUT = seconds(600)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = [*FAST_GRACE, "--preemptible-tasks", "llm.generate", "--preempt-min-runtime", "0s"]
-    data = tmp_path_factory.mktemp("preemption") / "data"
-    with running_server_with_env(data, SINGLE_THREADED_TORCH, engines=2, extra_args=args) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def tasks(channel: grpc.Channel) -> task_service_pb2_grpc.TaskServiceStub:
-    return task_service_pb2_grpc.TaskServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def cluster(channel: grpc.Channel) -> cluster_service_pb2_grpc.ClusterServiceStub:
-    return cluster_service_pb2_grpc.ClusterServiceStub(channel)
+    yield from llm_server(
+        tmp_path_factory,
+        "preemption",
+        "--preemptible-tasks",
+        "llm.generate",
+        "--preempt-min-runtime",
+        "0s",
+    )
 
 
 def _args(temperature: float, max_tokens: int = TOKENS) -> dict[str, Any]:

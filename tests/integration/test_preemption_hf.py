@@ -16,25 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 pytest.importorskip("transformers")
 
 from tests.support import ServerProcess
-from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
+from tether.v1 import task_service_pb2_grpc
 from tether_server.tasks import hf_random
 
-from .conftest import FAST_GRACE
 from .helpers import (
-    SINGLE_THREADED_TORCH,
     TaskStream,
     engines,
     full_task,
+    llm_server,
     result_of,
-    running_server_with_env,
     seconds,
     stream_token,
     submit,
@@ -54,22 +51,14 @@ TIMEOUT = seconds(600)
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("checkpoints")
     path = hf_random.build_checkpoint(root / "bpe", style="byte_bpe", shape=SHAPE, seed=1)
-    args = [*FAST_GRACE, "--model", f"bpe={Path(path)}", "--preempt-min-runtime", "0s"]
-    data = tmp_path_factory.mktemp("preemption-hf") / "data"
-    with running_server_with_env(data, SINGLE_THREADED_TORCH, engines=2, extra_args=args) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def tasks(server: ServerProcess) -> Iterator[task_service_pb2_grpc.TaskServiceStub]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield task_service_pb2_grpc.TaskServiceStub(ch)
-
-
-@pytest.fixture(scope="module")
-def cluster(server: ServerProcess) -> Iterator[cluster_service_pb2_grpc.ClusterServiceStub]:
-    with grpc.insecure_channel(server.address) as ch:
-        yield cluster_service_pb2_grpc.ClusterServiceStub(ch)
+    yield from llm_server(
+        tmp_path_factory,
+        "preemption-hf",
+        "--model",
+        f"bpe={Path(path)}",
+        "--preempt-min-runtime",
+        "0s",
+    )
 
 
 def _args(temperature: float) -> dict[str, Any]:

@@ -17,13 +17,13 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.support import ServerProcess, pid_alive
+from tests.support import FAST_GRACE, ServerProcess, pid_alive
 from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
-from .conftest import FAST_GRACE, wait_for
+from .conftest import wait_for
 from .helpers import (
     SINGLE_THREADED_TORCH,
     TaskStream,

@@ -475,11 +475,11 @@ def test_another_programs_database_is_refused_and_left_alone(db_path: Path) -> N
 
 def test_a_version_1_store_is_upgraded_with_task_revisions(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
-    from tether_server.store.sqlite import _migrate_0_to_1
+    from tether_server.store.schema import migrate_0_to_1
 
     task = make_task(1, state=TaskState.SUCCEEDED, revision=7)
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
-        _migrate_0_to_1(conn)
+        migrate_0_to_1(conn)
         conn.execute("PRAGMA user_version = 1")
         conn.execute(
             "INSERT INTO tasks (id, seq, state, task, data) VALUES (?, ?, ?, ?, ?)",

@@ -9,12 +9,13 @@ import pytest
 
 from tether_server import app
 from tether_server.config import ServerConfig
+from tether_server.flags import parse_args
 from tether_server.runtime import registry
 from tether_server.tasks import llm_catalog
 
 
 def parse(*argv: str) -> ServerConfig:
-    config, _ = app.parse_args(list(argv))
+    config, _ = parse_args(list(argv))
     return config
 
 

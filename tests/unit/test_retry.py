@@ -243,7 +243,7 @@ def test_a_zero_backoff_queues_the_retry_at_once() -> None:
 
 
 def test_server_flags_set_the_default_policy_and_the_preemption_settings() -> None:
-    from tether_server.app import parse_args
+    from tether_server.flags import parse_args
 
     config, _ = parse_args(
         [
@@ -274,7 +274,7 @@ def test_server_flags_set_the_default_policy_and_the_preemption_settings() -> No
     [["--retry-on", "INTERRUPTED"], ["--retry-on", "NOPE"], ["--retry-jitter", "2"]],
 )
 def test_server_flags_refuse_a_bad_default_policy(argv: list[str]) -> None:
-    from tether_server.app import parse_args
+    from tether_server.flags import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(argv)

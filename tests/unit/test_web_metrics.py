@@ -12,7 +12,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tether_server.api.errors import to_status
-from tether_server.app import parse_args
 from tether_server.core import errors as err
 from tether_server.core.eventlog import LogEntry
 from tether_server.core.filters import TaskFilter
@@ -30,6 +29,7 @@ from tether_server.core.model import (
     TaskError,
     TaskState,
 )
+from tether_server.flags import parse_args
 from tether_server.logformat import EventLogger, JsonFormatter
 from tether_server.subscriptions import StreamOptions, SubscriberIndex, Subscription
 from tether_server.web.gateway import connect_error

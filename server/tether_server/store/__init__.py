@@ -6,6 +6,10 @@ writer thread, group commit) and reads everything back once, at start, as a
 :class:`Loaded`. The only backend is SQLite in WAL mode (:class:`SqliteStore`);
 :mod:`.codec` turns domain dataclasses into JSON and back, losslessly.
 
+Inside: :mod:`.sqlite` (``SqliteStore``: open and load, submit, close, the queries),
+:mod:`.writer` (its writer thread and group commit), :mod:`.schema` (tables,
+migrations, write statements, retention), :mod:`.records` and :mod:`.errors`.
+
 This package imports the stdlib and ``tether_server.core`` only.
 """
 
