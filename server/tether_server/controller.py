@@ -117,6 +117,7 @@ class Controller:
         self._shutting_down = False
         self.ready = asyncio.Event()
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
+        self._serving_reported: bool | None = None
 
     # ================================================================== lifecycle
     async def start(self) -> None:
@@ -557,9 +558,14 @@ class Controller:
         return rec.task_id
 
     def _update_serving(self) -> None:
+        """Tell the health side when ``serving`` changes (it runs after every batch of
+        instructions: only a change costs anything)."""
         if self._shutting_down or self.core is None:
             return
-        self.on_serving_changed(self.serving)
+        serving = self.serving
+        if serving != self._serving_reported:
+            self._serving_reported = serving
+            self.on_serving_changed(serving)
 
 
 async def _wanted(sub: Subscription, entries: AsyncIterator[LogEntry]) -> AsyncIterator[Any]:
