@@ -394,7 +394,8 @@ class TaskEvent:
     """Revision of this event in the controller's log; strictly increasing on a stream."""
     resume_token: str
     raw: task_service_pb2.TaskEvent | None = field(repr=False, compare=False, hash=False)
-    """The protobuf event; None for SNAPSHOT events the client built after a re-list."""
+    """The protobuf event; None for SNAPSHOT events the client built from a listing (after
+    a re-list, and the first event of a ``TaskHandle.watch``)."""
 
 
 @dataclass(frozen=True)
