@@ -92,7 +92,7 @@ wrong fields also get `google.rpc.BadRequest` with one violation per field.
 | INVALID_ARGUMENT | `INVALID_TIMEOUT` / `INVALID_GRACE` | a duration is negative, zero or above the server limit |
 | INVALID_ARGUMENT | `INVALID_RETRY_POLICY` | `retry` breaks a rule: `max_attempts` above 100, a reason that cannot be retried (only ENGINE_LOST, CLUSTER_LOST, RESOURCE_LIMIT, TASK_RAISED, TIMED_OUT), a negative backoff, `max_backoff` below `initial_backoff`, `backoff_multiplier` below 1, `jitter` outside [0, 1] (field `retry.<name>`) |
 | INVALID_ARGUMENT | `INVALID_REQUEST_ID` | `request_id` longer than 128 characters |
-| INVALID_ARGUMENT | `INVALID_FILTER` | unknown state in a filter, or both `name` and `filter` on a stream |
+| INVALID_ARGUMENT | `INVALID_FILTER` | unknown state in a filter, a `filter.names[i]` that is not `tasks/{id}` or more than 1,000 `filter.names`, or both `name` and `filter` on a stream |
 | INVALID_ARGUMENT | `INVALID_PAGE_SIZE` | negative `page_size` |
 | INVALID_ARGUMENT | `INVALID_PAGE_TOKEN` | a page token this server did not mint, or one minted for another filter |
 | INVALID_ARGUMENT | `INVALID_RESUME_TOKEN` | a malformed resume token |
@@ -316,9 +316,35 @@ server decides); `Task.attempts` lists its `TaskAttempt`s (engine, times, `Attem
 reason). The CLI: `tether submit llm.generate --retry 3 --retry-on ENGINE_LOST
 --preemptible ...`; `tether get ID` prints the attempts.
 
-`handle.watch()` and `client.watch(filter)` are separate streams (they carry every event,
-progress included); `close()` ends them and fails pending waits with `TetherError`
-(CANCELLED).
+**Watching many tasks costs one stream too.** Every `handle.watch()` of a client shares
+one *watch stream*: `StreamTaskStatus` with `filter.names` = the tasks watched right now. A
+task's name never changes, so that stream carries every event of those tasks, as a
+single-task stream does. Each watch yields exactly what a stream of its own would have: a
+SNAPSHOT of the task as it is when the watch starts, then every later event in revision
+order (progress and output chunks included unless `exclude_progress=True`), ending after
+the terminal one.
+
+- Joining: the client stops reading at the stream's last token, lists the joining tasks
+  (one `ListTasks` with `filter.names`, BASIC view: their SNAPSHOTs) and reopens the stream
+  from that token with the new names; events a SNAPSHOT already shows are dropped by
+  revision. Watches that join together share one listing and one reopen. A task that does
+  not exist makes its own watch raise `TaskNotFound`, no other.
+- Leaving: a watch whose task ended costs nothing (its name leaves at the next reopen); one
+  closed early reopens the stream without its task; the stream closes when the last watch
+  ends.
+- UNAVAILABLE (a restart, `SUBSCRIBER_LAGGING`): the stream resumes from its last token;
+  `RESUME_TOKEN_EXPIRED`: it re-lists its tasks and yields a SNAPSHOT for each that
+  changed, as `client.watch(filter)` does.
+- Backpressure: each watch holds at most 1,024 events its consumer has not taken. A watch
+  that falls further behind leaves the shared stream (the others never wait for it) and,
+  once its consumer has drained what it holds, continues over a single-task stream of its
+  own, resumed strictly after the last event it held: nothing lost, nothing repeated.
+- At most 1,000 tasks share the stream (the server's bound on `filter.names`); watches
+  beyond that use streams of their own.
+
+`client.watch(filter)` is a stream of its own (by state, task, label or `names`); `close()`
+ends any watch. Closing the client makes the watches still open raise `TetherError`
+(CANCELLED), as it does pending waits.
 """
 
 

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,18 @@ def running_server(data_dir: Path, **kwargs: object) -> Iterator[ServerProcess]:
     server = ServerProcess(data_dir, **kwargs)  # type: ignore[arg-type]
     with server:
         yield server
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Polls ``predicate`` until it returns something true, and returns that; fails after
+    ``timeout`` seconds (a bound against hangs, never a measurement)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def pid_alive(pid: int) -> bool:

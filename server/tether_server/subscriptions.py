@@ -18,6 +18,7 @@ from .core.filters import TaskFilter
 from .core.messages import EventKind
 
 K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +107,19 @@ class SubscriberIndex:
     subscribers' filters one by one made it the server's hottest path (B5). Single-task
     streams are looked up by task id; filter streams are grouped by (filter,
     exclude_progress), so subscribers that share a filter share its evaluation.
+    Filters on names (each Python client's shared watch stream holds one) are also
+    looked up by task id: an event costs nothing for the clients that do not watch
+    its task, however many there are.
     """
 
     def __init__(self) -> None:
         self._by_task: dict[str, set[Subscription]] = {}
         self._by_filter: dict[tuple[TaskFilter, bool], set[Subscription]] = {}
+        """Groups of filter streams whose filter names no task: each event checks each."""
+        self._by_names: dict[tuple[TaskFilter, bool], set[Subscription]] = {}
+        """Groups of filter streams whose filter names tasks, found through ``_named``."""
+        self._named: dict[str, set[tuple[TaskFilter, bool]]] = {}
+        """Task id -> the keys of ``_by_names`` whose filter names it."""
         self._all: set[Subscription] = set()
         self._per_principal: dict[str, int] = {}
         self.lagging_cutoffs = 0
@@ -132,10 +141,16 @@ class SubscriberIndex:
         self._all.add(sub)
         self._per_principal[sub.principal] = self.count_of(sub.principal) + 1
         o = sub.options
+        key = (o.filter, o.exclude_progress)
         if o.task_id is not None:
             self._by_task.setdefault(o.task_id, set()).add(sub)
+        elif o.filter.ids:
+            if key not in self._by_names:
+                for task_id in o.filter.ids:
+                    self._named.setdefault(task_id, set()).add(key)
+            self._by_names.setdefault(key, set()).add(sub)
         else:
-            self._by_filter.setdefault((o.filter, o.exclude_progress), set()).add(sub)
+            self._by_filter.setdefault(key, set()).add(sub)
 
     def discard(self, sub: Subscription) -> None:
         if sub not in self._all:
@@ -147,10 +162,16 @@ class SubscriberIndex:
         else:
             self._per_principal.pop(sub.principal, None)
         o = sub.options
+        key = (o.filter, o.exclude_progress)
         if o.task_id is not None:
             _remove(self._by_task, o.task_id, sub)
+        elif o.filter.ids:
+            _remove(self._by_names, key, sub)
+            if key not in self._by_names:
+                for task_id in o.filter.ids:
+                    _remove(self._named, task_id, key)
         else:
-            _remove(self._by_filter, (o.filter, o.exclude_progress), sub)
+            _remove(self._by_filter, key, sub)
 
     def deliver(self, entry: Any) -> None:
         """Push one log entry to every subscription that wants it."""
@@ -158,7 +179,9 @@ class SubscriberIndex:
         for sub in tuple(self._by_task.get(entry.task.id, ())):
             if not (progress and sub.options.exclude_progress) and sub.push(entry):
                 self.lagging_cutoffs += 1
-        for (flt, exclude_progress), group in tuple(self._by_filter.items()):
+        named = self._named.get(entry.task.id, ())
+        groups = [*self._by_filter.items(), *((key, self._by_names[key]) for key in named)]
+        for (flt, exclude_progress), group in groups:
             if progress and exclude_progress:
                 continue
             if flt.matches(entry.task):
@@ -167,9 +190,9 @@ class SubscriberIndex:
                         self.lagging_cutoffs += 1
 
 
-def _remove(index: dict[K, set[Subscription]], key: K, sub: Subscription) -> None:
+def _remove(index: dict[K, set[V]], key: K, item: V) -> None:
     group = index.get(key)
     if group is not None:
-        group.discard(sub)
+        group.discard(item)
         if not group:
             del index[key]

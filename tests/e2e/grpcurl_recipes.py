@@ -95,6 +95,16 @@ RECIPES = [
         exit_code=68,
     ),
     Recipe(
+        'grpcurl -plaintext -max-time 3 -d \'{"filter": {"names": ["tasks/FINISHED", '
+        '"tasks/COUNTING"]}, "send_initial_state": true, "exclude_progress": true}\' '
+        "127.0.0.1:50051 tether.v1.TaskService/StreamTaskStatus",
+        "Watch a set of tasks by name (at most 1,000): a task's name never changes, so the "
+        "stream carries every event of those tasks, the terminal ones included, as one "
+        "single-task stream per task would, but it never ends by itself. The Python client's "
+        "handle watches share one such stream per client.",
+        exit_code=68,
+    ),
+    Recipe(
         'grpcurl -plaintext -max-time 2 -d \'{"resume_token": "TOKEN", "exclude_progress": true}\' '
         "127.0.0.1:50051 tether.v1.TaskService/StreamTaskStatus",
         "Resume strictly after a token (from any stream message or from ListTasks): no gap, no "

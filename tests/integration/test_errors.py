@@ -93,6 +93,33 @@ def test_malformed_resume_token_is_invalid_argument(tasks):  # type: ignore[no-u
     )
 
 
+def test_a_malformed_name_in_a_names_filter_is_invalid_filter_naming_it(tasks):  # type: ignore[no-untyped-def]
+    names = spb.TaskFilter(names=["tasks/fine", "jobs/1", "tasks/bad name"])
+    for method, request in (
+        (tasks.StreamTaskStatus, spb.StreamTaskStatusRequest(filter=names)),
+        (tasks.ListTasks, spb.ListTasksRequest(filter=names)),
+    ):
+        code, reason, metadata, fields = _refused(method, request)
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER")
+        assert fields == ["filter.names[1]", "filter.names[2]"]
+        assert metadata["field"] == "filter.names[1]"
+
+
+def test_a_names_filter_over_a_thousand_names_is_invalid_filter(tasks):  # type: ignore[no-untyped-def]
+    names = [f"tasks/t{i}" for i in range(1001)]
+    request = spb.StreamTaskStatusRequest(filter=spb.TaskFilter(names=names))
+    code, reason, _, fields = _refused(tasks.StreamTaskStatus, request)
+    assert (code, reason, fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_FILTER",
+        ["filter.names"],
+    )
+    listed = tasks.ListTasks(
+        spb.ListTasksRequest(filter=spb.TaskFilter(names=names[:1000])), timeout=10
+    )
+    assert list(listed.tasks) == []  # a thousand is allowed (and none of these exist)
+
+
 def test_bad_page_token_is_invalid_page_token(tasks):  # type: ignore[no-untyped-def]
     code, reason, _, fields = _refused(tasks.ListTasks, spb.ListTasksRequest(page_token="nope"))
     assert (code, reason, fields) == (

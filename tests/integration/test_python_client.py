@@ -11,13 +11,13 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import tether
-from tests.support import ServerProcess, serve_for_tests
+from tests.support import ServerProcess, serve_for_tests, wait_until
 
 WAIT = 60.0
 
@@ -36,16 +36,6 @@ def client(server: ServerProcess) -> Iterator[tether.Client]:
 def label() -> dict[str, str]:
     """A label unique to one test, so that lists and watches see only its tasks."""
     return {"run": uuid.uuid4().hex[:12]}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def wait_running(handle: tether.TaskHandle) -> None:

@@ -15,7 +15,7 @@ from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 from tether.v1 import task_service_pb2_grpc
 
-from .helpers import TERMINAL, error_info, struct, submit, wait_terminal
+from .helpers import TERMINAL, error_info, stream_token, struct, submit, wait_terminal
 
 
 def _filter(run: str) -> spb.TaskFilter:
@@ -233,3 +233,82 @@ def test_client_disconnect_never_touches_the_task(tasks):  # type: ignore[no-unt
     next(iter(call))
     call.cancel()
     assert wait_terminal(tasks, task.name).state == tpb.TASK_STATE_SUCCEEDED
+
+
+def _until_ended(
+    stub, request: spb.StreamTaskStatusRequest, names: set[str]
+) -> list[spb.TaskEvent]:  # type: ignore[no-untyped-def]
+    """A stream's task events until each of ``names`` has had its terminal state change."""
+    events: list[spb.TaskEvent] = []
+    running = set(names)
+    call = stub.StreamTaskStatus(request, timeout=60)
+    for response in call:
+        if not response.HasField("task_event"):
+            continue
+        event = response.task_event
+        events.append(event)
+        if event.type == spb.TASK_EVENT_TYPE_STATE_CHANGED and event.task.state in TERMINAL:
+            running.discard(event.task.name)
+            if not running:
+                call.cancel()
+                break
+    return events
+
+
+def _shape(event: spb.TaskEvent) -> tuple[str, int, int, int, str]:
+    return (event.task.name, event.revision, event.type, event.task.state, event.output_chunk)
+
+
+def test_a_names_filter_stream_carries_every_event_of_its_tasks_like_single_task_streams(tasks):  # type: ignore[no-untyped-def]
+    token = stream_token(tasks)
+    counting = [submit(tasks, "demo.count", args={"n": 3, "interval": 0.02}) for _ in range(2)]
+    failing = submit(tasks, "demo.fail", args={"message": "boom"})
+    submit(tasks, "demo.echo", args={"value": "not watched"})
+    names = {task.name for task in [*counting, failing]}
+    per_task = {
+        name: [
+            _shape(response.task_event)
+            for response in tasks.StreamTaskStatus(
+                spb.StreamTaskStatusRequest(name=name, resume_token=token), timeout=60
+            )
+            if response.HasField("task_event")
+        ]  # a single-task stream ends after its task's terminal event
+        for name in names
+    }
+    by_names = spb.TaskFilter(names=sorted(names))
+    shared = _until_ended(
+        tasks, spb.StreamTaskStatusRequest(filter=by_names, resume_token=token), names
+    )
+    assert {e.task.name for e in shared} == names
+    assert [e.revision for e in shared] == sorted({e.revision for e in shared})
+    for name in names:
+        assert [_shape(e) for e in shared if e.task.name == name] == per_task[name]
+    quiet = _until_ended(
+        tasks,
+        spb.StreamTaskStatusRequest(filter=by_names, resume_token=token, exclude_progress=True),
+        names,
+    )
+    assert [_shape(e) for e in quiet] == [
+        _shape(e)
+        for e in shared
+        if e.type not in (spb.TASK_EVENT_TYPE_PROGRESS, spb.TASK_EVENT_TYPE_OUTPUT)
+    ]
+
+
+def test_list_tasks_by_names_returns_exactly_those_tasks_in_submission_order(tasks):  # type: ignore[no-untyped-def]
+    made = [submit(tasks, "demo.echo", args={"value": n}) for n in range(5)]
+    wanted = [made[3].name, made[0].name, made[4].name, "tasks/neverexisted"]
+    first = tasks.ListTasks(
+        spb.ListTasksRequest(page_size=2, filter=spb.TaskFilter(names=wanted)), timeout=10
+    )
+    assert [t.name for t in first.tasks] == [made[0].name, made[3].name]
+    assert first.next_page_token and first.resume_token
+    rest = tasks.ListTasks(
+        spb.ListTasksRequest(
+            page_size=2, page_token=first.next_page_token, filter=spb.TaskFilter(names=wanted)
+        ),
+        timeout=10,
+    )
+    assert [t.name for t in rest.tasks] == [made[4].name] and not rest.next_page_token
+    both = spb.TaskFilter(names=wanted, tasks=["demo.sleep"])
+    assert list(tasks.ListTasks(spb.ListTasksRequest(filter=both), timeout=10).tasks) == []

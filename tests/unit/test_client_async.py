@@ -278,3 +278,44 @@ def test_async_map_yields_in_order_with_backpressure() -> None:
     run(scenario)
     assert [r.resume_token for r in service.requests["StreamTaskStatus"]] == ["now"]
     assert "GetTask" not in service.requests  # submitted after the stream started: covered
+
+
+def test_a_handle_watch_joins_the_shared_stream_and_resumes_it_after_unavailable() -> None:
+    service = ScriptedTaskService()
+    service.pages = [
+        task_service_pb2.ListTasksResponse(
+            tasks=[task_pb2.Task(name="tasks/t1", state=RUNNING_T1.state, revision=1)],
+            resume_token="tok-0",
+        )
+    ]
+    done = task_pb2.TASK_STATE_SUCCEEDED
+    service.streams = [
+        ([event("tasks/t1", 1), event("tasks/t1", 2)], grpc.StatusCode.UNAVAILABLE, ""),
+        ([event("tasks/t1", 2), event("tasks/t1", 3, state=done)], None, ""),
+    ]
+
+    async def scenario() -> None:
+        async with serving(service) as client:
+            seen = [(e.type.name, e.revision) async for e in client.get_handle("t1").watch()]
+            assert seen == [("SNAPSHOT", 1), ("STATE_CHANGED", 2), ("STATE_CHANGED", 3)]
+
+    run(scenario)
+    (listed,) = service.requests["ListTasks"]
+    assert list(listed.filter.names) == ["tasks/t1"] and listed.view == task_pb2.TASK_VIEW_BASIC
+    first, resumed = service.requests["StreamTaskStatus"]
+    assert list(first.filter.names) == ["tasks/t1"] and not first.name
+    assert (first.resume_token, resumed.resume_token) == ("tok-0", "tok-2")
+
+
+def test_a_handle_watch_of_an_unknown_task_raises_task_not_found() -> None:
+    service = ScriptedTaskService()
+    service.pages = [task_service_pb2.ListTasksResponse(resume_token="tok-0")]
+
+    async def scenario() -> None:
+        async with serving(service) as client:
+            with pytest.raises(tether.TaskNotFound):
+                await anext(client.get_handle("nope").watch())
+
+    run(scenario)
+    assert [request.name for request in service.requests["GetTask"]] == ["tasks/nope"]
+    assert "StreamTaskStatus" not in service.requests

@@ -117,6 +117,11 @@ class Consumer:
     def nothing_more(self) -> bool:
         return self.items.empty()
 
+    def ended(self) -> bool:
+        """Whether the iteration ends (waiting for it at most ``WAIT``)."""
+        self._thread.join(timeout=WAIT)
+        return not self._thread.is_alive()
+
 
 # --------------------------------------------------------------------------- unary calls
 
@@ -415,20 +420,93 @@ def test_result_raises_task_interrupted_carrying_the_final_task(
     assert caught.value.reason == "INTERRUPTED"
 
 
-def test_a_handle_watch_ends_after_the_terminal_event(
+def _join(server: ScriptedServer, *tasks: task_pb2.Task, token: str) -> list[str]:
+    """Answers the listing of joining watches; returns the names it asked for."""
+    request, rpc = server.unary("ListTasks")
+    assert request.view == task_pb2.TASK_VIEW_BASIC
+    answer(rpc, task_service_pb2.ListTasksResponse(tasks=tasks, resume_token=token))
+    return list(request.filter.names)
+
+
+def _watching(
+    server: ScriptedServer, client: tether.Client, name: str, revision: int
+) -> tuple[Consumer, Any]:
+    """A handle watch of a RUNNING task at ``revision``, joined: its consumer and stream."""
+    consumer = Consumer(client.get_handle(name).watch())
+    running = task(f"tasks/{name}", task_pb2.TASK_STATE_RUNNING, revision=revision)
+    _join(server, running, token=f"tok-{revision}")
+    _, rpc = server.stream()
+    return consumer, rpc
+
+
+def test_a_handle_watch_lists_its_task_then_streams_it_by_name_until_the_terminal_event(
     server: ScriptedServer, client: tether.Client
 ) -> None:
     consumer = Consumer(client.get_handle("t1").watch())
+    running = task("tasks/t1", task_pb2.TASK_STATE_RUNNING, revision=1)
+    assert _join(server, running, token="tok-0") == ["tasks/t1"]
     request, rpc = server.stream()
-    assert request.send_initial_state and not request.exclude_progress
-    rpc.send_response(event("tasks/t1", 1, kind=task_service_pb2.TASK_EVENT_TYPE_SNAPSHOT))
+    assert list(request.filter.names) == ["tasks/t1"] and not request.name
+    assert request.resume_token == "tok-0" and not request.send_initial_state
+    assert not request.exclude_progress
+    rpc.send_response(event("tasks/t1", 1))  # the snapshot showed it already
     rpc.send_response(event("tasks/t1", 2, state=task_pb2.TASK_STATE_FAILED))
-    assert [e.task.state for e in consumer.take(2)] == [
-        tether.TaskState.RUNNING,
-        tether.TaskState.FAILED,
+    items = consumer.take(2)
+    assert [(e.type, e.revision, e.task.state) for e in items] == [
+        (tether.TaskEventType.SNAPSHOT, 1, tether.TaskState.RUNNING),
+        (tether.TaskEventType.STATE_CHANGED, 2, tether.TaskState.FAILED),
     ]
-    consumer._thread.join(timeout=WAIT)
-    assert not consumer._thread.is_alive()
+    assert consumer.ended()
+
+
+def test_a_second_handle_watch_reopens_the_shared_stream_from_its_last_token(
+    server: ScriptedServer, client: tether.Client
+) -> None:
+    first, rpc = _watching(server, client, "a", 3)
+    rpc.send_response(event("tasks/a", 5))
+    assert [e.revision for e in first.take(2)] == [3, 5]
+    second = Consumer(client.get_handle("b").watch())
+    # The shared stream is cancelled; b is listed; the stream reopens from a's last token.
+    assert _join(server, task("tasks/b", revision=4), token="ignored") == ["tasks/b"]
+    request, rpc = server.stream()
+    assert list(request.filter.names) == ["tasks/a", "tasks/b"]
+    assert request.resume_token == "tok-5"
+    rpc.send_response(event("tasks/b", 4))  # shown by b's snapshot: dropped
+    rpc.send_response(event("tasks/a", 6, state=task_pb2.TASK_STATE_SUCCEEDED))
+    rpc.send_response(event("tasks/b", 7, state=task_pb2.TASK_STATE_FAILED))
+    assert [e.revision for e in first.take(1)] == [6]
+    assert [(e.type, e.revision) for e in second.take(2)] == [
+        (tether.TaskEventType.SNAPSHOT, 4),
+        (tether.TaskEventType.STATE_CHANGED, 7),
+    ]
+    assert first.ended() and second.ended()
+
+
+def test_a_handle_watch_of_an_unknown_task_raises_task_not_found(
+    server: ScriptedServer, client: tether.Client
+) -> None:
+    consumer = Consumer(client.get_handle("nope").watch())
+    _join(server, token="tok-0")
+    request, rpc = server.unary("GetTask")
+    assert request.name == "tasks/nope" and request.view == task_pb2.TASK_VIEW_BASIC
+    fail(rpc, grpc.StatusCode.NOT_FOUND, "task tasks/nope does not exist", "TASK_NOT_FOUND")
+    (error,) = consumer.take(1)
+    assert isinstance(error, tether.TaskNotFound)
+
+
+def test_a_handle_watch_resumes_the_shared_stream_after_unavailable(
+    server: ScriptedServer, client: tether.Client
+) -> None:
+    consumer, rpc = _watching(server, client, "t1", 1)
+    rpc.send_response(event("tasks/t1", 2))
+    assert [e.revision for e in consumer.take(2)] == [1, 2]
+    fail(rpc, grpc.StatusCode.UNAVAILABLE, "server restarting")
+    resumed, rpc = server.stream()
+    assert resumed.resume_token == "tok-2" and list(resumed.filter.names) == ["tasks/t1"]
+    rpc.send_response(event("tasks/t1", 2))
+    rpc.send_response(event("tasks/t1", 3, state=task_pb2.TASK_STATE_SUCCEEDED))
+    assert [e.revision for e in consumer.take(1)] == [3]
+    assert consumer.ended() and consumer.nothing_more()
 
 
 def test_closing_a_watch_from_another_thread_ends_its_iteration_quietly(

@@ -39,6 +39,20 @@ def test_labels_must_all_be_present_with_their_values() -> None:
     assert not flt.matches(task(labels={"team": "nlp", "env": "dev"}))
 
 
+def test_ids_match_task_ids_whatever_the_state() -> None:
+    flt = TaskFilter(ids=frozenset({"a", "b"}))
+    assert not flt.is_empty
+    for state in TaskState:
+        assert flt.matches(task(id="a", state=state))
+    assert not flt.matches(task(id="c"))
+    assert not TaskFilter(ids=frozenset({"a"}), tasks=frozenset({"x"})).matches(task(id="a"))
+
+
+def test_a_filter_without_ids_keeps_the_fingerprint_page_tokens_carried_before_ids() -> None:
+    # The digest of the canonical text as it was before ``ids`` existed.
+    assert TaskFilter().fingerprint() == "05151954f14033b491f6"
+
+
 def test_every_set_field_must_match() -> None:
     flt = TaskFilter(states=frozenset({TaskState.RUNNING}), labels={"team": "nlp"})
     assert not flt.matches(task(state=TaskState.RUNNING))
@@ -77,8 +91,9 @@ def test_different_filters_have_different_fingerprints() -> None:
         TaskFilter(labels={"RUNNING": ""}).fingerprint(),
         TaskFilter(labels={"a": "b"}).fingerprint(),
         TaskFilter(labels={"a=b": ""}).fingerprint(),
+        TaskFilter(ids=frozenset({"RUNNING"})).fingerprint(),
     }
-    assert len(prints) == 6
+    assert len(prints) == 7
 
 
 def test_fingerprint_is_the_same_in_another_process() -> None:

@@ -61,6 +61,29 @@ def test_discarded_subscriptions_get_nothing_and_empty_groups_go_away() -> None:
     assert not index._by_task and not index._by_filter
 
 
+def test_filters_on_names_get_every_event_of_their_tasks_and_nothing_else() -> None:
+    a = Task("a", "demo.echo", {})
+    b = Task("b", "demo.echo", {}, state=TaskState.SUCCEEDED)
+    c = Task("c", "demo.echo", {})
+    a_and_b = _sub(flt=TaskFilter(ids=frozenset({"a", "b"})))
+    a_and_b_too = _sub(flt=TaskFilter(ids=frozenset({"b", "a"})))
+    b_quiet = _sub(flt=TaskFilter(ids=frozenset({"b"})), exclude_progress=True)
+    running_a = _sub(flt=TaskFilter(ids=frozenset({"a"}), states=frozenset({TaskState.RUNNING})))
+    index = SubscriberIndex()
+    for sub in (a_and_b, a_and_b_too, b_quiet, running_a):
+        index.add(sub)
+    index.deliver(_entry(1, a))
+    index.deliver(_entry(2, b))
+    index.deliver(_entry(3, b, EventKind.OUTPUT))
+    index.deliver(_entry(4, c))
+    assert _queued(a_and_b) == _queued(a_and_b_too) == [1, 2, 3]
+    assert _queued(b_quiet) == [2]
+    assert _queued(running_a) == []
+    for sub in (a_and_b, a_and_b_too, b_quiet, running_a):
+        index.discard(sub)
+    assert not index._by_names and not index._named
+
+
 def test_index_counts_open_subscriptions_per_principal() -> None:
     index = SubscriberIndex()
     a1, a2 = (

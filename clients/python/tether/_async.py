@@ -3,7 +3,7 @@
 The twin of :mod:`tether._sync` over ``grpc.aio``: the same methods with the
 same parameters, awaited. Both carry out what ``_core`` and ``_watch`` decide;
 the watch iterator is in ``_async_watch``, the shared outcome stream in
-``_async_outcomes``.
+``_async_outcomes``, the handles' shared watch stream in ``_async_shared_watch``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import grpc.aio
 
 from tether import _convert, _core, _outcomes, _watch
 from tether._async_outcomes import AsyncOutcomeWatcher, map_results
-from tether._async_watch import AsyncTaskWatch, _error
+from tether._async_shared_watch import AsyncHandleWatch, AsyncSharedWatcher
+from tether._async_watch import AsyncTaskWatch, StreamCall, _error
 from tether._convert import Seconds
 from tether._core import RetryPolicy
 from tether._models import (
@@ -81,6 +82,7 @@ class AsyncClient:
         self._tasks = task_service_pb2_grpc.TaskServiceStub(channel)
         self._cluster = cluster_service_pb2_grpc.ClusterServiceStub(channel)
         self._outcomes = AsyncOutcomeWatcher(self)
+        self._watches = AsyncSharedWatcher(self)
 
     @property
     def address(self) -> str:
@@ -90,8 +92,10 @@ class AsyncClient:
     async def close(self) -> None:
         """Closes the channel (unless it was passed in); open watches end.
 
-        Waits still pending (``result``, ``map``) raise TetherError (CANCELLED).
+        Waits still pending (``result``, ``map``) and handle watches raise
+        TetherError (CANCELLED).
         """
+        await self._watches.close()
         await self._outcomes.close()
         if self._owns_channel:
             await self._channel.close()
@@ -311,11 +315,7 @@ class AsyncClient:
                     raise error from exc
             await asyncio.sleep(delay)
 
-    def _open_stream(
-        self, machine: _watch.WatchMachine
-    ) -> grpc.aio.UnaryStreamCall[
-        task_service_pb2.StreamTaskStatusRequest, task_service_pb2.StreamTaskStatusResponse
-    ]:
+    def _open_stream(self, machine: _watch.WatchMachine) -> StreamCall:
         return self._tasks.StreamTaskStatus(
             machine.stream_request(),
             timeout=machine.stream_timeout(),
@@ -361,9 +361,14 @@ class AsyncTaskHandle(_watch.TaskHandleBase):
         )
 
     def watch(self, *, exclude_progress: bool = False) -> AsyncTaskWatch[TaskEvent]:
-        """The task's events, from a SNAPSHOT of its current state to its terminal event."""
+        """The task's events, from a SNAPSHOT of its current state to its terminal event.
+
+        Every handle watch of a client shares one server stream; see ``TaskHandle.watch``.
+        """
         machine = self._watch_machine(self._client._config.retry, exclude_progress, None)
-        return AsyncTaskWatch[TaskEvent](self._client, machine)
+        return AsyncHandleWatch(
+            self._client, machine, name=self.name, exclude_progress=exclude_progress
+        )
 
     async def result(self, timeout: Seconds | None = None) -> Any:
         """Waits for the task to end and returns its result; see ``TaskHandle.result``."""

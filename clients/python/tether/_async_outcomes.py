@@ -9,7 +9,6 @@ wait, in the loop of that wait, and ends with ``AsyncClient.close``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ import grpc
 import grpc.aio
 
 from tether import _core, _outcomes, _watch
-from tether._async_watch import _error
+from tether._async_watch import _error, stop_reader
 from tether._exceptions import ResumeTokenExpired, TetherError, Unavailable
 from tether._models import Task
 
@@ -92,11 +91,7 @@ class AsyncOutcomeWatcher:
     async def close(self) -> None:
         """Ends the stream and fails every wait still pending."""
         self._closed = True
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        await stop_reader(self._reader)
         _fail(self._board.drain(), TetherError(_CLOSED, code=grpc.StatusCode.CANCELLED))
 
     # -- the reader task

@@ -8,10 +8,11 @@ The twin of ``_sync_watch``: an async iterator that carries out what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, Self, TypeAlias, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -25,9 +26,14 @@ from tether.v1 import task_service_pb2
 if TYPE_CHECKING:
     from tether._async import AsyncClient
 
-__all__ = ["AsyncTaskWatch"]
+__all__ = ["AsyncTaskWatch", "StreamCall", "carry_out", "stop_reader"]
 
 _Item = TypeVar("_Item")
+
+StreamCall: TypeAlias = grpc.aio.UnaryStreamCall[
+    task_service_pb2.StreamTaskStatusRequest, task_service_pb2.StreamTaskStatusResponse
+]
+"""A ``StreamTaskStatus`` call of the asyncio client."""
 
 
 async def _error(call: grpc.aio.Call, exc: grpc.aio.AioRpcError) -> TetherError:
@@ -37,6 +43,40 @@ async def _error(call: grpc.aio.Call, exc: grpc.aio.AioRpcError) -> TetherError:
     except ValueError:  # the rich status contradicts the call's code or message
         status = None
     return _core.error_from_status(exc.code(), exc.details(), status)
+
+
+async def stop_reader(reader: asyncio.Task[None] | None) -> None:
+    """Cancels a background reader task (a shared stream's) and waits until it is gone."""
+    if reader is not None and not reader.done():
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def carry_out(
+    client: AsyncClient,
+    machine: _watch.WatchMachine,
+    action: _watch.WatchAction,
+    sink: Callable[[list[TaskEvent]], object],
+) -> None:
+    """Does what ``machine`` decided after a stream ended; see ``_sync_watch.carry_out``."""
+    while isinstance(action, _watch.Relist):
+        await asyncio.sleep(action.delay)
+        try:
+            page_token = ""
+            while True:
+                response = await client._list_page(machine.list_request(page_token))
+                sink(machine.on_list_page(response))
+                page_token = response.next_page_token
+                if not page_token:
+                    break
+        except TetherError as error:
+            machine.abandon_relist()
+            action = machine.on_relist_error(error)
+        else:
+            action = machine.finish_relist()
+    if isinstance(action, _watch.Reconnect):
+        await asyncio.sleep(action.delay)
 
 
 class AsyncTaskWatch(Generic[_Item]):
@@ -49,13 +89,7 @@ class AsyncTaskWatch(Generic[_Item]):
     def __init__(self, client: AsyncClient, machine: _watch.WatchMachine) -> None:
         self._client = client
         self._machine = machine
-        self._call: (
-            grpc.aio.UnaryStreamCall[
-                task_service_pb2.StreamTaskStatusRequest,
-                task_service_pb2.StreamTaskStatusResponse,
-            ]
-            | None
-        ) = None
+        self._call: StreamCall | None = None
         self._messages: AsyncIterator[task_service_pb2.StreamTaskStatusResponse] | None = None
         self._pending: deque[TaskEvent] = deque()
         self._closed = False
@@ -99,26 +133,7 @@ class AsyncTaskWatch(Generic[_Item]):
         self._messages = None
 
     async def _act(self, action: _watch.WatchAction) -> None:
-        while isinstance(action, _watch.Relist):
-            await asyncio.sleep(action.delay)
-            try:
-                await self._relist()
-            except TetherError as error:
-                self._machine.abandon_relist()
-                action = self._machine.on_relist_error(error)
-            else:
-                action = self._machine.finish_relist()
-        if isinstance(action, _watch.Reconnect):
-            await asyncio.sleep(action.delay)
-
-    async def _relist(self) -> None:
-        page_token = ""
-        while True:
-            response = await self._client._list_page(self._machine.list_request(page_token))
-            self._pending.extend(self._machine.on_list_page(response))
-            page_token = response.next_page_token
-            if not page_token:
-                return
+        await carry_out(self._client, self._machine, action, self._pending.extend)
 
     async def aclose(self) -> None:
         """Ends the stream; iteration stops."""

@@ -142,6 +142,7 @@ def filter_proto(task_filter: TaskFilter | None) -> task_service_pb2.TaskFilter 
         states=[task_pb2.TaskState.ValueType(state.value) for state in task_filter.states],
         tasks=list(task_filter.tasks),
         labels=dict(task_filter.labels),
+        names=list(task_filter.names),
     )
 
 

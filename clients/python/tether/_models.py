@@ -394,7 +394,8 @@ class TaskEvent:
     """Revision of this event in the controller's log; strictly increasing on a stream."""
     resume_token: str
     raw: task_service_pb2.TaskEvent | None = field(repr=False, compare=False, hash=False)
-    """The protobuf event; None for SNAPSHOT events the client built after a re-list."""
+    """The protobuf event; None for SNAPSHOT events the client built from a listing (after
+    a re-list, and the first event of a ``TaskHandle.watch``)."""
 
 
 @dataclass(frozen=True)
@@ -418,12 +419,16 @@ class TaskFilter:
     """Match tasks of any of these registered task names."""
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     """Match tasks carrying all of these labels with these values."""
+    names: Sequence[str] = ()
+    """Match tasks with any of these names, ``"tasks/{id}"`` (at most 1,000). A watch of
+    names sees every event of those tasks, as ``TaskHandle.watch`` does, but never ends."""
 
     def __post_init__(self) -> None:
         # Keep the filter immutable (and hashable) whatever sequences it was given.
         object.__setattr__(self, "states", tuple(self.states))
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "labels", dict(self.labels))
+        object.__setattr__(self, "names", tuple(self.names))
 
 
 @dataclass(frozen=True)

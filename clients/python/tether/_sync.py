@@ -3,7 +3,8 @@
 A thin shell over ``_core`` and ``_watch``: it sends what they build, sleeps
 the delays they choose and raises what they map. The watch iterator lives in
 ``_sync_watch``, the one stream that every ``result`` and ``map`` shares in
-``_sync_outcomes``. :mod:`tether._async` is its twin for asyncio; both expose
+``_sync_outcomes``, the one that every handle's ``watch`` shares in
+``_sync_shared_watch``. :mod:`tether._async` is its twin for asyncio; both expose
 the same methods with the same parameters.
 """
 
@@ -31,6 +32,7 @@ from tether._models import (
     TaskView,
 )
 from tether._sync_outcomes import OutcomeWatcher, map_results
+from tether._sync_shared_watch import HandleWatch, SharedWatcher
 from tether._sync_watch import ResponseStream, TaskWatch
 from tether.v1 import (
     cluster_service_pb2,
@@ -92,6 +94,7 @@ class Client:
         self._tasks = task_service_pb2_grpc.TaskServiceStub(channel)
         self._cluster = cluster_service_pb2_grpc.ClusterServiceStub(channel)
         self._outcomes = OutcomeWatcher(self)
+        self._watches = SharedWatcher(self)
 
     @property
     def address(self) -> str:
@@ -101,8 +104,10 @@ class Client:
     def close(self) -> None:
         """Closes the channel (unless it was passed in); open watches end.
 
-        Waits still pending (``result``, ``map``) raise TetherError (CANCELLED).
+        Waits still pending (``result``, ``map``) and handle watches raise
+        TetherError (CANCELLED).
         """
+        self._watches.close()
         self._outcomes.close()
         if self._owns_channel:
             self._channel.close()
@@ -435,9 +440,15 @@ class TaskHandle(_watch.TaskHandleBase):
         """The task's events: a SNAPSHOT of its current state, then every change.
 
         Ends after the terminal event; resumes across failures like ``Client.watch``.
+        Every handle watch of a client shares one server stream (see
+        ``tether._shared_watch``): watching many tasks at once costs one stream, not
+        one each, and each watch yields what a stream of its own would have.
+
+        Args:
+            exclude_progress: Leave out PROGRESS and OUTPUT events.
         """
         machine = self._watch_machine(self._client._config.retry, exclude_progress, None)
-        return TaskWatch[TaskEvent](self._client, machine)
+        return HandleWatch(self._client, machine, name=self.name, exclude_progress=exclude_progress)
 
     def result(self, timeout: Seconds | None = None) -> Any:
         """Waits for the task to end and returns its JSON-decoded result.

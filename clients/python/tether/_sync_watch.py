@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, Self, TypeVar, cast
 
@@ -22,7 +22,7 @@ from tether.v1 import task_service_pb2
 if TYPE_CHECKING:
     from tether._sync import Client
 
-__all__ = ["ResponseStream", "TaskWatch"]
+__all__ = ["ResponseStream", "TaskWatch", "carry_out"]
 
 _Item = TypeVar("_Item")
 _error = _core.error_from_rpc
@@ -36,6 +36,36 @@ class ResponseStream(Protocol):
     def __next__(self) -> task_service_pb2.StreamTaskStatusResponse: ...
 
     def cancel(self) -> bool: ...
+
+
+def carry_out(
+    client: Client,
+    machine: _watch.WatchMachine,
+    action: _watch.WatchAction,
+    sink: Callable[[list[TaskEvent]], object],
+    sleep: Callable[[float], object] = time.sleep,
+) -> None:
+    """Does what ``machine`` decided after a stream ended: re-list, then wait to reconnect.
+
+    A re-list hands each page's SNAPSHOT events to ``sink``; ``Finished`` does nothing.
+    """
+    while isinstance(action, _watch.Relist):
+        sleep(action.delay)
+        try:
+            page_token = ""
+            while True:
+                response = client._list_page(machine.list_request(page_token))
+                sink(machine.on_list_page(response))
+                page_token = response.next_page_token
+                if not page_token:
+                    break
+        except TetherError as error:
+            machine.abandon_relist()
+            action = machine.on_relist_error(error)
+        else:
+            action = machine.finish_relist()
+    if isinstance(action, _watch.Reconnect):
+        sleep(action.delay)
 
 
 class TaskWatch(Generic[_Item]):
@@ -90,26 +120,7 @@ class TaskWatch(Generic[_Item]):
                 return cast(_Item, item)
 
     def _act(self, action: _watch.WatchAction) -> None:
-        while isinstance(action, _watch.Relist):
-            time.sleep(action.delay)
-            try:
-                self._relist()
-            except TetherError as error:
-                self._machine.abandon_relist()
-                action = self._machine.on_relist_error(error)
-            else:
-                action = self._machine.finish_relist()
-        if isinstance(action, _watch.Reconnect):
-            time.sleep(action.delay)
-
-    def _relist(self) -> None:
-        page_token = ""
-        while True:
-            response = self._client._list_page(self._machine.list_request(page_token))
-            self._pending.extend(self._machine.on_list_page(response))
-            page_token = response.next_page_token
-            if not page_token:
-                return
+        carry_out(self._client, self._machine, action, self._pending.extend)
 
     def close(self) -> None:
         """Ends the stream; iteration stops."""

@@ -127,6 +127,27 @@ class WatchMachine:
         """Token of the last message received; resuming from it loses and repeats nothing."""
         return self._token
 
+    def retarget(self, task_filter: TaskFilter, *, exclude_progress: bool) -> None:
+        """The next stream covers ``task_filter`` instead, from the same token.
+
+        The client's shared watch (``tether._shared_watch``) changes the names it
+        follows this way; it makes sure every task the new filter adds is covered
+        from the token on (by a listing made after that token).
+        """
+        self._filter = task_filter
+        self._exclude_progress = exclude_progress
+
+    def resume_after(self, resume_token: str, revision: int) -> None:
+        """Continue strictly after ``resume_token``, skipping revisions up to ``revision``.
+
+        For a single-task watch that has already yielded the task up to
+        ``revision`` elsewhere (the client's shared watch stream): no SNAPSHOT
+        comes first, and no event is yielded twice.
+        """
+        self._token = resume_token
+        self._initial_pending = False
+        self._last_revision = max(self._last_revision, revision)
+
     # -- requests
 
     def stream_request(self) -> task_service_pb2.StreamTaskStatusRequest:

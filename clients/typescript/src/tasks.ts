@@ -111,6 +111,8 @@ export interface TaskFilterInit {
   readonly tasks?: readonly string[];
   /** Match tasks carrying all of these labels with these values. */
   readonly labels?: Readonly<Record<string, string>>;
+  /** Match tasks with any of these names, "tasks/{id}" (at most 1000): every event of those tasks. */
+  readonly names?: readonly string[];
 }
 
 export function toTaskFilter(filter: TaskFilterInit | undefined): TaskFilter | undefined {
@@ -121,5 +123,6 @@ export function toTaskFilter(filter: TaskFilterInit | undefined): TaskFilter | u
     states: [...(filter.states ?? [])],
     tasks: [...(filter.tasks ?? [])],
     labels: { ...(filter.labels ?? {}) },
+    names: [...(filter.names ?? [])],
   });
 }

@@ -88,6 +88,12 @@ describe("TetherClient against a real server", { timeout: 300_000 }, () => {
     }
     const page = await client.listPages({ filter: { labels: { batch: label } } }).next();
     assert.ok(!page.done && page.value.resumeToken !== "", "a listing hands out a resume token");
+
+    const byName: string[] = [];
+    for await (const task of client.list({ filter: { names: [names[2]!, names[0]!] } })) {
+      byName.push(task.name);
+    }
+    assert.deepEqual(byName, [names[0], names[2]], "a names filter lists exactly those tasks");
   });
 
   test("interrupt a running demo.sleep ends it INTERRUPTED", { timeout: 90_000 }, async () => {

@@ -234,6 +234,7 @@ def filter_from_pb(f: spb.TaskFilter) -> TaskFilter:
         states=frozenset(m.TaskState(s) for s in f.states),
         tasks=frozenset(f.tasks),
         labels=dict(f.labels),
+        ids=frozenset(name.removeprefix("tasks/") for name in f.names),
     )
 
 

@@ -18,6 +18,8 @@ from ..core.retry import DEFAULT_RETRY_ON, validate_policy
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?$")
+MAX_FILTER_NAMES = 1_000
+"""Most task names one ``TaskFilter.names`` may hold (a client watching more splits them)."""
 
 
 class Violations:
@@ -47,10 +49,15 @@ def parse_task_name(name: str, field: str = "name") -> str:
     v = Violations()
     if not name:
         v.add("MISSING_FIELD", field, "required: a task name like tasks/{id}")
-    elif not name.startswith("tasks/") or not _ID.match(name[6:]):
+    elif not is_task_name(name):
         v.add("INVALID_NAME", field, f"{name!r} is not a task name like tasks/{{id}}")
     v.raise_if_any()
     return name[6:]
+
+
+def is_task_name(name: str) -> bool:
+    """Whether ``name`` has the shape ``tasks/{id}``."""
+    return name.startswith("tasks/") and _ID.match(name[6:]) is not None
 
 
 def check_duration(
@@ -117,6 +124,20 @@ def check_filter(v: Violations, f: spb.TaskFilter, field: str = "filter") -> Non
         if s not in valid:
             v.add("INVALID_FILTER", f"{field}.states[{i}]", f"unknown task state {s}")
     check_labels(v, f.labels, Limits(max_labels=10_000), f"{field}.labels")
+    if len(f.names) > MAX_FILTER_NAMES:
+        v.add(
+            "INVALID_FILTER",
+            f"{field}.names",
+            f"at most {MAX_FILTER_NAMES} names, got {len(f.names)}",
+        )
+        return
+    for i, name in enumerate(f.names):
+        if not is_task_name(name):
+            v.add(
+                "INVALID_FILTER",
+                f"{field}.names[{i}]",
+                f"{name!r} is not a task name like tasks/{{id}}",
+            )
 
 
 def retry_from_pb(

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tether.v1 import task_pb2 as tether_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctether/v1/task_service.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14tether/v1/task.proto\"\xda\x03\n\x11SubmitTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.tether.v1.SubmitTaskRequest.LabelsEntry\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05grace\x18\x06 \x01(\x0b\x32\x17.tether.v1.GracePeriods\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0bresume_from\x18\x08 \x01(\t\x12\x15\n\rrequired_tags\x18\t \x03(\t\x12\x30\n\rqueue_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05retry\x18\x0b \x01(\x0b\x32\x16.tether.v1.RetryPolicy\x12\x18\n\x0bpreemptible\x18\x0c \x01(\x08H\x00\x88\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_preemptible\"I\n\x12SubmitTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"p\n\x14InterruptTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12&\n\x05grace\x18\x04 \x01(\x0b\x32\x17.tether.v1.GracePeriods\"L\n\x15InterruptTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\xa3\x01\n\nTaskFilter\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.tether.v1.TaskState\x12\r\n\x05tasks\x18\x02 \x03(\t\x12\x31\n\x06labels\x18\x03 \x03(\x0b\x32!.tether.v1.TaskFilter.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf5\x01\n\x17StreamTaskStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x15.tether.v1.TaskFilter\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12\x1a\n\x12send_initial_state\x18\x04 \x01(\x08\x12!\n\x04view\x18\x05 \x01(\x0e\x32\x13.tether.v1.TaskView\x12\x36\n\x13\x63heckpoint_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x65xclude_progress\x18\x07 \x01(\x08\"\x98\x01\n\x18StreamTaskStatusResponse\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12*\n\ntask_event\x18\x02 \x01(\x0b\x32\x14.tether.v1.TaskEventH\x00\x12\x31\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1b.tether.v1.StreamCheckpointH\x00\x42\x07\n\x05\x65vent\"\xaa\x01\n\tTaskEvent\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.tether.v1.TaskEventType\x12\x1d\n\x04task\x18\x02 \x01(\x0b\x32\x0f.tether.v1.Task\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0coutput_chunk\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"n\n\x10StreamCheckpoint\x12\x1e\n\x16initial_state_complete\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x0eGetTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04view\x18\x02 \x01(\x0e\x32\x13.tether.v1.TaskView\"0\n\x0fGetTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Task\"\x83\x01\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x15.tether.v1.TaskFilter\x12!\n\x04view\x18\x04 \x01(\x0e\x32\x13.tether.v1.TaskView\"b\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\t*\xc8\x01\n\rTaskEventType\x12\x1f\n\x1bTASK_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_EVENT_TYPE_SNAPSHOT\x10\x01\x12!\n\x1dTASK_EVENT_TYPE_STATE_CHANGED\x10\x02\x12\x1c\n\x18TASK_EVENT_TYPE_PROGRESS\x10\x03\x12\x1a\n\x16TASK_EVENT_TYPE_OUTPUT\x10\x04\x12\x1b\n\x17TASK_EVENT_TYPE_UPDATED\x10\x05\x32\x95\x03\n\x0bTaskService\x12I\n\nSubmitTask\x12\x1c.tether.v1.SubmitTaskRequest\x1a\x1d.tether.v1.SubmitTaskResponse\x12R\n\rInterruptTask\x12\x1f.tether.v1.InterruptTaskRequest\x1a .tether.v1.InterruptTaskResponse\x12]\n\x10StreamTaskStatus\x12\".tether.v1.StreamTaskStatusRequest\x1a#.tether.v1.StreamTaskStatusResponse0\x01\x12@\n\x07GetTask\x12\x19.tether.v1.GetTaskRequest\x1a\x1a.tether.v1.GetTaskResponse\x12\x46\n\tListTasks\x12\x1b.tether.v1.ListTasksRequest\x1a\x1c.tether.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctether/v1/task_service.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14tether/v1/task.proto\"\xda\x03\n\x11SubmitTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.tether.v1.SubmitTaskRequest.LabelsEntry\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05grace\x18\x06 \x01(\x0b\x32\x17.tether.v1.GracePeriods\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0bresume_from\x18\x08 \x01(\t\x12\x15\n\rrequired_tags\x18\t \x03(\t\x12\x30\n\rqueue_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05retry\x18\x0b \x01(\x0b\x32\x16.tether.v1.RetryPolicy\x12\x18\n\x0bpreemptible\x18\x0c \x01(\x08H\x00\x88\x01\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_preemptible\"I\n\x12SubmitTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"p\n\x14InterruptTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12&\n\x05grace\x18\x04 \x01(\x0b\x32\x17.tether.v1.GracePeriods\"L\n\x15InterruptTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Task\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"\xb2\x01\n\nTaskFilter\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.tether.v1.TaskState\x12\r\n\x05tasks\x18\x02 \x03(\t\x12\x31\n\x06labels\x18\x03 \x03(\x0b\x32!.tether.v1.TaskFilter.LabelsEntry\x12\r\n\x05names\x18\x04 \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf5\x01\n\x17StreamTaskStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x15.tether.v1.TaskFilter\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12\x1a\n\x12send_initial_state\x18\x04 \x01(\x08\x12!\n\x04view\x18\x05 \x01(\x0e\x32\x13.tether.v1.TaskView\x12\x36\n\x13\x63heckpoint_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x65xclude_progress\x18\x07 \x01(\x08\"\x98\x01\n\x18StreamTaskStatusResponse\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12*\n\ntask_event\x18\x02 \x01(\x0b\x32\x14.tether.v1.TaskEventH\x00\x12\x31\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1b.tether.v1.StreamCheckpointH\x00\x42\x07\n\x05\x65vent\"\xaa\x01\n\tTaskEvent\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.tether.v1.TaskEventType\x12\x1d\n\x04task\x18\x02 \x01(\x0b\x32\x0f.tether.v1.Task\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0coutput_chunk\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"n\n\x10StreamCheckpoint\x12\x1e\n\x16initial_state_complete\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x0eGetTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04view\x18\x02 \x01(\x0e\x32\x13.tether.v1.TaskView\"0\n\x0fGetTaskResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.tether.v1.Task\"\x83\x01\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x15.tether.v1.TaskFilter\x12!\n\x04view\x18\x04 \x01(\x0e\x32\x13.tether.v1.TaskView\"b\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\t*\xc8\x01\n\rTaskEventType\x12\x1f\n\x1bTASK_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_EVENT_TYPE_SNAPSHOT\x10\x01\x12!\n\x1dTASK_EVENT_TYPE_STATE_CHANGED\x10\x02\x12\x1c\n\x18TASK_EVENT_TYPE_PROGRESS\x10\x03\x12\x1a\n\x16TASK_EVENT_TYPE_OUTPUT\x10\x04\x12\x1b\n\x17TASK_EVENT_TYPE_UPDATED\x10\x05\x32\x95\x03\n\x0bTaskService\x12I\n\nSubmitTask\x12\x1c.tether.v1.SubmitTaskRequest\x1a\x1d.tether.v1.SubmitTaskResponse\x12R\n\rInterruptTask\x12\x1f.tether.v1.InterruptTaskRequest\x1a .tether.v1.InterruptTaskResponse\x12]\n\x10StreamTaskStatus\x12\".tether.v1.StreamTaskStatusRequest\x1a#.tether.v1.StreamTaskStatusResponse0\x01\x12@\n\x07GetTask\x12\x19.tether.v1.GetTaskRequest\x1a\x1a.tether.v1.GetTaskResponse\x12\x46\n\tListTasks\x12\x1b.tether.v1.ListTasksRequest\x1a\x1c.tether.v1.ListTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASKFILTER_LABELSENTRY']._loaded_options = None
   _globals['_TASKFILTER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKEVENTTYPE']._serialized_start=2110
-  _globals['_TASKEVENTTYPE']._serialized_end=2310
+  _globals['_TASKEVENTTYPE']._serialized_start=2125
+  _globals['_TASKEVENTTYPE']._serialized_end=2325
   _globals['_SUBMITTASKREQUEST']._serialized_start=161
   _globals['_SUBMITTASKREQUEST']._serialized_end=635
   _globals['_SUBMITTASKREQUEST_LABELSENTRY']._serialized_start=574
@@ -52,25 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTERRUPTTASKRESPONSE']._serialized_start=826
   _globals['_INTERRUPTTASKRESPONSE']._serialized_end=902
   _globals['_TASKFILTER']._serialized_start=905
-  _globals['_TASKFILTER']._serialized_end=1068
+  _globals['_TASKFILTER']._serialized_end=1083
   _globals['_TASKFILTER_LABELSENTRY']._serialized_start=574
   _globals['_TASKFILTER_LABELSENTRY']._serialized_end=619
-  _globals['_STREAMTASKSTATUSREQUEST']._serialized_start=1071
-  _globals['_STREAMTASKSTATUSREQUEST']._serialized_end=1316
-  _globals['_STREAMTASKSTATUSRESPONSE']._serialized_start=1319
-  _globals['_STREAMTASKSTATUSRESPONSE']._serialized_end=1471
-  _globals['_TASKEVENT']._serialized_start=1474
-  _globals['_TASKEVENT']._serialized_end=1644
-  _globals['_STREAMCHECKPOINT']._serialized_start=1646
-  _globals['_STREAMCHECKPOINT']._serialized_end=1756
-  _globals['_GETTASKREQUEST']._serialized_start=1758
-  _globals['_GETTASKREQUEST']._serialized_end=1823
-  _globals['_GETTASKRESPONSE']._serialized_start=1825
-  _globals['_GETTASKRESPONSE']._serialized_end=1873
-  _globals['_LISTTASKSREQUEST']._serialized_start=1876
-  _globals['_LISTTASKSREQUEST']._serialized_end=2007
-  _globals['_LISTTASKSRESPONSE']._serialized_start=2009
-  _globals['_LISTTASKSRESPONSE']._serialized_end=2107
-  _globals['_TASKSERVICE']._serialized_start=2313
-  _globals['_TASKSERVICE']._serialized_end=2718
+  _globals['_STREAMTASKSTATUSREQUEST']._serialized_start=1086
+  _globals['_STREAMTASKSTATUSREQUEST']._serialized_end=1331
+  _globals['_STREAMTASKSTATUSRESPONSE']._serialized_start=1334
+  _globals['_STREAMTASKSTATUSRESPONSE']._serialized_end=1486
+  _globals['_TASKEVENT']._serialized_start=1489
+  _globals['_TASKEVENT']._serialized_end=1659
+  _globals['_STREAMCHECKPOINT']._serialized_start=1661
+  _globals['_STREAMCHECKPOINT']._serialized_end=1771
+  _globals['_GETTASKREQUEST']._serialized_start=1773
+  _globals['_GETTASKREQUEST']._serialized_end=1838
+  _globals['_GETTASKRESPONSE']._serialized_start=1840
+  _globals['_GETTASKRESPONSE']._serialized_end=1888
+  _globals['_LISTTASKSREQUEST']._serialized_start=1891
+  _globals['_LISTTASKSREQUEST']._serialized_end=2022
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2024
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2122
+  _globals['_TASKSERVICE']._serialized_start=2328
+  _globals['_TASKSERVICE']._serialized_end=2733
 # @@protoc_insertion_point(module_scope)
