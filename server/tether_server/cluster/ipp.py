@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,9 @@ on engines over the first ~100,000; a few thousand refuse replays just as well).
 
 ENGINE_ARGS = ["--IPEngine.log_level=40", f"--Session.digest_history_size={DIGEST_HISTORY}"]
 
+HUB_CHILDREN_EVERY = 5.0
+"""Seconds between two listings of the hub's child processes (``controller_alive``)."""
+
 HUB_MODULE = "tether_server.cluster.ipyparallel_hub"
 """The controller entry point tether runs (ipyparallel's, with bounded bookkeeping)."""
 
@@ -123,6 +127,8 @@ class IpyparallelCluster:
         self.generation = 0
         """Incremented by every start; notifications of older generations are dropped."""
         self._hub_children: set[Any] = set()
+        self._hub_children_listed_at = 0.0
+        self._hub_started_at = 0.0
         self.remote = RemoteEngines(config.engine_hosts, config.ssh)
         """Engines on other hosts: their slots and launchers (empty: this host only)."""
         self.engine_slots: dict[int, str] = {}
@@ -140,6 +146,7 @@ class IpyparallelCluster:
         Called again after :meth:`teardown` to bring a lost cluster back.
         """
         self._loop = asyncio.get_running_loop()
+        self._hub_started_at = time.monotonic()
         self.generation += 1
         self._state = _State()
         self._views = {}
@@ -285,8 +292,14 @@ class IpyparallelCluster:
             if hub.status() == psutil.STATUS_ZOMBIE:
                 return False
             # The hub forks its schedulers; they outlive a killed hub, so keep them in
-            # mind while it lives, for teardown to kill.
-            self._hub_children.update(hub.children(recursive=True))
+            # mind while it lives, for teardown to kill. Listing them walks the whole
+            # process table, and they are forked at its start: at every call while it is
+            # young, every few seconds after.
+            now = time.monotonic()
+            young = now < self._hub_started_at + 2 * HUB_CHILDREN_EVERY
+            if young or now >= self._hub_children_listed_at + HUB_CHILDREN_EVERY:
+                self._hub_children_listed_at = now
+                self._hub_children.update(hub.children(recursive=True))
         except psutil.Error:
             return False
         return True
