@@ -92,8 +92,8 @@ def test_a_restarted_server_delivers_the_result_of_a_task_still_running_on_a_rem
     data = tmp_path / "data"
     attach = [*FAST_SERVER_ARGS, "--attach", str(ssh_cluster), "--no-http"]
     first = ServerProcess(data, engines=2, extra_args=attach)
-    first.start()
-    with grpc.insecure_channel(first.address) as ch:
+    # In a with block: a failing assertion must not leave the first server running.
+    with first, grpc.insecure_channel(first.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)
         cluster = cluster_service_pb2_grpc.ClusterServiceStub(ch)
         task = submit(tasks, "demo.count", args={"n": 100, "interval": 0.1})  # 10 s
@@ -103,7 +103,7 @@ def test_a_restarted_server_delivers_the_result_of_a_task_still_running_on_a_rem
         pid = next(e.pid for e in engines if e.id == engine_id)
         # The engine is a process of one of the hosts (its pid is one of that PID namespace).
         assert any(_is_engine_on(h, pid) for h in hosts)
-    first.kill()
+        first.kill()
     second = ServerProcess(data, port=first.port, engines=2, extra_args=attach)
     with second, grpc.insecure_channel(second.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)

@@ -160,8 +160,8 @@ def test_a_restarted_server_reattaches_to_the_work_it_left_on_the_cluster(
     data, runs = tmp_path / "data", tmp_path / "runs.txt"
     attach = ["--attach", str(external_cluster)]
     first = ServerProcess(data, engines=2, extra_args=attach)
-    first.start()
-    with grpc.insecure_channel(first.address) as ch:
+    # In a with block: a failing assertion must not leave the first server running.
+    with first, grpc.insecure_channel(first.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)
         long = submit(tasks, "demo.count", args={"n": 150, "interval": 0.1})  # 15 s
         stream = TaskStream(tasks, long.name)
@@ -175,7 +175,7 @@ def test_a_restarted_server_reattaches_to_the_work_it_left_on_the_cluster(
         queued = submit(tasks, "demo.append", args={"path": str(runs), "line": "queued"})
         token = stream_token(tasks)
         assert get(tasks, queued.name).state == tpb.TASK_STATE_PENDING
-    first.kill()  # a crash: the cluster, and the work on its engines, live on
+        first.kill()  # a crash: the cluster, and the work on its engines, live on
     time.sleep(2)  # the short task ends while no server listens
     second = ServerProcess(data, port=first.port, engines=2, extra_args=attach)
     with second, grpc.insecure_channel(second.address) as ch:
@@ -207,12 +207,12 @@ def test_a_detached_task_can_be_interrupted_by_the_next_server_and_its_engine_se
     data = tmp_path / "data"
     attach = ["--attach", str(external_cluster)]
     first = ServerProcess(data, engines=2, extra_args=attach)
-    first.start()
-    with grpc.insecure_channel(first.address) as ch:
+    # In a with block: a failing assertion must not leave the first server running.
+    with first, grpc.insecure_channel(first.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)
         old = submit(tasks, "demo.sleep", args={"seconds": 60})
         engine = wait_state(tasks, old.name, {tpb.TASK_STATE_RUNNING}).engine_id
-    assert first.stop() == 0  # a graceful stop detaches from an attached cluster
+        assert first.stop() == 0  # a graceful stop detaches from an attached cluster
     second = ServerProcess(data, port=first.port, engines=2, extra_args=attach)
     with second, grpc.insecure_channel(second.address) as ch:
         tasks = task_service_pb2_grpc.TaskServiceStub(ch)
