@@ -60,9 +60,9 @@ class Reattacher:
     async def reconcile(self) -> None:
         """Tell the core what became of the tasks it holds (one ``Reattached``)."""
         core = self.ctl.core_or_raise()
-        tasks = core.unreconciled()
         if not core.reconciling:
             return
+        tasks = core.unreconciled()
         generation = self.cluster.generation
         found: list[tuple[msg.FoundAttempt, str]] = []
         detail = ""

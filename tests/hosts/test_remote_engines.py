@@ -189,9 +189,9 @@ def test_sigterm_ends_a_stubborn_task_on_a_remote_engine(tasks, cluster) -> None
     assert running.engine_id in {e.id for e in pool(cluster).values()}
 
 
-def test_sigkill_of_a_remote_engine_kills_its_tasks_child_there_and_replaces_it_on_that_host(
+def test_sigkill_of_a_remote_engine_kills_its_tasks_child_there_and_replaces_it_on_that_host(  # type: ignore[no-untyped-def]
     tasks, cluster, hosts
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     for target in ("h2", "h3"):
         engines = pool(cluster)
         blocker = pin_to(tasks, engines, target)
@@ -237,9 +237,9 @@ def test_memory_limit_is_measured_on_the_remote_host(tasks, cluster) -> None:  #
 
 
 # --------------------------------------------------------------------------- host loss
-def test_a_host_cut_off_loses_its_engines_and_gets_them_back_with_its_link(
+def test_a_host_cut_off_loses_its_engines_and_gets_them_back_with_its_link(  # type: ignore[no-untyped-def]
     tasks, cluster, hosts
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     engines = pool(cluster)
     blocker = pin_to(tasks, engines, "h3")
     task = submit(tasks, "demo.sleep", args={"seconds": 120})
@@ -310,9 +310,9 @@ def test_stopping_tether_stops_its_remote_engines_and_their_watchdogs(hosts, tmp
         time.sleep(0.2)
 
 
-def test_a_server_started_after_a_crash_stops_the_remote_engines_the_crashed_one_left(
+def test_a_server_started_after_a_crash_stops_the_remote_engines_the_crashed_one_left(  # type: ignore[no-untyped-def]
     hosts, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     extra = [*FAST_SERVER_ARGS, *server_args(hosts, tmp_path / "hosts.toml")]
     data = tmp_path / "data"
 

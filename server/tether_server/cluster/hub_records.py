@@ -9,6 +9,8 @@ so a restarted controller finds its attempts with a query and reads their replie
 
 Both calls are the async forms of ``Client.db_query`` and ``Client.result_status``
 (which block on a future the client's IO thread resolves): on the loop, with a timeout.
+:func:`query` is the one request/reply on the hub's query socket they (and the
+controller's liveness probe and queue counts, ``ipp``) are made of.
 """
 
 from __future__ import annotations
@@ -51,11 +53,22 @@ class HubRecord:
     completed: bool
 
 
-async def find(client: Any, query: dict[str, Any], timeout: float) -> list[HubRecord]:
-    """The records matching ``query`` (a MongoDB-style query the hub's database runs)."""
+async def query(
+    client: Any, msg_type: str, content: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """Send one request on the hub's query socket and await its reply (the whole message).
+
+    Raises ``TimeoutError`` when the hub does not answer within ``timeout`` seconds.
+    """
+    fut = client._send(client._query_stream, msg_type, content=content)
+    reply: dict[str, Any] = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+    return reply
+
+
+async def find(client: Any, where: dict[str, Any], timeout: float) -> list[HubRecord]:
+    """The records matching ``where`` (a MongoDB-style query the hub's database runs)."""
     keys = ["msg_id", "label", "engine_uuid", "submitted", "completed"]
-    fut = client._send(client._query_stream, "db_request", content={"query": query, "keys": keys})
-    reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+    reply = await query(client, "db_request", {"query": where, "keys": keys}, timeout)
     content = reply["content"]
     if content.get("status") != "ok":
         raise client._unwrap_exception(content)
@@ -74,9 +87,8 @@ async def find(client: Any, query: dict[str, Any], timeout: float) -> list[HubRe
 async def result(client: Any, msg_id: str, timeout: float) -> tuple[bool, Any]:
     """(False, None) while ``msg_id`` is pending; (True, value) once it ended, where value
     is what the engine returned, or the exception it raised (``RemoteError``)."""
-    content = {"msg_ids": [msg_id], "status_only": False}
-    fut = client._send(client._query_stream, "result_request", content=content)
-    reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+    request = {"msg_ids": [msg_id], "status_only": False}
+    reply = await query(client, "result_request", request, timeout)
     content = reply["content"]
     if content.get("status") != "ok":
         raise client._unwrap_exception(content)

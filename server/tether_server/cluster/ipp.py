@@ -319,10 +319,8 @@ class IpyparallelCluster:
         if client is None:
             return False
         try:
-            fut = client._send(
-                client._query_stream, "queue_request", content={"targets": None, "verbose": False}
-            )
-            reply = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+            content = {"targets": None, "verbose": False}
+            reply = await hub_records.query(client, "queue_request", content, timeout)
         except Exception:
             return False
         return bool(reply.get("content", {}).get("status") == "ok")
@@ -382,8 +380,7 @@ class IpyparallelCluster:
             return 0
         try:
             content = {"targets": [engine_id], "verbose": False}
-            fut = client._send(client._query_stream, "queue_request", content=content)
-            reply = await asyncio.wait_for(asyncio.wrap_future(fut), 5.0)
+            reply = await hub_records.query(client, "queue_request", content, 5.0)
             return int(reply["content"][str(engine_id)]["queue"])
         except Exception:
             return 0

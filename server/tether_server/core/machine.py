@@ -111,7 +111,7 @@ from .model import (
     TaskError,
     TaskState,
 )
-from .pipeline import REPORTS, SHUTDOWN_REASON, SYSTEM
+from .pipeline import SHUTDOWN_REASON, SYSTEM, Report
 from .pool import EnginePool
 from .preemption import Preemption
 from .records import close_attempt, move, seconds, snapshot
@@ -229,7 +229,7 @@ class ControlCore:
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what the controller must now do, in order."""
         out: list[Instruction] = []
-        if isinstance(event, REPORTS) and (
+        if isinstance(event, Report) and (
             restoring.hold(self, event) or pipeline.hold(self, event, out)
         ):
             return out

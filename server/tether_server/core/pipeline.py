@@ -62,7 +62,7 @@ from .scheduling import choose_engine, queue_key
 if TYPE_CHECKING:
     from .machine import ControlCore
 
-REPORTS = (TaskStarted, TaskProgressed, TaskOutput, TaskCheckpointed, TaskFinished)
+Report = TaskStarted | TaskProgressed | TaskOutput | TaskCheckpointed | TaskFinished
 """Events an engine sends about one attempt; those of a queued attempt wait for its turn."""
 
 SYSTEM = "system"
@@ -73,7 +73,7 @@ SHUTDOWN_REASON = "the server is shutting down"
 
 def hold(core: ControlCore, event: Event, out: list[Instruction]) -> bool:
     """Keep a report of a queued attempt for its turn; True when ``event`` was one."""
-    assert isinstance(event, REPORTS)
+    assert isinstance(event, Report)
     engine = core._pool.queued_on(event.task_id, event.attempt)
     if engine is None:
         return False

@@ -51,11 +51,6 @@ from .messages import (
     OutcomeStatus,
     Reattached,
     StartTimer,
-    TaskCheckpointed,
-    TaskFinished,
-    TaskOutput,
-    TaskProgressed,
-    TaskStarted,
     TimerKey,
     TimerKind,
 )
@@ -69,13 +64,11 @@ from .model import (
     TaskError,
     TaskState,
 )
+from .pipeline import Report
 from .records import close_attempt, move
 
 if TYPE_CHECKING:
     from .machine import ControlCore
-
-Report = TaskStarted | TaskProgressed | TaskOutput | TaskCheckpointed | TaskFinished
-"""An engine's report of one attempt (``pipeline.REPORTS``)."""
 
 RESTARTED = "the controller restarted while the task ran"
 
