@@ -503,8 +503,11 @@ class ControlCore:
             for engine in self._pool.queueable()
             if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
         ]
-        waiting = [task_id for task_id in self._queue if requeueing.may_queue_behind(self, task_id)]
-        pipeline.queue_behind_running(self, plan_dispatch(waiting, self.tasks, behind), out)
+        if behind:
+            # Lazy: the plan stops at the first tasks that fill ``behind``, so a long queue
+            # costs a dispatch nothing beyond them.
+            waiting = (t for t in self._queue if requeueing.may_queue_behind(self, t))
+            pipeline.queue_behind_running(self, plan_dispatch(waiting, self.tasks, behind), out)
         if self._queue:
             pipeline.reclaim_queued(self, out)
 

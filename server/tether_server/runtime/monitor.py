@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from .resources import ipython_shell, register_service_thread
 from .watchdog import start_watchdog
 
 __all__ = ["gpu_memory", "start_engine_services"]
@@ -53,11 +54,10 @@ def start_engine_services(config: dict[str, Any]) -> None:
         _THREAD = threading.Thread(target=_report_loop, args=(publish,), daemon=True)
         _THREAD.name = "tether-load"
         _THREAD.start()
+        register_service_thread(_THREAD)  # its nvidia-smi is no task's leftover child
 
 
 def _publisher() -> Callable[[dict[str, Any]], None] | None:
-    from .resources import ipython_shell
-
     if getattr(ipython_shell(), "data_pub", None) is None:
         return None
     from ipyparallel.datapub import publish_data

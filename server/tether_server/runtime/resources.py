@@ -19,6 +19,7 @@ import ctypes.util
 import gc
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "format_exception",
     "ipython_shell",
     "kill_new_children",
+    "register_service_thread",
     "release_cuda_cache",
     "release_memory",
     "take_snapshot",
@@ -42,6 +44,9 @@ __all__ = [
 _MAX_TRACEBACK_CHARS: Final = 64 * 1024
 _MiB: Final = 1024 * 1024
 _PROCESS: psutil.Process | None = None
+_PROC_FS: Final = os.path.exists("/proc/self/statm")
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_SERVICE_THREADS: set[int] = set()
 
 
 def _process() -> psutil.Process:
@@ -90,20 +95,56 @@ class Snapshot:
     resident_host_bytes: int = 0
     resident_gpu_bytes: int = 0
     """Memory declared as kept on purpose (register_resident_probe)."""
+    last_pid: int | None = None
+    """The newest pid of this pid namespace when ``children`` was listed (``_last_pid``)."""
 
 
 def take_snapshot(*, children: bool = True) -> Snapshot:
     """Measure now; ``children=False`` skips listing descendant processes (empty set)."""
     allocated, reserved = _cuda_memory()
     host, gpu = _resident()
+    last_pid, listed = _children_now() if children else (None, frozenset())
     return Snapshot(
-        rss_bytes=_process().memory_info().rss,
+        rss_bytes=_rss(),
         gpu_allocated_bytes=allocated,
         gpu_reserved_bytes=reserved,
-        children=frozenset(_descendants()) if children else frozenset(),
+        children=listed,
         resident_host_bytes=host,
         resident_gpu_bytes=gpu,
+        last_pid=last_pid,
     )
+
+
+_LISTED: tuple[int, frozenset[tuple[int, float]]] | None = None
+"""The last listing of descendants and the newest pid read just before it."""
+
+
+def _children_now() -> tuple[int | None, frozenset[tuple[int, float]]]:
+    """(newest pid, descendants). The listing walks a ``children`` file per thread of
+    every descendant; when no process (or thread) was created in this pid namespace
+    since the last listing, the newest pid is unchanged and so are the descendants
+    (bar exits, which a later kill tolerates): the last listing is reused."""
+    global _LISTED
+    last_pid = _last_pid()
+    if last_pid is not None and _LISTED is not None and _LISTED[0] == last_pid:
+        return last_pid, _LISTED[1]
+    listed = frozenset(_descendants())
+    if last_pid is not None:
+        _LISTED = (last_pid, listed)
+    return last_pid, listed
+
+
+def _last_pid() -> int | None:
+    """The pid most recently given out in this pid namespace (``/proc/loadavg``, field 5);
+    None off Linux. Every new process or thread takes a new pid here, its descendants'
+    included (a nested namespace's processes have a pid in this one too)."""
+    if not _PROC_FS:
+        return None
+    try:
+        with open("/proc/loadavg", "rb") as handle:
+            return int(handle.read().split()[4])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _loaded_cuda_torch() -> ModuleType | None:
@@ -132,7 +173,26 @@ def _cuda_memory() -> tuple[int, int]:
     return allocated, reserved
 
 
+def _rss() -> int:
+    """This process's resident set size: one read of ``/proc/self/statm`` on Linux."""
+    if _PROC_FS:
+        try:
+            with open("/proc/self/statm", "rb") as handle:
+                return int(handle.read().split()[1]) * _PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            pass
+    return int(_process().memory_info().rss)
+
+
+def register_service_thread(thread: threading.Thread) -> None:
+    """Processes ``thread`` starts are the runtime's own (the load thread's nvidia-smi):
+    never a task's leftovers, so never listed as descendants nor killed."""
+    if thread.native_id is not None:
+        _SERVICE_THREADS.add(thread.native_id)
+
+
 def _descendants() -> set[tuple[int, float]]:
+    """Descendant processes as (pid, start time): the pair names one process."""
     pids = _descendant_pids_from_proc()
     if pids is None:  # no /proc/<pid>/task/<tid>/children: ask psutil (scans every process)
         try:
@@ -141,15 +201,35 @@ def _descendants() -> set[tuple[int, float]]:
             return set()
     found: set[tuple[int, float]] = set()
     for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            found.add((pid, psutil.Process(pid).create_time()))
+        started = _start_time(pid)
+        if started is not None:
+            found.add((pid, started))
     return found
+
+
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started (None: gone). Linux: clock ticks since boot, read from
+    ``/proc/<pid>/stat`` (field 22) without psutil's per-call boot-time read; elsewhere
+    psutil's create time. Only ever compared with itself."""
+    if _PROC_FS:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                data = handle.read()
+            return float(data[data.rindex(b")") + 2 :].split()[19])
+        except (OSError, ValueError, IndexError):
+            return None
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
 
 
 def _descendant_pids_from_proc() -> list[int] | None:
     """Descendants via Linux's per-thread ``children`` files: O(descendants), not O(processes).
 
     None where the kernel lacks those files (then psutil scans every process instead).
+    The children of the runtime's service threads (``register_service_thread``) are left
+    out, and with them their descendants.
     """
     me = os.getpid()
     if not os.path.exists(f"/proc/{me}/task/{me}/children"):
@@ -163,8 +243,10 @@ def _descendant_pids_from_proc() -> list[int] | None:
         except OSError:  # exited meanwhile
             continue
         for tid in threads:
+            if pid == me and int(tid) in _SERVICE_THREADS:
+                continue
             try:
-                with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as handle:
                     words = handle.read().split()
             except OSError:  # the thread ended meanwhile
                 continue
@@ -181,11 +263,13 @@ def kill_new_children(before: Snapshot, *, grace: float = 1.0) -> int:
     Zombies (already exited, not yet reaped) are reaped but not counted. Live ones get
     SIGTERM, ``grace`` seconds, then SIGKILL.
     """
+    if before.last_pid is not None and _last_pid() == before.last_pid:
+        return 0  # nothing was created since ``before``: nothing new to stop
     alive: list[psutil.Process] = []
     for pid, created in _descendants() - before.children:
         try:
             child = psutil.Process(pid)
-            if child.create_time() != created:
+            if _start_time(pid) != created:
                 continue
             if child.status() == psutil.STATUS_ZOMBIE:
                 _reap(pid)
