@@ -2,16 +2,18 @@
 
 Facts it rests on (shared/notes/ipyparallel.md): the ``Client`` is not
 thread-safe, so every call happens on the loop thread with ``block=False`` and
-``asyncio.wrap_future``; registration callbacks and apply replies arrive on the
-client's IO thread, so they hop back with ``call_soon_threadsafe``; the client
-keeps only the *last* ``publish_data`` value, so progress is read from our own
-SUB socket on the IOPub channel, which sees every message; the ``*_sync``
-Cluster methods lose launcher notifications, so only the async ones are used.
+``asyncio.wrap_future``; the client is a :class:`~.loop_client.LoopClient`, whose
+sockets the loop itself serves (no IO thread: replies and registration callbacks
+arrive on the loop thread); the client keeps only the *last* ``publish_data``
+value, so progress is read from our own SUB socket on the IOPub channel, which sees
+every message; the ``*_sync`` Cluster methods lose launcher notifications, so only
+the async ones are used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import json
@@ -39,6 +41,7 @@ from ..runtime.placement import process_namespace
 from . import hub_records
 from .hosts import EngineHost, SshSettings
 from .hub_records import HubRecord
+from .loop_client import LoopClient
 from .processes import (
     cluster_pids,
     kill_and_wait,
@@ -117,7 +120,6 @@ class IpyparallelCluster:
         self.embedded = not config.attach_cluster_file
         self._cluster: Any = None
         self._client: Any = None
-        self._views: dict[int, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._iopub_task: asyncio.Task[None] | None = None
         self._iopub_socket: Any = None
@@ -149,7 +151,6 @@ class IpyparallelCluster:
         self._hub_started_at = time.monotonic()
         self.generation += 1
         self._state = _State()
-        self._views = {}
         if self.embedded:
             self._cleanup_stale_cluster()
             self.config.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -192,14 +193,16 @@ class IpyparallelCluster:
                 self._cluster = ipp.Cluster.from_file(path)
                 self._client = await self._connect(self._cluster)
             else:  # a client connection file
-                self._client = await asyncio.to_thread(ipp.Client, path, timeout=5)
+                self._client = await asyncio.to_thread(LoopClient, path, timeout=5)
+        self._client.attach()
         generation = self.generation
 
         def on_registration(event: dict[str, Any]) -> None:
-            self._on_registration_io_thread(event, generation)
+            self._on_registration(event, generation)
 
         self._client.session.digest_history_size = DIGEST_HISTORY
         self._client._registration_callbacks.append(on_registration)
+        self._quiet_client_iopub()
         await self._start_iopub_watcher()
         self.controller_alive()  # notes the hub's scheduler processes
         # Engines that registered before our callback was installed.
@@ -208,7 +211,7 @@ class IpyparallelCluster:
 
     @staticmethod
     async def _connect(cluster: Any) -> Any:
-        """A Client of ``cluster``, made off the loop.
+        """A client of ``cluster``, made off the loop (``attach`` it on the loop).
 
         The Client blocks until the hub answers its connection request: a dead or
         frozen hub must neither block the loop nor hang a reconnect for long.
@@ -217,7 +220,7 @@ class IpyparallelCluster:
         if inspect.isawaitable(connection):
             connection = await asyncio.wait_for(connection, timeout=30)
         return await asyncio.to_thread(
-            ipp.Client,
+            LoopClient,
             connection["client"],
             cluster=cluster,
             profile_dir=cluster.profile_dir,
@@ -275,7 +278,6 @@ class IpyparallelCluster:
             with contextlib.suppress(Exception):
                 self._client.close(linger=0)
             self._client = None
-        self._views = {}
 
     # ------------------------------------------------------------------ supervision
     def controller_alive(self) -> bool:
@@ -326,17 +328,13 @@ class IpyparallelCluster:
         return bool(reply.get("content", {}).get("status") == "ok")
 
     def trim_history(self) -> None:
-        """Drop the client's and views' per-request history (ipyparallel keeps every id).
+        """Drop the client's per-request history (ipyparallel keeps every id).
 
         Outstanding requests are tracked elsewhere (``outstanding``), so forgetting
         ``history`` loses nothing tether uses.
         """
-        client = self._client
-        if client is None:
-            return
-        client.history.clear()
-        for view in self._views.values():
-            view.history.clear()
+        if self._client is not None:
+            self._client.history.clear()
 
     # ------------------------------------------------------------------ engines
     async def setup_engine(self, engine_id: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -348,15 +346,13 @@ class IpyparallelCluster:
         a previous controller runs there) answers only after that work: it is waited
         for, without sending again and without a deadline.
         """
-        view = self._view(engine_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.engine_setup_timeout
         sent: list[asyncio.Future[Any]] = []
         while loop.time() < deadline:
             if not sent or await self._queued_requests(engine_id) <= len(sent):
-                sent.append(
-                    asyncio.wrap_future(view.apply_async(engine_runtime.setup_engine, config))
-                )
+                apply = self._send_apply(engine_id, engine_runtime.setup_engine, config, "")
+                sent.append(asyncio.wrap_future(apply))
             else:
                 deadline = loop.time() + self.config.engine_setup_timeout
             done, _pending = await asyncio.wait(
@@ -364,7 +360,7 @@ class IpyparallelCluster:
             )
             for fut in done:
                 try:
-                    return dict(fut.result())
+                    return dict(_raise_error(fut.result()))
                 except ipp_error.RemoteError as exc:
                     if exc.ename == "EngineError":
                         raise EngineDied(str(exc)) from exc
@@ -397,6 +393,18 @@ class IpyparallelCluster:
         outstanding, so an engine's death fails it with ``EngineError``. Raises what the
         engine raised (``RemoteError``), ``EngineError`` included.
         """
+        fut = self._send_apply(engine_id, engine_runtime.run_task, spec, label)
+        return _raise_error(await asyncio.wrap_future(fut))
+
+    def _send_apply(
+        self, engine_id: int, function: Any, arg: Any, label: str
+    ) -> concurrent.futures.Future[Any]:
+        """Send ``function(arg)`` to one engine; the future of its reply (value or error).
+
+        The request's output future (which ipyparallel resolves when the engine's IOPub
+        says idle) is resolved with the reply: the client does not subscribe to IOPub
+        (``_quiet_client_iopub``), and the client forgets a request only once both ended.
+        """
         client = self._client
         if client is None:
             raise EngineDied(f"engine {engine_id}: the cluster is not connected")
@@ -405,15 +413,13 @@ class IpyparallelCluster:
             raise EngineDied(f"engine {engine_id} is gone")
         fut = client.send_apply_request(
             client._mux_stream,
-            engine_runtime.run_task,
-            args=[spec],
+            function,
+            args=[arg],
             metadata={"label": label} if label else None,
             ident=uuid.encode("utf8"),
         )
-        result = await asyncio.wrap_future(fut)
-        if isinstance(result, BaseException):  # ipyparallel hands errors back as results
-            raise result
-        return result
+        fut.add_done_callback(_end_output)
+        return fut  # type: ignore[no-any-return]
 
     async def hub_records(self, query: dict[str, Any]) -> list[tuple[HubRecord, int | None]]:
         """The hub's records matching ``query``, each with its engine's id (None: gone)."""
@@ -531,12 +537,6 @@ class IpyparallelCluster:
     def engine_ids(self) -> list[int]:
         return [int(e) for e in self._client.ids] if self._client is not None else []
 
-    def _view(self, engine_id: int) -> Any:
-        view = self._views.get(engine_id)
-        if view is None:
-            view = self._views[engine_id] = self._client[engine_id]
-        return view
-
     @staticmethod
     def unwrap_error(exc: BaseException) -> BaseException:
         """Turn ipyparallel's EngineError (a RemoteError by name) into EngineDied."""
@@ -545,7 +545,8 @@ class IpyparallelCluster:
         return exc
 
     # ------------------------------------------------------------------ notifications
-    def _on_registration_io_thread(self, event: dict[str, Any], generation: int) -> None:
+    def _on_registration(self, event: dict[str, Any], generation: int) -> None:
+        """In a stream callback of the client: handled in a later loop turn."""
         loop = self._loop
         if loop is None or loop.is_closed() or generation != self.generation:
             return
@@ -565,9 +566,18 @@ class IpyparallelCluster:
         if eid not in self._state.known_ids:
             return
         self._state.known_ids.discard(eid)
-        self._views.pop(eid, None)
         if not self._closing:
             self.callbacks.engine_unregistered(eid)
+
+    def _quiet_client_iopub(self) -> None:
+        """Unsubscribe the client's IOPub socket.
+
+        tether reads the data messages it needs on a socket of its own (``_iopub_loop``);
+        the rest (two status messages per request and engine, each decoded and
+        signature-checked by the client) only resolved the requests' output futures,
+        which ``_end_output`` resolves with the reply instead.
+        """
+        self._client._iopub_socket.setsockopt(zmq.UNSUBSCRIBE, b"")
 
     async def _start_iopub_watcher(self) -> None:
         cfg = self._client._config
@@ -629,6 +639,20 @@ class IpyparallelCluster:
     def _cluster_pids(self) -> list[int]:
         """Pids of every process of the embedded cluster: launchers' records and children."""
         return cluster_pids(self._cluster_file(), self._cluster, self._hub_children)
+
+
+def _raise_error(result: Any) -> Any:
+    """ipyparallel hands an engine's error back as the reply's result: raise it."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _end_output(reply: Any) -> None:
+    """Resolve a request's output future with its reply (the client hears no IOPub)."""
+    output = getattr(reply, "output", None)
+    if output is not None and not output.done():
+        output.set_result(None)
 
 
 def local_detected_tags() -> frozenset[str]:

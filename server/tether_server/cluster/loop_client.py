@@ -1,0 +1,62 @@
+"""An ipyparallel ``Client`` whose sockets are served by tether's own asyncio loop.
+
+ipyparallel's ``Client`` runs its ZMQ streams on a private IO thread: every request is
+handed to that thread (``IOLoop.add_callback``: a self-pipe write and a thread switch) and
+every reply comes back from it (``call_soon_threadsafe``: another one), and the two
+threads take turns at the GIL. For a server that sends a request per task, those
+handoffs were a large part of its CPU per task and of each task's latency
+(docs/benchmarks.md, B3 and B4).
+
+:class:`LoopClient` connects as the stock client does (the connection request blocks:
+tether makes it in a worker thread), starts no IO thread, and :meth:`LoopClient.attach`
+then sets up the streams on the loop that calls it. From then on, everything the
+client does runs on that loop: sends go out in the loop's next turn (tornado's
+``add_callback`` on its own loop is a plain ``call_soon``), replies resolve their
+futures in the loop's thread, registration callbacks run there too.
+
+The client's blocking helpers (``wait``, ``AsyncResult.get``, ``Client.spin``, sync
+``DirectView.apply``) would wait on the very thread that must serve them: tether never
+calls them, and must not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipyparallel as ipp
+from tornado.ioloop import IOLoop
+
+__all__ = ["LoopClient"]
+
+
+class LoopClient(ipp.Client):  # type: ignore[misc]
+    """``ipyparallel.Client`` without its IO thread: call :meth:`attach` on the loop."""
+
+    def _start_io_thread(self) -> None:
+        """The stock client starts its IO thread here, at the end of the connection;
+        this one waits for :meth:`attach` (the connection runs off the loop)."""
+
+    def attach(self) -> None:
+        """Serve the client's sockets on the running asyncio loop (call it there, once)."""
+        self._io_loop = IOLoop.current()
+        self._setup_streams()
+
+    def _stop_io_thread(self) -> None:
+        """Called by ``close``: take the streams off the loop (``close`` then closes the
+        sockets)."""
+        for name in _STREAMS:
+            stream: Any = getattr(self, name, None)
+            if stream is not None and not stream.closed():
+                stream.close(linger=0)
+
+
+_STREAMS = (
+    "_query_stream",
+    "_control_stream",
+    "_mux_stream",
+    "_task_stream",
+    "_iopub_stream",
+    "_notification_stream",
+    "_broadcast_stream",
+)
+"""What ``Client._setup_streams`` makes (ipyparallel 9.2)."""

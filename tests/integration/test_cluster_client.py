@@ -1,0 +1,58 @@
+"""The cluster layer on its own: a real embedded cluster, driven as the controller does.
+
+The ipyparallel client tether holds does not subscribe to IOPub (tether reads its data
+messages on a socket of its own) and resolves each request's output future with the
+reply: these tests check that it still forgets every request it sent, and that the
+data messages still arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from tether_server.cluster.ipp import ClusterCallbacks, ClusterConfig, IpyparallelCluster
+
+
+def spec(task_id: str, task: str = "demo.echo", **args: Any) -> dict[str, Any]:
+    return {"task_id": task_id, "attempt": 1, "task": task, "args": args}
+
+
+async def drive(profile: Path) -> tuple[list[Any], dict[str, int], list[tuple[str, str]]]:
+    registered: asyncio.Queue[int] = asyncio.Queue()
+    messages: list[tuple[str, str]] = []
+    cluster = IpyparallelCluster(
+        ClusterConfig(engines=1, profile_dir=profile),
+        ClusterCallbacks(
+            engine_registered=registered.put_nowait,
+            engine_unregistered=lambda eid: None,
+            task_message=lambda task_id, attempt, kind, payload: messages.append((task_id, kind)),
+        ),
+    )
+    await cluster.start()
+    try:
+        engine = await asyncio.wait_for(registered.get(), timeout=60)
+        await cluster.setup_engine(engine, {"engine_id": engine})
+        outcomes = [await cluster.run_task(engine, spec(f"t{i}", value=i)) for i in range(30)]
+        client: Any = cluster._client
+        await asyncio.sleep(0.2)  # the IO thread's clean-up callbacks run after the replies
+        left = {
+            "futures": len(client._futures),
+            "output_futures": len(client._output_futures),
+            # ipyparallel's _send also sets metadata["submitted"] itself: one key, for good.
+            "metadata": len([k for k in client.metadata if k != "submitted"]),
+            "results": len(client.results),
+        }
+        return outcomes, left, messages
+    finally:
+        await cluster.stop()
+
+
+def test_the_client_forgets_every_request_and_data_messages_still_arrive(tmp_path: Path) -> None:
+    outcomes, left, messages = asyncio.run(drive(tmp_path / "ipython"))
+    assert [o["status"] for o in outcomes] == ["succeeded"] * 30
+    assert [o["value"] for o in outcomes] == list(range(30))
+    assert left == {"futures": 0, "output_futures": 0, "metadata": 0, "results": 0}
+    started = [task_id for task_id, kind in messages if kind == "started"]
+    assert started == [f"t{i}" for i in range(30)]
