@@ -8,7 +8,7 @@ it sends (``label``, a field the hub copies from the request's metadata into the
 so a restarted controller finds its attempts with a query and reads their replies.
 
 Both calls are the async forms of ``Client.db_query`` and ``Client.result_status``
-(which block on a future the client's IO thread resolves): on the loop, with a timeout.
+(which block until the reply comes): on the loop, with a timeout.
 :func:`query` is the one request/reply on the hub's query socket they (and the
 controller's liveness probe and queue counts, ``ipp``) are made of.
 """

@@ -546,15 +546,15 @@ class IpyparallelCluster:
 
     # ------------------------------------------------------------------ notifications
     def _on_registration(self, event: dict[str, Any], generation: int) -> None:
-        """In a stream callback of the client: handled in a later loop turn."""
+        """In a stream callback of the client (on the loop): handled in a later turn."""
         loop = self._loop
         if loop is None or loop.is_closed() or generation != self.generation:
             return
         eid = int(event["id"])
         if event.get("event") == "register":
-            loop.call_soon_threadsafe(self._note_registered, eid)
+            loop.call_soon(self._note_registered, eid)
         else:
-            loop.call_soon_threadsafe(self._note_unregistered, eid)
+            loop.call_soon(self._note_unregistered, eid)
 
     def _note_registered(self, eid: int) -> None:
         if eid in self._state.known_ids or self._closing:

@@ -3,9 +3,10 @@
 ipyparallel's ``Client`` runs its ZMQ streams on a private IO thread: every request is
 handed to that thread (``IOLoop.add_callback``: a self-pipe write and a thread switch) and
 every reply comes back from it (``call_soon_threadsafe``: another one), and the two
-threads take turns at the GIL. For a server that sends a request per task, those
-handoffs were a large part of its CPU per task and of each task's latency
-(docs/benchmarks.md, B3 and B4).
+threads take turns at the GIL. A server that sends a request per task pays those
+handoffs on every task. Measured (B3/B4, 2-core box, docs/notes.md): within noise of the
+threaded client once the client stopped decoding IOPub; kept because every client call
+now happens on the thread that owns the sockets.
 
 :class:`LoopClient` connects as the stock client does (the connection request blocks:
 tether makes it in a worker thread), starts no IO thread, and :meth:`LoopClient.attach`

@@ -263,10 +263,9 @@ def kill_new_children(before: Snapshot, *, grace: float = 1.0) -> int:
     Zombies (already exited, not yet reaped) are reaped but not counted. Live ones get
     SIGTERM, ``grace`` seconds, then SIGKILL.
     """
-    if before.last_pid is not None and _last_pid() == before.last_pid:
-        return 0  # nothing was created since ``before``: nothing new to stop
     alive: list[psutil.Process] = []
-    for pid, created in _descendants() - before.children:
+    # Nothing created since ``before`` (the same newest pid): the same listing, no walk.
+    for pid, created in _children_now()[1] - before.children:
         try:
             child = psutil.Process(pid)
             if _start_time(pid) != created:
