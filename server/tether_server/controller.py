@@ -152,7 +152,7 @@ class Controller:
         await self.journal.flush()
         await self.cluster.start()
         await self.reattacher.reconcile()
-        self.supervisor.cluster_ok = True
+        self.supervisor.mark_cluster_up()
         self.spawn(self.supervisor.run())
         if self.config.memory_limit_bytes:
             self.spawn(self.engines_driver.resource_policy_loop())

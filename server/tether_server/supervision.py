@@ -248,6 +248,13 @@ class Supervisor:
         finally:
             self.recovering = False
 
+    def mark_cluster_up(self) -> None:
+        """The cluster answers: say so (serving is re-evaluated at once, not at the next
+        event: a re-attached server may have nothing else to hear for a long while)."""
+        self.cluster_ok = True
+        self._next_probe = time.monotonic() + self.config.hub_probe_interval
+        self._cluster_state(True)
+
     async def start_cluster(self) -> None:
         """Start (or reconnect to) the cluster, retrying with backoff until it works."""
         delay = 0.5
@@ -261,9 +268,7 @@ class Supervisor:
                 await asyncio.sleep(delay)
                 delay = min(10.0, delay * 2)
                 continue
-            self.cluster_ok = True
-            self._next_probe = time.monotonic() + self.config.hub_probe_interval
-            self._cluster_state(True)
+            self.mark_cluster_up()
             if self._cluster_started is not None:
                 await self._cluster_started()
             return
