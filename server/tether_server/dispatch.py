@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .cluster import EngineDied, IpyparallelCluster, hub_records
-from .cluster.ipp import DIGEST_HISTORY
+from .cluster.ipp import DIGEST_HISTORY, ENGINE_LOG_LEVEL
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage
 from .runtime import attempts, registry
@@ -62,6 +62,8 @@ class EngineDriver:
             "tags": list(self.config.engine_tags),
             "task_settings": registry.settings(),  # e.g. the --model checkpoints
             "digest_history": DIGEST_HISTORY,
+            # Engines tether started log what it asked for; an operator's keep theirs.
+            "log_level": None if self.config.attach else ENGINE_LOG_LEVEL,
             # The engine's own load reports and memory-limit checks (runtime/monitor.py).
             "engine_id": engine_id,
             "load_interval": self.config.load_interval_seconds,

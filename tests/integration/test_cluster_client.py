@@ -9,9 +9,14 @@ data messages still arrive.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
+import zmq
+import zmq.asyncio
+
+from tether_server.cluster import hub_records
 from tether_server.cluster.ipp import ClusterCallbacks, ClusterConfig, IpyparallelCluster
 
 
@@ -56,3 +61,59 @@ def test_the_client_forgets_every_request_and_data_messages_still_arrive(tmp_pat
     assert left == {"futures": 0, "output_futures": 0, "metadata": 0, "results": 0}
     started = [task_id for task_id, kind in messages if kind == "started"]
     assert started == [f"t{i}" for i in range(30)]
+
+
+async def quiet_run(profile: Path) -> tuple[dict[str, int], str]:
+    """Tasks sent as the controller sends them (labelled), then unlabelled ones: the
+    IOPub status messages each kind caused, and what the engine's log gained."""
+    registered: asyncio.Queue[int] = asyncio.Queue()
+    cluster = IpyparallelCluster(
+        ClusterConfig(engines=1, profile_dir=profile),
+        ClusterCallbacks(
+            engine_registered=registered.put_nowait,
+            engine_unregistered=lambda eid: None,
+            task_message=lambda *_: None,
+        ),
+    )
+    await cluster.start()
+    sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    try:
+        engine = await asyncio.wait_for(registered.get(), timeout=60)
+        await cluster.setup_engine(engine, {"engine_id": engine, "log_level": logging.ERROR})
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(cluster._client._config["iopub"])
+        await asyncio.sleep(0.5)  # a SUB socket hears nothing until it has joined
+        logs = sorted((profile / "log").glob("*engine*.log"))
+        assert logs, "the engine's output file was not found"
+        before = {path: path.stat().st_size for path in logs}
+
+        async def statuses() -> int:
+            await asyncio.sleep(0.3)
+            count = 0
+            while await sub.poll(0):
+                topic = (await sub.recv_multipart())[0]
+                count += topic.endswith(b".status")
+            return count
+
+        counts = {}
+        for i in range(10):
+            label = hub_records.label("epoch", f"t{i}", 1)
+            await cluster.run_task(engine, spec(f"t{i}", value=i), label)
+        counts["labelled"] = await statuses()
+        for i in range(10):
+            await cluster.run_task(engine, spec(f"u{i}", value=i))
+        counts["unlabelled"] = await statuses()
+        gained = "".join(path.read_text()[before.get(path, 0) :] for path in logs)
+        return counts, gained
+    finally:
+        sub.close(linger=0)
+        await cluster.stop()
+
+
+def test_tether_requests_publish_no_status_and_the_engine_logs_at_the_level_asked(
+    tmp_path: Path,
+) -> None:
+    counts, gained = asyncio.run(quiet_run(tmp_path / "ipython"))
+    # Another client's requests still get their busy and idle (kernel_tuning.py).
+    assert counts == {"labelled": 0, "unlabelled": 20}
+    assert "Handling apply_request" not in gained

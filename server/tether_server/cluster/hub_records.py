@@ -22,20 +22,20 @@ from typing import Any
 
 from ipyparallel import serialize, util
 
-LABEL_PREFIX = "tether"
+from ..runtime.kernel_tuning import REQUEST_LABEL_PREFIX
 
 
 def label(epoch: str, task_id: str, attempt: int) -> str:
     """The hub-record label of one attempt: the store's epoch keeps two tether servers
     that share a cluster (with separate data dirs) apart."""
-    return f"{LABEL_PREFIX}:{epoch}:{task_id}:{attempt}"
+    return f"{REQUEST_LABEL_PREFIX}{epoch}:{task_id}:{attempt}"
 
 
 def parse_label(text: Any, epoch: str) -> tuple[str, int] | None:
     """(task_id, attempt) of a label of this epoch, else None."""
     if not isinstance(text, str):
         return None
-    prefix = f"{LABEL_PREFIX}:{epoch}:"
+    prefix = f"{REQUEST_LABEL_PREFIX}{epoch}:"
     if not text.startswith(prefix):
         return None
     task_id, _, attempt = text[len(prefix) :].rpartition(":")

@@ -97,7 +97,13 @@ DIGEST_HISTORY = 4096
 65,536 by default: about 10 MB per process that fills up over the first ~20,000 tasks, and
 on engines over the first ~100,000; a few thousand refuse replays just as well)."""
 
-ENGINE_ARGS = ["--IPEngine.log_level=40", f"--Session.digest_history_size={DIGEST_HISTORY}"]
+ENGINE_LOG_LEVEL = logging.ERROR
+"""What tether's own engines log (ipyparallel 9.2 leaves their handler at INFO whatever
+``--IPEngine.log_level`` says, one line per task: ``setup_engine`` applies it)."""
+ENGINE_ARGS = [
+    f"--IPEngine.log_level={ENGINE_LOG_LEVEL}",
+    f"--Session.digest_history_size={DIGEST_HISTORY}",
+]
 
 HUB_CHILDREN_EVERY = 5.0
 """Seconds between two listings of the hub's child processes (``controller_alive``)."""

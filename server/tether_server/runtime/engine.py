@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import registry
+from . import kernel_tuning, registry
 from .attempts import BOOK, install_control_handlers
 from .context import DEFAULT_MAX_OUTPUT_CHARS, TaskContext
 from .guard import (
@@ -96,7 +96,11 @@ def setup_engine(config: dict[str, Any]) -> dict[str, Any]:
     ``CUDA_VISIBLE_DEVICES`` is not empty. Safe to call again.
     """
     _install_guard()
-    _bound_kernel_history(int(config.get("digest_history") or 0))
+    kernel_tuning.tune(
+        getattr(ipython_shell(), "kernel", None),
+        signatures=int(config.get("digest_history") or 0),
+        log_level=config.get("log_level"),
+    )
     modules = [str(m) for m in config.get("task_modules") or []]
     if DEMO_MODULE not in modules:
         modules.append(DEMO_MODULE)
@@ -151,19 +155,6 @@ def _install_guard() -> None:
     GUARD.install()
     if _neutralise_kernel_sigint_swap():
         install_control_handlers(ipython_shell().kernel)
-
-
-def _bound_kernel_history(signatures: int) -> None:
-    """Remember ``signatures`` message signatures rather than jupyter_client's 65,536.
-
-    The kernel's session keeps every request's signature to refuse replays; at 65,536
-    that is about 10 MB per engine that fills up over its first 65,536 tasks (the
-    ``--Session`` config of the engine app does not reach the kernel's session).
-    """
-    kernel = getattr(ipython_shell(), "kernel", None)
-    session = getattr(kernel, "session", None)
-    if signatures > 0 and session is not None:
-        session.digest_history_size = signatures
 
 
 def _keep_signal_handlers() -> None:
