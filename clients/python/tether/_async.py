@@ -35,6 +35,7 @@ from tether._models import (
 from tether.v1 import (
     cluster_service_pb2,
     cluster_service_pb2_grpc,
+    task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
 )
@@ -149,7 +150,7 @@ class AsyncClient:
         return AsyncTaskHandle(
             self,
             response.task.name,
-            submitted=_convert.task_from_proto(response.task),
+            submitted=response.task,
             deduplicated=response.deduplicated,
             coverage=coverage,
         )
@@ -336,7 +337,7 @@ class AsyncTaskHandle(_watch.TaskHandleBase):
         client: AsyncClient,
         name: str,
         *,
-        submitted: Task | None = None,
+        submitted: Task | task_pb2.Task | None = None,
         deduplicated: bool = False,
         coverage: _outcomes.Coverage | None = None,
     ) -> None:

@@ -37,6 +37,7 @@ from tether._sync_watch import ResponseStream, TaskWatch
 from tether.v1 import (
     cluster_service_pb2,
     cluster_service_pb2_grpc,
+    task_pb2,
     task_service_pb2,
     task_service_pb2_grpc,
 )
@@ -184,7 +185,7 @@ class Client:
         return TaskHandle(
             self,
             response.task.name,
-            submitted=_convert.task_from_proto(response.task),
+            submitted=response.task,
             deduplicated=response.deduplicated,
             coverage=coverage,
         )
@@ -414,7 +415,7 @@ class TaskHandle(_watch.TaskHandleBase):
         client: Client,
         name: str,
         *,
-        submitted: Task | None = None,
+        submitted: Task | task_pb2.Task | None = None,
         deduplicated: bool = False,
         coverage: _outcomes.Coverage | None = None,
     ) -> None:
