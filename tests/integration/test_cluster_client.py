@@ -48,6 +48,8 @@ async def drive(profile: Path) -> tuple[list[Any], dict[str, int], list[tuple[st
             # ipyparallel's _send also sets metadata["submitted"] itself: one key, for good.
             "metadata": len([k for k in client.metadata if k != "submitted"]),
             "results": len(client.results),
+            "pending": client.pending_requests(),
+            "outstanding": sum(len(ids) for ids in client._outstanding_dict.values()),
         }
         return outcomes, left, messages
     finally:
@@ -58,7 +60,14 @@ def test_the_client_forgets_every_request_and_data_messages_still_arrive(tmp_pat
     outcomes, left, messages = asyncio.run(drive(tmp_path / "ipython"))
     assert [o["status"] for o in outcomes] == ["succeeded"] * 30
     assert [o["value"] for o in outcomes] == list(range(30))
-    assert left == {"futures": 0, "output_futures": 0, "metadata": 0, "results": 0}
+    assert left == {
+        "futures": 0,
+        "output_futures": 0,
+        "metadata": 0,
+        "results": 0,
+        "pending": 0,
+        "outstanding": 0,
+    }
     started = [task_id for task_id, kind in messages if kind == "started"]
     assert started == [f"t{i}" for i in range(30)]
 

@@ -13,7 +13,6 @@ the async ones are used.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import inspect
 import json
@@ -357,8 +356,7 @@ class IpyparallelCluster:
         sent: list[asyncio.Future[Any]] = []
         while loop.time() < deadline:
             if not sent or await self._queued_requests(engine_id) <= len(sent):
-                apply = self._send_apply(engine_id, engine_runtime.setup_engine, config, "")
-                sent.append(asyncio.wrap_future(apply))
+                sent.append(self._send_apply(engine_id, engine_runtime.setup_engine, config, ""))
             else:
                 deadline = loop.time() + self.config.engine_setup_timeout
             done, _pending = await asyncio.wait(
@@ -393,39 +391,28 @@ class IpyparallelCluster:
         ``label`` goes into the hub's record of the request (``hub_records``): a
         restarted controller finds it there.
 
-        ``send_apply_request`` on the client's mux stream, not ``DirectView.apply_async``:
-        the view's per-call decorators and ``AsyncResult`` cost more than the rest of the
-        send (docs/benchmarks.md, B4). The client still tracks the request as
-        outstanding, so an engine's death fails it with ``EngineError``. Raises what the
-        engine raised (``RemoteError``), ``EngineError`` included.
+        Sent with ``LoopClient.request_apply``, not ``DirectView.apply_async`` or even
+        ``send_apply_request``: their per-request futures and bookkeeping cost more than
+        the rest of the send (docs/benchmarks.md, B4). The request is still outstanding
+        on its engine, so an engine's death fails it with ``EngineError``. Raises what
+        the engine raised (``RemoteError``), ``EngineError`` included.
         """
         fut = self._send_apply(engine_id, engine_runtime.run_task, spec, label)
-        return _raise_error(await asyncio.wrap_future(fut))
+        return _raise_error(await fut)
 
     def _send_apply(
         self, engine_id: int, function: Any, arg: Any, label: str
-    ) -> concurrent.futures.Future[Any]:
-        """Send ``function(arg)`` to one engine; the future of its reply (value or error).
-
-        The request's output future (which ipyparallel resolves when the engine's IOPub
-        says idle) is resolved with the reply: the client does not subscribe to IOPub
-        (``_quiet_client_iopub``), and the client forgets a request only once both ended.
-        """
+    ) -> asyncio.Future[Any]:
+        """Send ``function(arg)`` to one engine; the future of its reply (value or error,
+        ``LoopClient.request_apply``)."""
         client = self._client
         if client is None:
             raise EngineDied(f"engine {engine_id}: the cluster is not connected")
         uuid = client._engines.get(engine_id)
         if uuid is None:  # unregistered meanwhile
             raise EngineDied(f"engine {engine_id} is gone")
-        fut = client.send_apply_request(
-            client._mux_stream,
-            function,
-            args=[arg],
-            metadata={"label": label} if label else None,
-            ident=uuid.encode("utf8"),
-        )
-        fut.add_done_callback(_end_output)
-        return fut  # type: ignore[no-any-return]
+        future: asyncio.Future[Any] = client.request_apply(uuid, function, arg, label)
+        return future
 
     async def hub_records(self, query: dict[str, Any]) -> list[tuple[HubRecord, int | None]]:
         """The hub's records matching ``query``, each with its engine's id (None: gone)."""
@@ -579,9 +566,9 @@ class IpyparallelCluster:
         """Unsubscribe the client's IOPub socket.
 
         tether reads the data messages it needs on a socket of its own (``_iopub_loop``);
-        the rest (two status messages per request and engine, each decoded and
-        signature-checked by the client) only resolved the requests' output futures,
-        which ``_end_output`` resolves with the reply instead.
+        the rest (status messages, each decoded and signature-checked by the client)
+        only resolved the output futures of requests, which tether's requests do not
+        have (``LoopClient.request_apply``).
         """
         self._client._iopub_socket.setsockopt(zmq.UNSUBSCRIBE, b"")
 
@@ -652,13 +639,6 @@ def _raise_error(result: Any) -> Any:
     if isinstance(result, BaseException):
         raise result
     return result
-
-
-def _end_output(reply: Any) -> None:
-    """Resolve a request's output future with its reply (the client hears no IOPub)."""
-    output = getattr(reply, "output", None)
-    if output is not None and not output.done():
-        output.set_result(None)
 
 
 def local_detected_tags() -> frozenset[str]:

@@ -22,11 +22,12 @@ calls them, and must not.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
 import ipyparallel as ipp
-from ipyparallel import util
+from ipyparallel import error, serialize, util
 from tornado.ioloop import IOLoop
 
 __all__ = ["LoopClient"]
@@ -34,6 +35,11 @@ __all__ = ["LoopClient"]
 
 class LoopClient(ipp.Client):  # type: ignore[misc]
     """``ipyparallel.Client`` without its IO thread: call :meth:`attach` on the loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._requests: dict[str, tuple[asyncio.Future[Any], str]] = {}
+        """tether's own requests (``request_apply``): their futures and engines, by msg_id."""
+        super().__init__(*args, **kwargs)
 
     def _start_io_thread(self) -> None:
         """The stock client starts its IO thread here, at the end of the connection;
@@ -43,6 +49,64 @@ class LoopClient(ipp.Client):  # type: ignore[misc]
         """Serve the client's sockets on the running asyncio loop (call it there, once)."""
         self._io_loop = IOLoop.current()
         self._setup_streams()
+
+    def request_apply(
+        self, engine_uuid: str, function: Any, arg: Any, label: str
+    ) -> asyncio.Future[Any]:
+        """Send ``function(arg)`` to one engine on the mux; the future of its reply.
+
+        The future's value is what ipyparallel would store as the request's result:
+        the function's return value, or the engine's error as an exception object
+        (``RemoteError``; ``EngineError`` when the engine died with it). ``label`` goes
+        into the request's metadata, hence the hub's record.
+
+        Leaner than ``send_apply_request``: no ``MessageFuture`` pair (each with its
+        ``threading.Condition``), no per-request metadata, history or results, no
+        output future (the client hears no IOPub). The request is still registered as
+        outstanding on its engine, so an engine that unregisters strands it and
+        ``_handle_stranded_msgs`` answers it with ``EngineError`` as for any request.
+        """
+        if self._closed:
+            raise RuntimeError("the ipyparallel client is closed")
+        msg = self.session.msg("apply_request", metadata={"label": label} if label else {})
+        msg_id = msg["header"]["msg_id"]
+        buffers = serialize.pack_apply_message(
+            function,
+            [arg],
+            {},
+            buffer_threshold=self.session.buffer_threshold,
+            item_threshold=self.session.item_threshold,
+        )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._requests[msg_id] = (future, engine_uuid)
+        self._outstanding_dict[engine_uuid].add(msg_id)
+        self.session.send(self._mux_stream, msg, buffers=buffers, ident=engine_uuid.encode())
+        return future
+
+    def _handle_apply_reply(self, msg: dict[str, Any]) -> None:
+        """Answer one of tether's requests (a reply, or a stranded request's stand-in);
+        any other request's reply goes the stock way."""
+        msg_id = msg["parent_header"].get("msg_id")
+        entry = self._requests.pop(msg_id, None)
+        if entry is None:
+            super()._handle_apply_reply(msg)
+            return
+        future, engine_uuid = entry
+        self._outstanding_dict[engine_uuid].discard(msg_id)
+        content = msg["content"]
+        value: Any
+        if content["status"] == "ok":
+            value = serialize.deserialize_object(msg["buffers"])[0]
+        elif content["status"] == "aborted":
+            value = error.TaskAborted(msg_id)
+        else:
+            value = self._unwrap_exception(content)
+        if not future.done():
+            future.set_result(value)
+
+    def pending_requests(self) -> int:
+        """tether's requests that have no answer yet."""
+        return len(self._requests)
 
     def _extract_metadata(self, msg: dict[str, Any]) -> dict[str, Any]:
         """The stock metadata, with the engine's ``started`` stamp parsed by
@@ -61,6 +125,10 @@ class LoopClient(ipp.Client):  # type: ignore[misc]
             stream: Any = getattr(self, name, None)
             if stream is not None and not stream.closed():
                 stream.close(linger=0)
+        # Nothing will answer them now: whoever awaits one is cancelled, not left waiting.
+        requests, self._requests = self._requests, {}
+        for future, _engine_uuid in requests.values():
+            future.cancel()
 
 
 def _parse_date(text: Any) -> Any:
