@@ -2,19 +2,23 @@
 
 The ipyparallel client tether holds does not subscribe to IOPub (tether reads its data
 messages on a socket of its own) and resolves each request's output future with the
-reply: these tests check that it still forgets every request it sent, and that the
-data messages still arrive.
+reply: these tests check that it still forgets every request it sent, that the data
+messages still arrive, that tether's requests cause no IOPub status messages (other
+requests still do), and that a request whose engine is killed fails with EngineError.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from ipyparallel.error import RemoteError
 
 from tether_server.cluster import hub_records
 from tether_server.cluster.ipp import ClusterCallbacks, ClusterConfig, IpyparallelCluster
@@ -126,3 +130,42 @@ def test_tether_requests_publish_no_status_and_the_engine_logs_at_the_level_aske
     # Another client's requests still get their busy and idle (kernel_tuning.py).
     assert counts == {"labelled": 0, "unlabelled": 20}
     assert "Handling apply_request" not in gained
+
+
+async def strand(profile: Path) -> tuple[BaseException | None, int, int]:
+    """A task's engine is killed while it runs: what its request gets, and what the
+    client still holds afterwards."""
+    registered: asyncio.Queue[int] = asyncio.Queue()
+    cluster = IpyparallelCluster(
+        ClusterConfig(engines=1, profile_dir=profile),
+        ClusterCallbacks(
+            engine_registered=registered.put_nowait,
+            engine_unregistered=lambda eid: None,
+            task_message=lambda *_: None,
+        ),
+    )
+    await cluster.start()
+    try:
+        engine = await asyncio.wait_for(registered.get(), timeout=60)
+        info = await cluster.setup_engine(engine, {"engine_id": engine})
+        running = asyncio.ensure_future(
+            cluster.run_task(engine, spec("s", task="demo.sleep", seconds=60))
+        )
+        await asyncio.sleep(1.0)
+        os.kill(int(info["pid"]), signal.SIGKILL)
+        error: BaseException | None = None
+        try:
+            await asyncio.wait_for(running, timeout=60)
+        except Exception as exc:
+            error = exc
+        client: Any = cluster._client
+        outstanding = sum(len(ids) for ids in client._outstanding_dict.values())
+        return error, client.pending_requests(), outstanding
+    finally:
+        await cluster.stop()
+
+
+def test_a_killed_engine_fails_its_request_with_engine_error(tmp_path: Path) -> None:
+    error, pending, outstanding = asyncio.run(strand(tmp_path / "ipython"))
+    assert isinstance(error, RemoteError) and error.ename == "EngineError", repr(error)
+    assert (pending, outstanding) == (0, 0)
