@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
+import psutil
 import pytest
 
 from tether_server.runtime import resources
@@ -35,8 +37,30 @@ def test_a_child_started_after_the_snapshot_is_killed_and_counted(
 ) -> None:
     before = resources.take_snapshot()
     children.append(subprocess.Popen(SLEEPER))
-    assert resources.kill_new_children(before, grace=2.0) == 1
+    assert resources.kill_new_children(before, grace=2.0) == (1, 0)
     assert children[0].wait(10) is not None
+
+
+def test_a_child_that_outlives_sigkill_is_counted_and_the_memory_verdict_says_so(
+    children: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process in uninterruptible sleep survives SIGKILL for a while. Stand-in: the
+    waits after SIGTERM and after SIGKILL both still see the child alive."""
+    before = resources.take_snapshot()
+    children.append(subprocess.Popen(SLEEPER))
+
+    def wait_procs(procs: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
+        return [], list(procs)  # it ignored SIGTERM, and was still there after SIGKILL
+
+    monkeypatch.setattr(psutil, "wait_procs", wait_procs)
+    cleanup = resources.kill_new_children(before, grace=0.1)
+    monkeypatch.undo()
+    assert cleanup == resources.ChildCleanup(killed=1, survived=1)
+    after = resources.take_snapshot(children=False)
+    report = resources.ResourceReport(
+        before, after, cleanup.killed, 1 << 40, 1 << 40, surviving_children=cleanup.survived
+    )
+    assert not report.reclaimed and "1 survived SIGKILL" in report.summary()
 
 
 def test_a_child_older_than_the_snapshot_is_listed_and_left_alone(
@@ -45,7 +69,7 @@ def test_a_child_older_than_the_snapshot_is_listed_and_left_alone(
     children.append(subprocess.Popen(SLEEPER))
     before = resources.take_snapshot()
     assert children[0].pid in pids(before)
-    assert resources.kill_new_children(before) == 0
+    assert resources.kill_new_children(before) == (0, 0)
     assert children[0].poll() is None
 
 
@@ -68,7 +92,7 @@ def test_the_listing_is_reused_while_no_pid_was_given_out(
     second = resources.take_snapshot()
     assert walks == 1
     assert second.children == first.children and children[0].pid in pids(second)
-    assert resources.kill_new_children(second) == 0  # the same newest pid: no walk at all
+    assert resources.kill_new_children(second) == (0, 0)  # the same newest pid: no walk at all
     assert walks == 1
     monkeypatch.setattr(resources, "_last_pid", lambda: 4243)  # something was created
     resources.take_snapshot()
@@ -93,7 +117,7 @@ def test_children_of_a_service_thread_are_not_a_tasks_leftovers(
     try:
         assert ready.wait(10)
         assert children[0].pid not in pids(resources.take_snapshot())
-        assert resources.kill_new_children(before) == 0
+        assert resources.kill_new_children(before) == (0, 0)
         assert children[0].poll() is None
     finally:
         release.set()

@@ -51,6 +51,7 @@ from .jsonvalue import JSONValue, to_json_value
 from .monitor import start_engine_services
 from .placement import placement
 from .resources import (
+    ChildCleanup,
     ResourceReport,
     Snapshot,
     drop_exception,
@@ -259,8 +260,7 @@ class _Attempt:
         before = take_snapshot()
         self.ctx._publish("started", None)
         failed = self._call()
-        leftover_children = kill_new_children(before)
-        report = self._measure(before, leftover_children, failed)
+        report = self._measure(before, kill_new_children(before), failed)
         if not report.reclaimed and self.drain_if_held:
             # The controller recycles this engine: what is queued behind must not start.
             BOOK.drain(f"the engine is being recycled: {report.summary}")
@@ -338,7 +338,7 @@ class _Attempt:
         self.error_type = error_type
         self.error_message = message
 
-    def _measure(self, before: Snapshot, leftover_children: int, failed: bool) -> ResourceReport:
+    def _measure(self, before: Snapshot, children: ChildCleanup, failed: bool) -> ResourceReport:
         """Compare with ``before``; collect garbage first only when it would change the verdict.
 
         The failed task's frames are gone by now, so its memory went back by reference
@@ -349,23 +349,22 @@ class _Attempt:
         """
         if failed:
             release_cuda_cache()
-        report = ResourceReport(
-            before,
-            take_snapshot(children=False),
-            leftover_children,
-            self.rss_tolerance,
-            self.gpu_tolerance,
-        )
-        if not report.memory_reclaimed:
-            release_memory()
-            report = ResourceReport(
+
+        def report() -> ResourceReport:
+            return ResourceReport(
                 before,
-                take_snapshot(children=False),
-                leftover_children,
+                take_snapshot(children=False),  # the children are in ``children``
+                children.killed,
                 self.rss_tolerance,
                 self.gpu_tolerance,
+                surviving_children=children.survived,
             )
-        return report
+
+        measured = report()
+        if not measured.memory_reclaimed:
+            release_memory()
+            measured = report()
+        return measured
 
 
 class _Returned:

@@ -24,11 +24,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import psutil
 
 __all__ = [
+    "ChildCleanup",
     "ResourceReport",
     "Snapshot",
     "drop_exception",
@@ -257,8 +258,18 @@ def _descendant_pids_from_proc() -> list[int] | None:
 
 
 # --------------------------------------------------------------------------- children
-def kill_new_children(before: Snapshot, *, grace: float = 1.0) -> int:
-    """Stop every descendant process that was not there in ``before``; return how many.
+class ChildCleanup(NamedTuple):
+    """What ``kill_new_children`` found and did."""
+
+    killed: int
+    """Live descendants that were not there before: each got SIGTERM, then SIGKILL."""
+    survived: int
+    """Of those, the ones still alive ``grace`` seconds after SIGKILL (uninterruptible
+    sleep, another pid namespace's init...)."""
+
+
+def kill_new_children(before: Snapshot, *, grace: float = 1.0) -> ChildCleanup:
+    """Stop every descendant process that was not there in ``before``.
 
     Zombies (already exited, not yet reaped) are reaped but not counted. Live ones get
     SIGTERM, ``grace`` seconds, then SIGKILL.
@@ -277,7 +288,7 @@ def kill_new_children(before: Snapshot, *, grace: float = 1.0) -> int:
         except psutil.Error:
             continue
     if not alive:
-        return 0
+        return ChildCleanup(0, 0)
     for child in alive:
         with contextlib.suppress(psutil.Error):
             child.terminate()
@@ -285,10 +296,10 @@ def kill_new_children(before: Snapshot, *, grace: float = 1.0) -> int:
     for child in stubborn:
         with contextlib.suppress(psutil.Error):
             child.kill()
-    psutil.wait_procs(stubborn, timeout=grace)
+    _, survivors = psutil.wait_procs(stubborn, timeout=grace)
     for child in alive:
         _reap(child.pid)
-    return len(alive)
+    return ChildCleanup(len(alive), len(survivors))
 
 
 def _reap(pid: int) -> None:
@@ -435,6 +446,8 @@ class ResourceReport:
     leftover_children: int
     rss_tolerance_bytes: int
     gpu_tolerance_bytes: int
+    surviving_children: int = 0
+    """Leftover children still alive after SIGKILL (``ChildCleanup.survived``)."""
 
     @property
     def rss_growth(self) -> int:
@@ -459,11 +472,6 @@ class ResourceReport:
     def reclaimed(self) -> bool:
         """Memory came back and no child process was left behind."""
         return self.memory_reclaimed and self.surviving_children == 0
-
-    @property
-    def surviving_children(self) -> int:
-        """Processes the task started that are alive even after they were killed."""
-        return len(self.after.children - self.before.children)
 
     def summary(self) -> str:
         parts = [f"rss {_signed_mib(self.rss_growth)} (tolerance {_mib(self.rss_tolerance_bytes)})"]
