@@ -1,13 +1,13 @@
 """ipyparallel adapter, run entirely on the service's asyncio loop.
 
 Facts it rests on (shared/notes/ipyparallel.md): the ``Client`` is not
-thread-safe, so every call happens on the loop thread with ``block=False`` and
-``asyncio.wrap_future``; the client is a :class:`~.loop_client.LoopClient`, whose
-sockets the loop itself serves (no IO thread: replies and registration callbacks
-arrive on the loop thread); the client keeps only the *last* ``publish_data``
-value, so progress is read from our own SUB socket on the IOPub channel, which sees
-every message; the ``*_sync`` Cluster methods lose launcher notifications, so only
-the async ones are used.
+thread-safe, so every call happens on the loop thread; the client is a
+:class:`~.loop_client.LoopClient`, whose sockets the loop itself serves (no IO thread:
+replies and registration callbacks arrive on the loop thread) and whose
+``request_apply`` answers tether's requests as asyncio futures; the client keeps only
+the *last* ``publish_data`` value, so the runtime's reports are read from our own SUB
+socket on the IOPub channel (``iopub.py``), which sees every message; the ``*_sync``
+Cluster methods lose launcher notifications, so only the async ones are used.
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import ipyparallel as ipp
-import zmq
-import zmq.asyncio
 from ipyparallel import error as ipp_error
-from jupyter_client.session import Session
 from tornado.ioloop import IOLoop
 from traitlets.config import Config
 
@@ -40,6 +37,7 @@ from ..runtime.placement import process_namespace
 from . import hub_records
 from .hosts import EngineHost, SshSettings
 from .hub_records import HubRecord
+from .iopub import ReportWatcher, quiet_client_iopub
 from .loop_client import LoopClient
 from .processes import (
     cluster_pids,
@@ -126,9 +124,7 @@ class IpyparallelCluster:
         self._cluster: Any = None
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._iopub_task: asyncio.Task[None] | None = None
-        self._iopub_socket: Any = None
-        self._zmq_context: Any = None
+        self._reports: ReportWatcher | None = None
         self._state = _State()
         self._closing = False
         self.generation = 0
@@ -207,8 +203,11 @@ class IpyparallelCluster:
 
         self._client.session.digest_history_size = DIGEST_HISTORY
         self._client._registration_callbacks.append(on_registration)
-        self._quiet_client_iopub()
-        await self._start_iopub_watcher()
+        quiet_client_iopub(self._client)
+        self._reports = ReportWatcher(
+            self._client._config, DIGEST_HISTORY, self.callbacks.task_message
+        )
+        self._reports.start()
         self.controller_alive()  # notes the hub's scheduler processes
         # Engines that registered before our callback was installed.
         for eid in self._client.ids:
@@ -271,14 +270,9 @@ class IpyparallelCluster:
             self._hub_children.clear()
 
     async def _disconnect(self) -> None:
-        if self._iopub_task is not None:
-            self._iopub_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._iopub_task
-            self._iopub_task = None
-        if self._iopub_socket is not None:
-            self._iopub_socket.close(linger=0)
-            self._iopub_socket = None
+        if self._reports is not None:
+            await self._reports.stop()
+            self._reports = None
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close(linger=0)
@@ -561,54 +555,6 @@ class IpyparallelCluster:
         self._state.known_ids.discard(eid)
         if not self._closing:
             self.callbacks.engine_unregistered(eid)
-
-    def _quiet_client_iopub(self) -> None:
-        """Unsubscribe the client's IOPub socket.
-
-        tether reads the data messages it needs on a socket of its own (``_iopub_loop``);
-        the rest (status messages, each decoded and signature-checked by the client)
-        only resolved the output futures of requests, which tether's requests do not
-        have (``LoopClient.request_apply``).
-        """
-        self._client._iopub_socket.setsockopt(zmq.UNSUBSCRIBE, b"")
-
-    async def _start_iopub_watcher(self) -> None:
-        cfg = self._client._config
-        session = Session(
-            key=cfg["key"].encode(),
-            signature_scheme=cfg["signature_scheme"],
-            packer=cfg["pack"],
-            unpacker=cfg["unpack"],
-            digest_history_size=DIGEST_HISTORY,
-        )
-        self._zmq_context = zmq.asyncio.Context.instance()
-        sock = self._zmq_context.socket(zmq.SUB)
-        # Only data messages (publish_data's topic): every request also publishes two
-        # status messages per engine, which would cost a decode and an HMAC check each.
-        sock.setsockopt(zmq.SUBSCRIBE, b"datapub")
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(cfg["iopub"])
-        self._iopub_socket = sock
-        self._iopub_task = asyncio.ensure_future(self._iopub_loop(session, sock))
-
-    async def _iopub_loop(self, session: Session, sock: Any) -> None:
-        from ipyparallel.serialize import deserialize_object
-
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            try:
-                _idents, msg_frames = session.feed_identities(frames, copy=False)
-                msg = session.deserialize(msg_frames, content=True, copy=False)
-                if msg["header"]["msg_type"] != "data_message":
-                    continue
-                data, _ = deserialize_object(msg["buffers"])
-                item = data.get("tether") if isinstance(data, dict) else None
-                if not item:
-                    continue
-                kind, task_id, attempt, payload = item
-                self.callbacks.task_message(str(task_id), int(attempt), str(kind), payload)
-            except Exception:  # one bad message must never stop the watcher
-                log.exception("could not decode an IOPub message")
 
     # ------------------------------------------------------------------ process hygiene
     def _cluster_file(self) -> Path:
