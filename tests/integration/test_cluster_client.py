@@ -10,9 +10,11 @@ requests still do), and that a request whose engine is killed fails with EngineE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +30,47 @@ def spec(task_id: str, task: str = "demo.echo", **args: Any) -> dict[str, Any]:
     return {"task_id": task_id, "attempt": 1, "task": task, "args": args}
 
 
-async def drive(profile: Path) -> tuple[list[Any], dict[str, int], list[tuple[str, str]]]:
+@contextlib.asynccontextmanager
+async def one_engine(
+    profile: Path,
+    setup: dict[str, Any] | None = None,
+    on_report: Callable[[str, int, str, Any], None] = lambda *_: None,
+) -> AsyncIterator[tuple[IpyparallelCluster, int, dict[str, Any]]]:
+    """An embedded cluster of one engine, set up as the controller does (plus ``setup``):
+    the cluster, the engine's id and what its setup answered. Stopped on exit."""
     registered: asyncio.Queue[int] = asyncio.Queue()
-    messages: list[tuple[str, str]] = []
     cluster = IpyparallelCluster(
         ClusterConfig(engines=1, profile_dir=profile),
         ClusterCallbacks(
             engine_registered=registered.put_nowait,
             engine_unregistered=lambda eid: None,
-            task_message=lambda task_id, attempt, kind, payload: messages.append((task_id, kind)),
+            task_message=on_report,
         ),
     )
     await cluster.start()
     try:
         engine = await asyncio.wait_for(registered.get(), timeout=60)
-        await cluster.setup_engine(engine, {"engine_id": engine})
+        info = await cluster.setup_engine(engine, {"engine_id": engine, **(setup or {})})
+        yield cluster, engine, info
+    finally:
+        await cluster.stop()
+
+
+def outstanding(client: Any) -> int:
+    """Requests the client still counts as outstanding on some engine."""
+    return sum(len(ids) for ids in client._outstanding_dict.values())
+
+
+async def drive(profile: Path) -> tuple[list[Any], dict[str, int], list[tuple[str, str]]]:
+    messages: list[tuple[str, str]] = []
+
+    def on_report(task_id: str, attempt: int, kind: str, payload: Any) -> None:
+        messages.append((task_id, kind))
+
+    async with one_engine(profile, on_report=on_report) as (cluster, engine, _info):
         outcomes = [await cluster.run_task(engine, spec(f"t{i}", value=i)) for i in range(30)]
         client: Any = cluster._client
-        await asyncio.sleep(0.2)  # the IO thread's clean-up callbacks run after the replies
+        await asyncio.sleep(0.2)  # clean-up callbacks run in later loop turns
         left = {
             "futures": len(client._futures),
             "output_futures": len(client._output_futures),
@@ -53,11 +78,9 @@ async def drive(profile: Path) -> tuple[list[Any], dict[str, int], list[tuple[st
             "metadata": len([k for k in client.metadata if k != "submitted"]),
             "results": len(client.results),
             "pending": client.pending_requests(),
-            "outstanding": sum(len(ids) for ids in client._outstanding_dict.values()),
+            "outstanding": outstanding(client),
         }
         return outcomes, left, messages
-    finally:
-        await cluster.stop()
 
 
 def test_the_client_forgets_every_request_and_data_messages_still_arrive(tmp_path: Path) -> None:
@@ -79,48 +102,36 @@ def test_the_client_forgets_every_request_and_data_messages_still_arrive(tmp_pat
 async def quiet_run(profile: Path) -> tuple[dict[str, int], str]:
     """Tasks sent as the controller sends them (labelled), then unlabelled ones: the
     IOPub status messages each kind caused, and what the engine's log gained."""
-    registered: asyncio.Queue[int] = asyncio.Queue()
-    cluster = IpyparallelCluster(
-        ClusterConfig(engines=1, profile_dir=profile),
-        ClusterCallbacks(
-            engine_registered=registered.put_nowait,
-            engine_unregistered=lambda eid: None,
-            task_message=lambda *_: None,
-        ),
-    )
-    await cluster.start()
-    sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
-    try:
-        engine = await asyncio.wait_for(registered.get(), timeout=60)
-        await cluster.setup_engine(engine, {"engine_id": engine, "log_level": logging.ERROR})
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(cluster._client._config["iopub"])
-        await asyncio.sleep(0.5)  # a SUB socket hears nothing until it has joined
-        logs = sorted((profile / "log").glob("*engine*.log"))
-        assert logs, "the engine's output file was not found"
-        before = {path: path.stat().st_size for path in logs}
+    async with one_engine(profile, {"log_level": logging.ERROR}) as (cluster, engine, _info):
+        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        try:
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(cluster._client._config["iopub"])
+            await asyncio.sleep(0.5)  # a SUB socket hears nothing until it has joined
+            logs = sorted((profile / "log").glob("*engine*.log"))
+            assert logs, "the engine's output file was not found"
+            before = {path: path.stat().st_size for path in logs}
 
-        async def statuses() -> int:
-            await asyncio.sleep(0.3)
-            count = 0
-            while await sub.poll(0):
-                topic = (await sub.recv_multipart())[0]
-                count += topic.endswith(b".status")
-            return count
+            async def statuses() -> int:
+                await asyncio.sleep(0.3)
+                count = 0
+                while await sub.poll(0):
+                    topic = (await sub.recv_multipart())[0]
+                    count += topic.endswith(b".status")
+                return count
 
-        counts = {}
-        for i in range(10):
-            label = hub_records.label("epoch", f"t{i}", 1)
-            await cluster.run_task(engine, spec(f"t{i}", value=i), label)
-        counts["labelled"] = await statuses()
-        for i in range(10):
-            await cluster.run_task(engine, spec(f"u{i}", value=i))
-        counts["unlabelled"] = await statuses()
-        gained = "".join(path.read_text()[before.get(path, 0) :] for path in logs)
-        return counts, gained
-    finally:
-        sub.close(linger=0)
-        await cluster.stop()
+            counts = {}
+            for i in range(10):
+                label = hub_records.label("epoch", f"t{i}", 1)
+                await cluster.run_task(engine, spec(f"t{i}", value=i), label)
+            counts["labelled"] = await statuses()
+            for i in range(10):
+                await cluster.run_task(engine, spec(f"u{i}", value=i))
+            counts["unlabelled"] = await statuses()
+            gained = "".join(path.read_text()[before.get(path, 0) :] for path in logs)
+            return counts, gained
+        finally:
+            sub.close(linger=0)
 
 
 def test_tether_requests_publish_no_status_and_the_engine_logs_at_the_level_asked(
@@ -135,19 +146,7 @@ def test_tether_requests_publish_no_status_and_the_engine_logs_at_the_level_aske
 async def strand(profile: Path) -> tuple[BaseException | None, int, int]:
     """A task's engine is killed while it runs: what its request gets, and what the
     client still holds afterwards."""
-    registered: asyncio.Queue[int] = asyncio.Queue()
-    cluster = IpyparallelCluster(
-        ClusterConfig(engines=1, profile_dir=profile),
-        ClusterCallbacks(
-            engine_registered=registered.put_nowait,
-            engine_unregistered=lambda eid: None,
-            task_message=lambda *_: None,
-        ),
-    )
-    await cluster.start()
-    try:
-        engine = await asyncio.wait_for(registered.get(), timeout=60)
-        info = await cluster.setup_engine(engine, {"engine_id": engine})
+    async with one_engine(profile) as (cluster, engine, info):
         running = asyncio.ensure_future(
             cluster.run_task(engine, spec("s", task="demo.sleep", seconds=60))
         )
@@ -159,10 +158,7 @@ async def strand(profile: Path) -> tuple[BaseException | None, int, int]:
         except Exception as exc:
             error = exc
         client: Any = cluster._client
-        outstanding = sum(len(ids) for ids in client._outstanding_dict.values())
-        return error, client.pending_requests(), outstanding
-    finally:
-        await cluster.stop()
+        return error, client.pending_requests(), outstanding(client)
 
 
 def test_a_killed_engine_fails_its_request_with_engine_error(tmp_path: Path) -> None:
