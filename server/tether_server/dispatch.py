@@ -204,16 +204,14 @@ class EngineDriver:
             self._message_waiters.pop(key, None)
 
     def on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
-        if kind not in ("started", "load"):  # a task's own reports (see _messages_seen)
+        if kind != "load":  # a task's own reports (see _messages_seen)
             key = (task_id, attempt)
             count = self._received[key] = self._received.get(key, 0) + 1
             waiter = self._message_waiters.get(key)
             if waiter is not None and count >= waiter[0] and not waiter[1].done():
                 waiter[1].set_result(None)
         now = time.time()
-        if kind == "started":
-            self.ctl.handle(msg.TaskStarted(task_id, attempt, now))
-        elif kind == "progress":
+        if kind == "progress":
             fraction, message = payload
             self.ctl.handle(
                 msg.TaskProgressed(task_id, attempt, float(fraction), str(message), now)
@@ -231,13 +229,13 @@ class EngineDriver:
 
     # ------------------------------------------------------------------ signals
     async def signal(self, engine_id: int, sig: str, task_id: str, attempt: int) -> None:
-        """SIGINT / SIGTERM for exactly (task_id, attempt): the engine checks it is armed
-        for that attempt before raising (``runtime.attempts``), so a signal never lands in
-        the attempt queued behind it."""
+        """SIGINT / SIGTERM for exactly (task_id, attempt): the engine raises it only in
+        that attempt, at once if it runs, when it begins if it has not yet
+        (``runtime.attempts``), so a signal never lands in the attempt queued behind it."""
         generation = self.cluster.generation
         content = {"task_id": task_id, "attempt": attempt, "signal": sig}
         answer = await self.ask(engine_id, attempts.SIGNAL_REQUEST, content)
-        if answer is not None and not answer.get("delivered"):
+        if answer is not None and not (answer.get("delivered") or answer.get("held")):
             log.info("%s for task %s attempt %s: it had ended", sig, task_id, attempt)
         if self.cluster.generation == generation:
             self.ctl.handle(msg.SignalDelivered(engine_id, time.time()))

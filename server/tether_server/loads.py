@@ -35,6 +35,9 @@ class EngineLoad:
     gpu_memory_total_bytes: int
     time: float
     """When the controller received it (POSIX seconds)."""
+    task_id: str = ""
+    attempt: int = 0
+    """The attempt the engine had armed when it measured the RSS ("" / 0: none)."""
 
 
 class EngineLoads:
@@ -63,6 +66,8 @@ class EngineLoads:
                 gpu_memory_used_bytes=int(payload.get("gpu_memory_used_bytes", 0)),
                 gpu_memory_total_bytes=int(payload.get("gpu_memory_total_bytes", 0)),
                 time=now,
+                task_id=str(payload.get("task_id", "")),
+                attempt=int(payload.get("attempt", 0)),
             )
         except (KeyError, TypeError, ValueError):
             return
@@ -77,13 +82,12 @@ class EngineLoads:
         if self.ctl.supervisor.local_pid(load.engine_id):
             return  # this host's engine: the psutil loop watches it
         engine = self.ctl.core_or_raise().engines.get(load.engine_id)
-        # Armed: the report was measured after the task started (one IOPub stream per
-        # engine keeps the order), so it is this task's memory, not the last one's.
+        # Measured while this very attempt was armed: its memory, not the last task's.
         if (
             engine is None
             or engine.state is not EngineState.BUSY
             or engine.current_task is None
-            or not engine.armed
+            or (engine.current_task, engine.current_attempt) != (load.task_id, load.attempt)
         ):
             return
         self.ctl.handle(

@@ -24,6 +24,7 @@ from ipyparallel.error import RemoteError
 
 from tether_server.cluster import hub_records
 from tether_server.cluster.ipp import ClusterCallbacks, ClusterConfig, IpyparallelCluster
+from tether_server.runtime import attempts
 
 
 def spec(task_id: str, task: str = "demo.echo", **args: Any) -> dict[str, Any]:
@@ -68,7 +69,10 @@ async def drive(profile: Path) -> tuple[list[Any], dict[str, int], list[tuple[st
         messages.append((task_id, kind))
 
     async with one_engine(profile, on_report=on_report) as (cluster, engine, _info):
-        outcomes = [await cluster.run_task(engine, spec(f"t{i}", value=i)) for i in range(30)]
+        outcomes = [
+            await cluster.run_task(engine, spec(f"t{i}", "demo.count", n=1, interval=0))
+            for i in range(30)
+        ]
         client: Any = cluster._client
         await asyncio.sleep(0.2)  # clean-up callbacks run in later loop turns
         left = {
@@ -86,7 +90,7 @@ async def drive(profile: Path) -> tuple[list[Any], dict[str, int], list[tuple[st
 def test_the_client_forgets_every_request_and_data_messages_still_arrive(tmp_path: Path) -> None:
     outcomes, left, messages = asyncio.run(drive(tmp_path / "ipython"))
     assert [o["status"] for o in outcomes] == ["succeeded"] * 30
-    assert [o["value"] for o in outcomes] == list(range(30))
+    assert [o["value"] for o in outcomes] == [1] * 30
     assert left == {
         "futures": 0,
         "output_futures": 0,
@@ -95,8 +99,8 @@ def test_the_client_forgets_every_request_and_data_messages_still_arrive(tmp_pat
         "pending": 0,
         "outstanding": 0,
     }
-    started = [task_id for task_id, kind in messages if kind == "started"]
-    assert started == [f"t{i}" for i in range(30)]
+    outputs = [task_id for task_id, kind in messages if kind == "output"]
+    assert outputs == [f"t{i}" for i in range(30)]
 
 
 async def quiet_run(profile: Path) -> tuple[dict[str, int], str]:
@@ -165,3 +169,27 @@ def test_a_killed_engine_fails_its_request_with_engine_error(tmp_path: Path) -> 
     error, pending, outstanding = asyncio.run(strand(tmp_path / "ipython"))
     assert isinstance(error, RemoteError) and error.ename == "EngineError", repr(error)
     assert (pending, outstanding) == (0, 0)
+
+
+async def early_signal(profile: Path) -> list[dict[str, Any]]:
+    """SIGINT for an attempt before its request is sent, then the attempt, then SIGINT
+    again, then another task: the four answers."""
+    async with one_engine(profile) as (cluster, engine, _info):
+        content = {"task_id": "e", "attempt": 1, "signal": "SIGINT"}
+        held = await cluster.control_request(engine, attempts.SIGNAL_REQUEST, content)
+        outcome = await cluster.run_task(engine, spec("e", task="demo.sleep", seconds=30))
+        late = await cluster.control_request(engine, attempts.SIGNAL_REQUEST, content)
+        after = await cluster.run_task(engine, spec("f", value=1))
+        return [held, outcome, late, after]
+
+
+def test_a_signal_sent_before_its_attempt_begins_is_held_and_raised_when_it_does(
+    tmp_path: Path,
+) -> None:
+    held, outcome, late, after = asyncio.run(early_signal(tmp_path / "ipython"))
+    assert (held["delivered"], held["held"]) == (False, True)
+    # Raised as the task function is called: before its body registered its hook.
+    assert (outcome["status"], outcome["stage"]) == ("interrupted", "SIGINT")
+    assert (outcome["error_type"], outcome["hooks_run"]) == ("KeyboardInterrupt", 0)
+    assert (late["delivered"], late["held"]) == (False, False)  # it ended
+    assert (after["status"], after["value"]) == ("succeeded", 1)

@@ -36,6 +36,13 @@ pytestmark = pytest.mark.timeout(300)
 
 MiB = 1024 * 1024
 ENGINE_CONFIG: dict[str, Any] = {"task_modules": [], "tags": ["test"]}
+LOAD_INTERVAL = 0.05
+"""Seconds between an engine's load reports here: each names the attempt it has armed, so
+a test can tell when a task is inside its body (the runtime sends no "started")."""
+
+
+def engine_config(eid: int) -> dict[str, Any]:
+    return {**ENGINE_CONFIG, "engine_id": eid, "load_interval": LOAD_INTERVAL}
 
 
 # --------------------------------------------------------------------------- IOPub
@@ -52,6 +59,7 @@ class IOPubWatcher:
         )
         self._url = cfg["iopub"]
         self._messages: list[tuple[float, list[Any]]] = []
+        self._armed: dict[int, tuple[str, int]] = {}  # engine -> attempt its last load named
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -79,10 +87,32 @@ class IOPubWatcher:
                 data, _ = deserialize_object(msg["buffers"])
                 if isinstance(data, dict) and "tether" in data:
                     with self._lock:
-                        self._messages.append((time.monotonic(), data["tether"]))
+                        self._note(data["tether"])
         finally:
             sock.close(0)
             context.term()
+
+    def _note(self, message: list[Any]) -> None:
+        if message[0] == "load":  # the engine's own report: what it has armed now
+            load = message[3]
+            self._armed[int(load["engine_id"])] = (load["task_id"], int(load["attempt"]))
+        else:
+            self._messages.append((time.monotonic(), message))
+
+    def armed(self, eid: int) -> tuple[str, int] | None:
+        """The attempt engine ``eid`` had armed at its last load report."""
+        with self._lock:
+            return self._armed.get(eid)
+
+    def wait_armed(self, eid: int, task_id: str, timeout: float = 10.0) -> None:
+        """Until engine ``eid`` reports that it runs ``task_id`` (armed, in its body)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            armed = self.armed(eid)
+            if armed is not None and armed[0] == task_id:
+                return
+            time.sleep(0.002)
+        raise AssertionError(f"engine {eid} did not report task {task_id} within {timeout} s")
 
     def messages(self, task_id: str) -> list[list[Any]]:
         with self._lock:
@@ -172,7 +202,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         rc = cluster.start_and_connect_sync(n=2)
         rc.wait_for_engines(2, timeout=60)
         mine |= _descendants() - others
-        info = rc[:].apply_sync(setup_engine, ENGINE_CONFIG)
+        info = [rc[eid].apply_sync(setup_engine, engine_config(eid)) for eid in rc.ids]
         watcher = IOPubWatcher(rc)
         harness = Harness(cluster, rc, watcher, dict(zip(rc.ids, info, strict=True)))
         _wait_for_watcher(harness)
@@ -201,12 +231,10 @@ def _wait_for_watcher(harness: Harness) -> None:
     """A SUB socket misses what is published before it joins: wait until it sees messages."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        submitted = harness.submit(0, "demo.echo", value=1)
-        submitted.ar.get(timeout=10)
-        time.sleep(0.05)
-        if harness.watcher.messages(submitted.task_id):
+        if all(harness.watcher.armed(eid) is not None for eid in harness.rc.ids):
             return
-    raise AssertionError("the IOPub watcher never saw a message")
+        time.sleep(0.02)
+    raise AssertionError("the IOPub watcher never saw a load report of each engine")
 
 
 def _wait_gone(pids: set[int], timeout: float) -> set[int]:
@@ -228,8 +256,9 @@ def _alive(pid: int) -> bool:
 def _interrupt_when_started(
     h: Harness, eid: int, submitted: Submitted, sig: int = signal.SIGINT, delay: float = 0.1
 ) -> float:
-    """Wait for the task's 'started' message, let it run ``delay`` s, signal via the nanny."""
-    h.watcher.wait_for(submitted.task_id, "started")
+    """Wait until the engine reports the task armed, let it run ``delay`` s, signal via
+    the nanny."""
+    h.watcher.wait_armed(eid, submitted.task_id)
     time.sleep(delay)
     sent = time.monotonic()
     h.rc.send_signal(sig, targets=eid, block=True)
@@ -341,7 +370,7 @@ def test_stubborn_task_survives_sigint_and_ends_on_sigterm(harness: Harness) -> 
 def test_c_call_defers_sigint_and_sigterm_until_it_returns(harness: Harness) -> None:
     submitted = harness.submit(1, "demo.c_call", seconds=2.5)
     started = time.monotonic()
-    harness.watcher.wait_for(submitted.task_id, "started")
+    harness.watcher.wait_armed(1, submitted.task_id)
     time.sleep(0.3)
     harness.rc.send_signal(signal.SIGINT, targets=1, block=True)
     time.sleep(0.3)
@@ -403,10 +432,10 @@ def test_progress_and_output_messages_reach_the_client(harness: Harness) -> None
     assert outcome["value"] == 5
     assert outcome["output"] == "".join(f"step {i}\n" for i in range(1, 6))
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(harness.watcher.messages(submitted.task_id)) < 11:
+    while time.monotonic() < deadline and len(harness.watcher.messages(submitted.task_id)) < 10:
         time.sleep(0.01)
     messages = harness.watcher.messages(submitted.task_id)
-    assert messages[0] == ["started", submitted.task_id, 0, None]
+    assert len(messages) == 10  # nothing but the task's own reports
     progress = [m[3] for m in messages if m[0] == "progress"]
     output = [m[3] for m in messages if m[0] == "output"]
     assert progress == [[i / 5, f"step {i}/5"] for i in range(1, 6)]
@@ -463,7 +492,7 @@ def test_sigterm_to_an_idle_engine_still_stops_it(harness: Harness) -> None:
     new = sorted(set(harness.rc.ids) - before)
     assert len(new) == 1, harness.rc.ids
     eid = new[0]
-    info = harness.rc[eid].apply_sync(setup_engine, ENGINE_CONFIG)
+    info = harness.rc[eid].apply_sync(setup_engine, engine_config(eid))
     harness.started_pids.add(info["pid"])
     harness.started_pids |= {p.pid for p in psutil.Process(info["pid"]).children(recursive=True)}
     assert harness.run(eid, "demo.echo", value=1)["status"] == "succeeded"

@@ -32,7 +32,6 @@ from tether_server.core.messages import (
     TaskFinished,
     TaskOutput,
     TaskProgressed,
-    TaskStarted,
     TaskSubmitted,
     TimerFired,
     TimerKey,
@@ -88,14 +87,12 @@ def add_engine(
 
 
 def start_running(
-    core: ControlCore, task_id: str = "t1", engine_id: int = 0, *, armed: bool = True, **fields: Any
+    core: ControlCore, task_id: str = "t1", engine_id: int = 0, **fields: Any
 ) -> Task:
-    """Submit ``task_id`` onto a fresh idle engine; arm it unless told not to."""
+    """Submit ``task_id`` onto a fresh idle engine."""
     add_engine(core, engine_id)
     submit(core, task_id, **fields)
     assert core.tasks[task_id].engine_id == engine_id
-    if armed:
-        core.handle(TaskStarted(task_id, 1, 0.5))
     return core.tasks[task_id]
 
 
@@ -363,7 +360,9 @@ def test_interrupt_is_a_no_op_once_interrupted_or_cancelled(state: TaskState) ->
     assert interrupt(core, now=9.0) == []
 
 
-def test_interrupt_of_an_armed_running_task_sends_sigint_and_starts_its_deadline() -> None:
+def test_interrupt_of_a_running_task_sends_sigint_and_starts_its_deadline() -> None:
+    # Sent at once, even if the attempt may not have begun on its engine yet: the engine
+    # holds a signal for an attempt that has not begun (runtime.attempts).
     core = make_core()
     start_running(core)
     out = interrupt(core, now=1.0)
@@ -378,42 +377,6 @@ def test_interrupt_of_an_armed_running_task_sends_sigint_and_starts_its_deadline
     assert publish.kind is EventKind.STATE_CHANGED
     assert publish.task.interrupt is not None and publish.task.interrupt.stage is SIGINT
     assert core.engines[0].signals_in_flight == 1
-
-
-def test_sigint_is_not_sent_before_the_task_is_armed() -> None:
-    core = make_core()
-    start_running(core, armed=False)
-    out = interrupt(core)
-    assert not of(SignalEngine, out)
-    assert core.tasks["t1"].interrupt is not None
-    assert core.tasks["t1"].interrupt.stage is EscalationStage.NONE
-    assert of(StartTimer, out) == [StartTimer(TimerKey(TimerKind.ESCALATE, "t1", 1, SIGINT), 2.0)]
-
-
-def test_arming_an_interrupting_task_sends_the_deferred_sigint() -> None:
-    core = make_core()
-    start_running(core, armed=False)
-    interrupt(core)
-    out = core.handle(TaskStarted("t1", 1, 1.5))
-    assert of(SignalEngine, out) == [SignalEngine(0, "SIGINT", "t1", 1)]
-    assert [p.kind for p in of(Publish, out)] == [EventKind.UPDATED]
-    assert core.tasks["t1"].interrupt is not None
-    assert core.tasks["t1"].interrupt.stage is SIGINT
-
-
-def test_task_started_twice_does_not_signal_twice() -> None:
-    core = make_core()
-    start_running(core, armed=False)
-    interrupt(core)
-    core.handle(TaskStarted("t1", 1, 1.5))
-    assert core.handle(TaskStarted("t1", 1, 1.6)) == []
-
-
-def test_task_started_for_a_stale_attempt_is_ignored() -> None:
-    core = make_core()
-    start_running(core, armed=False)
-    assert core.handle(TaskStarted("t1", 2, 1.0)) == []
-    assert core.engines[0].armed is False
 
 
 def test_interrupt_grace_override_sets_the_deadlines() -> None:
@@ -471,26 +434,6 @@ def test_sigkill_deadline_without_confirmed_death_treats_the_engine_as_lost() ->
     assert core.engines[0].state is EngineState.LOST
     assert core.tasks["t1"].state is TaskState.INTERRUPTED
     assert of(StartEngine, out) == [StartEngine(replaces=0)]
-
-
-def test_sigint_deadline_of_an_unarmed_task_advances_without_a_signal() -> None:
-    core = make_core()
-    start_running(core, armed=False)
-    interrupt(core)
-    out = fire(core, TimerKind.ESCALATE, stage=SIGINT)
-    assert not of(SignalEngine, out)
-    assert core.tasks["t1"].interrupt is not None
-    assert core.tasks["t1"].interrupt.stage is SIGTERM
-    assert of(StartTimer, out)[0].key.stage is SIGTERM
-
-
-def test_arming_after_the_sigint_deadline_sends_sigterm() -> None:
-    core = make_core()
-    start_running(core, armed=False)
-    interrupt(core)
-    fire(core, TimerKind.ESCALATE, stage=SIGINT)
-    out = core.handle(TaskStarted("t1", 1, 11.0))
-    assert of(SignalEngine, out) == [SignalEngine(0, "SIGTERM", "t1", 1)]
 
 
 def test_deadline_of_a_stage_already_left_behind_is_ignored() -> None:
@@ -950,7 +893,6 @@ def test_first_revision_is_where_numbering_starts() -> None:
 def test_revisions_strictly_increase_and_are_stamped_on_the_task() -> None:
     core = make_core()
     out = [*add_engine(core), *submit(core, now=1.0)]
-    out += core.handle(TaskStarted("t1", 1, 2.0))
     out += core.handle(TaskProgressed("t1", 1, 0.5, "", 3.0))
     out += interrupt(core, now=4.0)
     out += finish(core, status=OutcomeStatus.INTERRUPTED, stage=SIGINT, now=5.0)
@@ -990,7 +932,6 @@ def test_only_terminal_snapshots_carry_the_output() -> None:
 def test_cancel_timers_comes_only_with_terminal_transitions() -> None:
     core = make_core()
     out = [*add_engine(core), *submit(core, timeout=9.0, queue_timeout=9.0)]
-    out += core.handle(TaskStarted("t1", 1, 1.0))
     out += interrupt(core)
     out += fire(core, TimerKind.ESCALATE, stage=SIGINT)
     assert not of(CancelTimers, out)

@@ -17,7 +17,7 @@ from tether_server.core.messages import (
     SignalEngine,
     TaskFinished,
     TaskOutput,
-    TaskStarted,
+    TaskProgressed,
     Withdraw,
     Withdrawn,
 )
@@ -37,7 +37,6 @@ def pipelined(**kwargs: Any) -> ControlCore:
     core = make_core(pipeline_depth=2, **kwargs)
     add_engine(core, 0)
     submit(core, "t1")
-    core.handle(TaskStarted("t1", 1, 0.1))
     return core
 
 
@@ -73,24 +72,25 @@ def test_the_queued_task_runs_when_the_running_one_ends_and_the_next_is_queued()
     t2 = core.tasks["t2"]
     assert (t2.engine_id, t2.start_time) == (0, 2.0)
     engine = core.engines[0]
-    assert (engine.current_task, engine.queued_task, engine.armed) == ("t2", "t3", False)
+    assert (engine.current_task, engine.queued_task) == ("t2", "t3")
 
 
 def test_reports_of_the_queued_attempt_before_its_turn_are_replayed_in_order() -> None:
     core = pipelined()
     submit(core, "t2")
     # The engine ran t1 and began t2; t2's IOPub reports beat t1's reply.
-    assert core.handle(TaskStarted("t2", 1, 1.0)) == []
+    assert core.handle(TaskProgressed("t2", 1, 0.5, "half", 1.0)) == []
     assert core.handle(TaskOutput("t2", 1, "hello", 1.1)) == []
     assert core.tasks["t2"].output == ""
     out = finish(core, "t1", now=1.2)
     assert [(p.task.id, p.kind.name) for p in of(Publish, out)] == [
         ("t1", "STATE_CHANGED"),
         ("t2", "STATE_CHANGED"),
+        ("t2", "PROGRESS"),
         ("t2", "OUTPUT"),
     ]
     assert core.tasks["t2"].output == "hello"
-    assert core.engines[0].armed
+    assert core.tasks["t2"].progress_message == "half"
 
 
 def test_a_queued_attempt_that_finished_before_the_running_one_ends_after_it() -> None:
@@ -135,8 +135,7 @@ def test_a_queued_task_that_had_begun_is_interrupted_at_its_turn() -> None:
         TaskState.RUNNING,
         TaskState.INTERRUPTING,
     ]
-    assert not of(SignalEngine, out)  # not armed yet: SIGINT when it is
-    out = core.handle(TaskStarted("t2", 1, 1.3))
+    # At once: it is t2's turn on the engine, which holds the signal if t2 has not begun.
     assert of(SignalEngine, out) == [SignalEngine(0, "SIGINT", "t2", 1)]
 
 
@@ -195,7 +194,7 @@ def test_a_lost_engine_puts_its_queued_task_back_unless_it_had_begun() -> None:
 
     core = pipelined(target_engines=2)
     submit(core, "t2")
-    core.handle(TaskStarted("t2", 1, 2.0))  # it had begun: it died with the engine
+    core.handle(TaskOutput("t2", 1, "hi", 2.0))  # it had begun: it died with the engine
     core.handle(EngineLost(0, 3.0))
     t2 = core.tasks["t2"]
     assert (t2.state, t2.error.reason) == (TaskState.FAILED, ErrorReason.ENGINE_LOST)

@@ -89,7 +89,7 @@ def test_a_task_still_running_is_adopted_on_its_engine_and_its_result_delivered(
     assert not of(Publish, out)  # nothing changed: it runs on
     task, engine = core.tasks["r"], core.engines[0]
     assert (task.state, task.attempt, task.engine_id) == (TaskState.RUNNING, 1, 0)
-    assert (engine.state, engine.current_task, engine.armed) == (EngineState.BUSY, "r", True)
+    assert (engine.state, engine.current_task) == (EngineState.BUSY, "r")
     core.handle(TaskProgressed("r", 1, 0.5, "half", 102.0))
     assert task.progress_message == "half"
     out = core.handle(TaskFinished("r", 1, Outcome(OutcomeStatus.SUCCEEDED, value=7), 103.0))

@@ -1,6 +1,6 @@
 """The control core under random event sequences (hypothesis stateful testing).
 
-A model of the outside world (engines that start, arm, finish, die; timers that
+A model of the outside world (engines that start, finish, die; timers that
 fire; nannies that acknowledge signals; clients that submit and interrupt) drives
 ``ControlCore`` and checks, after every step, the invariants the rest of tether
 relies on:
@@ -9,7 +9,8 @@ relies on:
   published for a task after its terminal event;
 * revisions strictly increase, and each task carries its latest one;
 * an engine runs at most one task, and the engine and task tables agree;
-* a signal only goes to an armed engine that runs exactly its (task, attempt);
+* a signal only goes to the engine that runs exactly its (task, attempt), one that was
+  dispatched there (the engine holds it if the attempt has not begun);
 * no task is dispatched to an engine with a signal in flight, or after shutdown;
 * the pool is never asked to grow past its target;
 * draining the world (finish everything, fire every timer) ends every task,
@@ -52,7 +53,7 @@ from tether_server.core.messages import (
     StartTimer,
     TaskFinished,
     TaskOutput,
-    TaskStarted,
+    TaskProgressed,
     TaskSubmitted,
     TimerFired,
     TimerKey,
@@ -120,7 +121,7 @@ class ControlCoreWorld(RuleBasedStateMachine):
         self.last_publish: dict[str, int] = {}
         self.last_revision = 0
         self.broken = False
-        self.armed: set[tuple[str, int]] = set()  # what the runtimes armed, as the world knows it
+        self.dispatched: set[tuple[str, int, int]] = set()  # (task, attempt, engine) sent
 
     # ------------------------------------------------------------------ plumbing
     def tick(self) -> float:
@@ -162,9 +163,10 @@ class ControlCoreWorld(RuleBasedStateMachine):
                     del self.timers[key]
             case SignalEngine(engine_id=engine_id, task_id=task_id, attempt=attempt):
                 engine = core.engines[engine_id]
-                assert (task_id, attempt) in self.armed, "signalled before the guard was armed"
+                assert (task_id, attempt, engine_id) in self.dispatched, "never sent there"
                 assert (engine.current_task, engine.current_attempt) == (task_id, attempt)
-            case Dispatch(engine_id=engine_id):
+            case Dispatch(task_id=task_id, attempt=attempt, engine_id=engine_id):
+                self.dispatched.add((task_id, attempt, engine_id))
                 assert not was_shutting_down
                 assert core.engines[engine_id].signals_in_flight == 0
             case Withdraw(engine_id=engine_id, task_id=task_id, attempt=attempt):
@@ -189,12 +191,6 @@ class ControlCoreWorld(RuleBasedStateMachine):
         self.requested_starts = max(0, self.requested_starts - 1)
         if ready:
             self.apply(EngineReady(engine_id, "node", 100 + engine_id, tags, self.tick()))
-
-    def arm(self, engine_id: int) -> None:
-        engine = self.core.engines[engine_id]
-        assert engine.current_task is not None
-        self.armed.add((engine.current_task, engine.current_attempt))
-        self.apply(TaskStarted(engine.current_task, engine.current_attempt, self.tick()))
 
     def finish(self, engine_id: int, outcome: Outcome) -> None:
         engine = self.core.engines[engine_id]
@@ -294,11 +290,6 @@ class ControlCoreWorld(RuleBasedStateMachine):
         self.apply(SignalDelivered(data.draw(st.sampled_from(pending)), self.tick()))
 
     @precondition(lambda self: bool(self.busy()))
-    @rule(data=st.data())
-    def runtime_arms_the_task(self, data: st.DataObject) -> None:
-        self.arm(data.draw(st.sampled_from(self.busy())))
-
-    @precondition(lambda self: bool(self.busy()))
     @rule(data=st.data(), chunk=st.sampled_from(["", "tok ", "a much longer chunk"]))
     def task_emits_output(self, data: st.DataObject, chunk: str) -> None:
         engine = self.core.engines[data.draw(st.sampled_from(self.busy()))]
@@ -362,7 +353,6 @@ class ControlCoreWorld(RuleBasedStateMachine):
             assert engine.signals_in_flight >= 0
             if engine.current_task is None:
                 assert engine.state is not EngineState.BUSY
-                assert not engine.armed
                 continue
             assert engine.state in (EngineState.BUSY, EngineState.STOPPING)
             task = core.tasks[engine.current_task]
@@ -447,8 +437,6 @@ class ControlCoreWorld(RuleBasedStateMachine):
             for engine_id in self.busy():
                 engine = core.engines[engine_id]
                 assert engine.current_task is not None
-                if not engine.armed:
-                    self.arm(engine_id)
                 status = OutcomeStatus.SUCCEEDED
                 if core.tasks[engine.current_task].state is TaskState.INTERRUPTING:
                     status = OutcomeStatus.INTERRUPTED
@@ -500,10 +488,9 @@ class PipelinedWorld(ControlCoreWorld):
         engine = self.core.engines[data.draw(st.sampled_from(self.queued()))]
         assert engine.queued_task is not None
         task_id, attempt = engine.queued_task, engine.queued_attempt
-        kind = data.draw(st.sampled_from(["started", "output", "not_started"]))
-        if kind == "started":
-            self.armed.add((task_id, attempt))
-            self.apply(TaskStarted(task_id, attempt, self.tick()))
+        kind = data.draw(st.sampled_from(["progress", "output", "not_started"]))
+        if kind == "progress":
+            self.apply(TaskProgressed(task_id, attempt, 0.5, "early", self.tick()))
         elif kind == "output":
             self.apply(TaskOutput(task_id, attempt, "early ", self.tick()))
         else:

@@ -22,7 +22,6 @@ from tether_server.core.messages import (
     SignalDelivered,
     SignalEngine,
     StartTimer,
-    TaskStarted,
     TimerKind,
 )
 from tether_server.core.model import (
@@ -38,11 +37,10 @@ SIGINT = EscalationStage.SIGINT
 def run_on(
     core: ControlCore, task_id: str, engine_id: int, *, now: float, **fields: Any
 ) -> list[Instruction]:
-    """Submit ``task_id`` and arm it on ``engine_id`` (which must be the free one)."""
+    """Submit ``task_id``, which must start on ``engine_id`` (the free one)."""
     out = submit(core, task_id, now=now, **fields)
     task = core.tasks[task_id]
     assert task.engine_id == engine_id, task
-    out += core.handle(TaskStarted(task_id, task.attempt, now))
     return out
 
 
@@ -175,7 +173,6 @@ def test_a_preempted_task_runs_its_minimum_time_before_it_can_be_preempted_again
     ack(core, submit(core, "u1", now=1.0, priority=10), 1.0)
     finish(core, "low", OutcomeStatus.INTERRUPTED, stage=SIGINT, now=1.1)
     finish(core, "u1", now=2.0)  # low resumes at t=2 (attempt 2)
-    core.handle(TaskStarted("low", 2, 2.0))
     out = submit(core, "u2", now=3.0, priority=10)
     assert of(SignalEngine, out) == []
     (check,) = [t for t in of(StartTimer, out) if t.key.kind is TimerKind.PREEMPT_CHECK]
@@ -267,9 +264,7 @@ def test_with_depth_two_a_task_queued_behind_a_preemptible_one_preempts_it() -> 
     busy_pool(core, {"id": "low", "preemptible": True})
     ack(core, submit(core, "u1", now=1.0, priority=10), 1.0)
     finish(core, "low", OutcomeStatus.INTERRUPTED, stage=SIGINT, now=1.1)
-    core.handle(TaskStarted("u1", 1, 1.1))
     finish(core, "u1", attempt=1, now=2.0)  # low resumes (attempt 2) at t=2
-    core.handle(TaskStarted("low", 2, 2.0))
     out = submit(core, "u2", now=3.0, priority=10)  # low is too young to preempt again
     assert of(SignalEngine, out) == []
     assert core.engines[0].queued_task == "u2"  # so u2 waits behind it
@@ -286,6 +281,5 @@ def test_with_depth_two_a_preempted_task_waits_for_a_free_engine_not_behind_a_ru
     finish(core, sig.task_id, OutcomeStatus.INTERRUPTED, stage=SIGINT, now=1.1)
     assert all(e.queued_task != sig.task_id for e in core.engines.values())
     assert core.queued_task_ids() == [sig.task_id]
-    core.handle(TaskStarted("urgent", 1, 1.1))
     out = finish(core, "urgent", attempt=1, now=1.2)
     assert of(Dispatch, out) == [Dispatch(sig.task_id, 2, sig.engine_id)]

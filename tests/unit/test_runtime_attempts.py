@@ -46,25 +46,56 @@ def later(seconds: float, function: Any, *args: Any) -> threading.Timer:
 
 def test_a_signal_for_the_armed_attempt_interrupts_it(guard: None) -> None:
     task_id = uuid.uuid4().hex
-    answers: list[bool] = []
+    answers: list[str] = []
     timer = later(0.2, lambda: answers.append(BOOK.signal((task_id, 1), "SIGINT")))
     started = time.monotonic()
     outcome = run_task(spec(task_id, "demo.sleep", seconds=10))
     timer.join()
-    assert answers == [True]
+    assert answers == ["delivered"]
     assert (outcome["status"], outcome["stage"]) == ("interrupted", "SIGINT")
     assert time.monotonic() - started < 5
 
 
-def test_a_signal_for_another_attempt_is_not_delivered(guard: None) -> None:
+def test_a_signal_for_another_attempt_is_held_for_it_not_delivered(guard: None) -> None:
     running, other = uuid.uuid4().hex, uuid.uuid4().hex
-    answers: list[bool] = []
+    answers: list[str] = []
     timer = later(0.1, lambda: answers.append(BOOK.signal((other, 1), "SIGTERM")))
     outcome = run_task(spec(running, "demo.sleep", seconds=0.5))
     timer.join()
-    assert answers == [False]
+    assert answers == ["held"]  # ``other`` has not begun: it gets it when it does
     assert outcome["status"] == "succeeded"
-    assert not BOOK.signal((running, 1), "SIGINT")  # it ended: nothing is armed for it
+    assert BOOK.signal((running, 1), "SIGINT") == "missed"  # it ended: nothing is armed for it
+
+
+def test_a_signal_held_for_an_attempt_that_had_not_begun_interrupts_it_at_once(
+    guard: None,
+) -> None:
+    task_id = uuid.uuid4().hex
+    assert BOOK.signal((task_id, 1), "SIGINT") == "held"
+    started = time.monotonic()
+    outcome = run_task(spec(task_id, "demo.sleep", seconds=10))
+    assert (outcome["status"], outcome["stage"]) == ("interrupted", "SIGINT")
+    assert time.monotonic() - started < 5
+    assert outcome["error_type"] == "KeyboardInterrupt"
+    # Raised once: the next attempt of the same task owes nothing.
+    assert run_task(dict(spec(task_id, "demo.echo", value=1), attempt=2))["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("order", [("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT")])
+def test_a_held_sigterm_outranks_a_held_sigint(guard: None, order: tuple[str, str]) -> None:
+    task_id = uuid.uuid4().hex
+    for name in order:
+        assert BOOK.signal((task_id, 1), name) == "held"
+    outcome = run_task(spec(task_id, "demo.sleep", seconds=10))
+    assert (outcome["status"], outcome["stage"]) == ("interrupted", "SIGTERM")
+
+
+def test_a_withdrawn_attempt_drops_the_signal_held_for_it(guard: None) -> None:
+    task_id = uuid.uuid4().hex
+    assert BOOK.signal((task_id, 1), "SIGINT") == "held"
+    assert BOOK.withdraw((task_id, 1))
+    assert run_task(spec(task_id, "demo.echo", value=1))["status"] == "not_started"
+    assert BOOK.signal((task_id, 1), "SIGINT") == "missed"  # it had its turn
 
 
 def test_a_signal_handled_after_its_attempt_ended_never_reaches_the_next(guard: None) -> None:

@@ -1,7 +1,7 @@
-"""What engines report, and what happens to a task when they do: it started (the guard is
-armed, so a waiting interrupt goes out now), progressed, wrote output, saved a checkpoint,
-finished (the engine's truth wins over a pending interrupt), or died with its engine or
-with the whole cluster. Functions of ``ControlCore``, without I/O.
+"""What engines report, and what happens to a task when they do: it progressed, wrote
+output, saved a checkpoint, finished (the engine's truth wins over a pending interrupt),
+or died with its engine or with the whole cluster. Functions of ``ControlCore``, without
+I/O. (An engine says nothing when a task starts: see ``runtime.attempts``.)
 """
 
 from __future__ import annotations
@@ -21,32 +21,12 @@ from .messages import (
     TaskFinished,
     TaskOutput,
     TaskProgressed,
-    TaskStarted,
 )
 from .model import Engine, EngineState, ErrorReason, EscalationStage, Task, TaskError, TaskState
 from .records import bounded, resource_report
 
 if TYPE_CHECKING:
     from .machine import ControlCore
-
-
-def on_started(core: ControlCore, event: TaskStarted, out: list[Instruction]) -> None:
-    current = core._current(event.task_id, event.attempt)
-    if current is None or current[1].armed:
-        return
-    task, engine = current
-    engine.armed = True
-    record = task.interrupt
-    if task.state is not TaskState.INTERRUPTING or record is None:
-        return
-    if record.stage is EscalationStage.NONE:
-        # The interrupt came before the guard was armed: deliver it now.
-        record.stage = EscalationStage.SIGINT
-        out.append(core._publish(task, EventKind.UPDATED, event.now))
-        out.append(core._pool.signal(engine, task, EscalationStage.SIGINT))
-    elif record.stage is EscalationStage.SIGTERM:
-        # The SIGINT deadline passed before arming, so SIGTERM was never sent.
-        out.append(core._pool.signal(engine, task, EscalationStage.SIGTERM))
 
 
 def on_progressed(core: ControlCore, event: TaskProgressed, out: list[Instruction]) -> None:

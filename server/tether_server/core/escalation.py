@@ -41,9 +41,9 @@ SIGNALLED_STAGES = frozenset({EscalationStage.SIGINT, EscalationStage.SIGTERM})
 def deadline_stage(stage: EscalationStage) -> EscalationStage:
     """The stage whose deadline is running while an interrupt stands at ``stage``.
 
-    An interrupt on a task that is not armed yet stays at NONE (nothing was sent)
-    but its SIGINT deadline already runs: the ladder must not wait forever for a
-    task that never starts.
+    The core sends SIGINT as it starts an interrupt (the engine holds it until the
+    attempt begins), so a record at NONE is one an earlier controller stored before
+    its signal went out: it is on its SIGINT deadline.
     """
     if stage is EscalationStage.NONE:
         return EscalationStage.SIGINT

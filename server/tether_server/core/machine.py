@@ -16,8 +16,8 @@ never changes, see ``records.LEGAL_TRANSITIONS``)::
                   in flight, not shutting down
     PENDING       InterruptRequested                         CANCELLED  (final_stage DEQUEUED)
     PENDING       TimerFired(QUEUE_TIMEOUT)                  FAILED     (QUEUE_TIMEOUT)
-    RUNNING       InterruptRequested / TimerFired(TIMEOUT) / INTERRUPTING (SIGINT now if armed,
-                  ResourceLimitExceeded / ShutdownRequested  else when TaskStarted arms it)
+    RUNNING       InterruptRequested / TimerFired(TIMEOUT) / INTERRUPTING (SIGINT now)
+                  ResourceLimitExceeded / ShutdownRequested
     RUNNING       TaskFinished SUCCEEDED                     SUCCEEDED
     RUNNING       TaskFinished FAILED or INTERRUPTED         FAILED     (TASK_RAISED: nobody asked)
     RUNNING       EngineLost                                 FAILED     (ENGINE_LOST)
@@ -44,10 +44,10 @@ new attempt the task's last checkpoint.
 
 Engines go STARTING (EngineRegistered) -> IDLE (EngineReady) <-> BUSY (Dispatch,
 TaskFinished) -> STOPPING (KillEngine: escalation or recycling) -> LOST
-(EngineLost). Signals stay on target: an engine is only signalled while the
-runtime has *armed* its guard for exactly that (task, attempt), the signal names
-that attempt and the engine raises it for no other (``runtime.attempts``), and no
-task is dispatched to an engine while a signal to it is in flight.
+(EngineLost). Signals stay on target: an engine is only signalled for the
+(task, attempt) it runs, the signal names that attempt and the engine raises it for
+no other, holding it until the attempt begins if need be (``runtime.attempts``), and
+no task is dispatched to an engine while a signal to it is in flight.
 
 With ``pipeline_depth`` 2 a BUSY engine also holds one task queued behind its
 running one (still PENDING, ``attempt`` counted): see ``core/pipeline.py`` for
@@ -90,7 +90,6 @@ from .messages import (
     TaskFinished,
     TaskOutput,
     TaskProgressed,
-    TaskStarted,
     TaskSubmitted,
     TimerFired,
     TimerKey,
@@ -251,8 +250,6 @@ class ControlCore:
                     reports.lose(self, engine, event.now, out)
             case ClusterLost():
                 reports.on_cluster_lost(self, event, out)
-            case TaskStarted():
-                reports.on_started(self, event, out)
             case TaskProgressed():
                 reports.on_progressed(self, event, out)
             case TaskOutput():
@@ -380,20 +377,19 @@ class ControlCore:
         now: float,
         out: list[Instruction],
     ) -> None:
-        """RUNNING -> INTERRUPTING; SIGINT now if the task is armed, else on arming.
+        """RUNNING -> INTERRUPTING, SIGINT now.
 
-        The SIGINT deadline starts either way: a task that never gets armed (stuck
-        in unpickling, an engine that hangs) must still be escalated.
+        The engine raises it in the attempt, or holds it until the attempt begins; the
+        SIGINT deadline runs either way, so a task that never begins (stuck in
+        unpickling, an engine that hangs) is still escalated.
         """
         engine = self._pool.engine_of(task)
         pipeline.withdraw(self, engine, out)  # an engine being stopped keeps nothing queued
         task.interrupt = InterruptRecord(requested_by, reason, now, cause, grace)
+        task.interrupt.stage = EscalationStage.SIGINT
         move(task, TaskState.INTERRUPTING)
-        if engine.armed:
-            task.interrupt.stage = EscalationStage.SIGINT
         out.append(self._publish(task, EventKind.STATE_CHANGED, now))
-        if engine.armed:
-            out.append(self._pool.signal(engine, task, EscalationStage.SIGINT))
+        out.append(self._pool.signal(engine, task, EscalationStage.SIGINT))
         out.append(_escalation_timer(task, EscalationStage.SIGINT, grace.sigint))
 
     def _on_shutdown(self, now: float, out: list[Instruction], *, detach: bool) -> None:
@@ -467,8 +463,7 @@ class ControlCore:
         if key.stage is EscalationStage.SIGINT:
             record.stage = EscalationStage.SIGTERM
             out.append(self._publish(task, EventKind.UPDATED, now))
-            if engine.armed:  # else TaskStarted sends it
-                out.append(self._pool.signal(engine, task, EscalationStage.SIGTERM))
+            out.append(self._pool.signal(engine, task, EscalationStage.SIGTERM))
             out.append(_escalation_timer(task, EscalationStage.SIGTERM, record.grace.sigterm))
         elif key.stage is EscalationStage.SIGTERM:
             record.stage = EscalationStage.SIGKILL

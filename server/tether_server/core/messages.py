@@ -86,15 +86,6 @@ class ClusterLost:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskStarted:
-    """The engine runtime armed its signal guard for (task_id, attempt) and called the task."""
-
-    task_id: str
-    attempt: int
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
 class TaskProgressed:
     task_id: str
     attempt: int
@@ -237,7 +228,6 @@ Event = (
     | EngineStartFailed
     | EngineLost
     | ClusterLost
-    | TaskStarted
     | TaskProgressed
     | TaskOutput
     | TaskCheckpointed

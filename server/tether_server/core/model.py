@@ -244,9 +244,6 @@ class Engine:
     last_seen: float = 0.0
     signals_in_flight: int = 0
     """Signals sent whose delivery the nanny has not acknowledged yet; no dispatch until 0."""
-    armed: bool = False
-    """The engine runtime armed its signal guard for (current_task, current_attempt)
-    (``TaskStarted``). Until then a signal could land outside the task, so none is sent."""
     spare: bool = False
     """A warm spare: ready, but given no task until an active engine is lost and it takes
     that engine's place (``--spare-engines``)."""

@@ -19,7 +19,7 @@ The rules, all decided here without I/O:
 * **Withdrawal** (``Withdraw`` -> ``Withdrawn``): the engine says whether the queued
   attempt had begun. Not begun: it goes back to the queue, or ends CANCELLED when a
   user interrupted it. Begun: it runs after the current one (an interrupt then applies
-  at its turn, as for a task that was not armed yet).
+  at its turn).
 * **No head-of-line blocking.** An engine that is idle (nothing waits in the queue for
   it) withdraws a task queued behind a busy engine, the one behind the longest-running
   task first, and runs it.
@@ -43,7 +43,6 @@ from .messages import (
     TaskFinished,
     TaskOutput,
     TaskProgressed,
-    TaskStarted,
     Withdraw,
     Withdrawn,
 )
@@ -62,7 +61,7 @@ from .scheduling import choose_engine, queue_key
 if TYPE_CHECKING:
     from .machine import ControlCore
 
-Report = TaskStarted | TaskProgressed | TaskOutput | TaskCheckpointed | TaskFinished
+Report = TaskProgressed | TaskOutput | TaskCheckpointed | TaskFinished
 """Events an engine sends about one attempt; those of a queued attempt wait for its turn."""
 
 SYSTEM = "system"
@@ -179,7 +178,7 @@ def unqueue_lost(
     slot = core._pool.slot(engine)
     if slot is None:
         return
-    if not slot.began and not any(isinstance(report, TaskStarted) for report in slot.early):
+    if not slot.began and not slot.early:  # no word from it: it had not begun
         unqueue(core, engine, out)
         return
     task = core.tasks[slot.task_id]

@@ -8,10 +8,10 @@ engines from stray signals in one place:
   and with pipelined dispatch (``pipeline_depth`` 2) holds at most one more queued
   behind it (``queued_task``, ``queued_attempt``), so it never idles for a round trip;
 * a signal is only sent to an engine that runs exactly the (task, attempt) it is
-  meant for, and whose runtime has *armed* its guard for it (``Engine.armed``):
-  before that, a SIGINT could land outside the task and kill the engine. The signal
-  names its attempt and the engine raises it only for that one (``runtime.attempts``),
-  so a signal that arrives after its task ended never touches the queued one;
+  meant for. The signal names its attempt and the engine raises it only for that one
+  (``runtime.attempts``), holding it until the attempt begins if it has not yet: a
+  signal that arrives after its task ended never touches the queued one, and one that
+  arrives early never lands outside the task;
 * an engine with a signal in flight (sent, delivery not yet acknowledged) takes no
   new task, neither to run nor to queue;
 * lost engines are replaced up to ``target_engines`` (plus ``spare_engines``), counting
@@ -188,17 +188,16 @@ class EnginePool:
         return queued
 
     def assign(self, engine: Engine, task: Task) -> None:
-        """Put (task, task.attempt) on an idle engine; its guard is not armed yet."""
+        """Put (task, task.attempt) on an idle engine."""
         if engine.state is not EngineState.IDLE:
             raise InvariantViolation(f"engine {engine.id} cannot take a task now")
         engine.state = EngineState.BUSY
         engine.current_task = task.id
         engine.current_attempt = task.attempt
-        engine.armed = False
 
     def adopt(self, engine: Engine, task: Task) -> None:
         """Attached mode, after a restart: ``engine`` runs (task, task.attempt), which a
-        previous controller dispatched and which has begun (so it is armed). An engine
+        previous controller dispatched and which has begun. An engine
         whose setup is still queued behind that task stays out of dispatch until it
         answers (``ready``)."""
         if engine.state not in (EngineState.STARTING, EngineState.IDLE):
@@ -208,12 +207,10 @@ class EnginePool:
         engine.state = EngineState.BUSY
         engine.current_task = task.id
         engine.current_attempt = task.attempt
-        engine.armed = True
 
     def release(self, engine: Engine) -> None:
         """The engine's task ended; it is idle again unless it is being killed."""
         engine.current_task = None
-        engine.armed = False
         engine.tasks_done += 1
         if engine.state is EngineState.BUSY:
             engine.state = EngineState.IDLE
@@ -238,8 +235,7 @@ class EnginePool:
     def signal(self, engine: Engine, task: Task, stage: EscalationStage) -> SignalEngine:
         """Signal ``engine`` for (task, attempt), refusing anything that could miss."""
         if not (
-            engine.armed
-            and (engine.current_task, engine.current_attempt) == (task.id, task.attempt)
+            (engine.current_task, engine.current_attempt) == (task.id, task.attempt)
             and stage in SIGNALLED_STAGES
         ):
             raise InvariantViolation(f"refusing to send {stage.name} to engine {engine.id}")
@@ -281,7 +277,6 @@ class EnginePool:
         engine.state = EngineState.LOST
         self.unready.discard(engine.id)
         engine.current_task = None
-        engine.armed = False
         engine.signals_in_flight = 0  # nobody is left to acknowledge them
         was_spare, engine.spare = engine.spare, False
         if not was_spare:

@@ -17,14 +17,15 @@ Everything the task reports travels to the controller as ipyparallel data messag
 ==============  ===============================  ==========================================
 kind            payload                          sent by
 ==============  ===============================  ==========================================
-``started``     ``None``                         the runtime, once the task is armed
 ``progress``    ``[fraction, message]``          :meth:`TaskContext.progress`
 ``output``      ``chunk`` (str)                  :meth:`TaskContext.emit`
 ``checkpoint``  the JSON state                   :meth:`TaskContext.checkpoint`
 ==============  ===============================  ==========================================
 
 The ``(task_id, attempt)`` pair lets the controller drop stale messages, e.g. from a thread
-a finished task left behind. Outside an engine a ``sink`` callable receives the same
+a finished task left behind. Nothing is sent when a task starts: the controller needs
+no word of it, because the engine holds a signal for an attempt that has not begun
+(``runtime.attempts``). Outside an engine a ``sink`` callable receives the same
 dicts, which makes the context usable in plain unit tests.
 """
 
@@ -233,7 +234,6 @@ class TaskContext:
         with critical(self._signals):
             try:
                 sink(message)
-                if kind != "started":
-                    self.published += 1
+                self.published += 1
             except Exception:
                 self.publish_failures += 1

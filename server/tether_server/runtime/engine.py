@@ -258,7 +258,6 @@ class _Attempt:
 
     def run(self) -> dict[str, Any]:
         before = take_snapshot()
-        self.ctx._publish("started", None)
         failed = self._call()
         report = self._measure(before, kill_new_children(before), failed)
         if not report.reclaimed and self.drain_if_held:

@@ -107,6 +107,16 @@ class TaskSignals:
         """A SIGINT or SIGTERM arrived for this attempt."""
         return self.sigints > 0 or self.sigterms > 0
 
+    def owe(self, signum: int) -> None:
+        """Count ``signum`` as arrived and owed, as when it lands in the runtime's own code
+        (a signal the engine held for this attempt until it began, ``runtime.attempts``)."""
+        if signum == signal.SIGTERM:
+            self.sigterms += 1
+            self.terminate_owed = True
+        else:
+            self.sigints += 1
+            self.interrupt_owed = True
+
     def raise_owed(self, *, in_hooks: bool = False) -> None:
         """Raise a signal that arrived while raising was not allowed, if now it is."""
         if self.critical_depth:

@@ -3,8 +3,9 @@
 :func:`start_engine_services` runs once per engine (from ``setup_engine``): it starts the
 watchdog process (:mod:`.watchdog`) and a daemon thread that publishes, every
 ``load_interval`` seconds, ``{"tether": ["load", "", 0, {...}]}`` with the engine's RSS,
-CPU % (of one core) and, on a GPU host, the used and total memory of the GPUs it sees
-(``nvidia-smi``; the whole GPU, every process on it). With a ``memory_limit_bytes`` the
+CPU % (of one core), on a GPU host the used and total memory of the GPUs it sees
+(``nvidia-smi``; the whole GPU, every process on it), and the attempt that was armed
+when the RSS was measured (``task_id`` "" when none). With a ``memory_limit_bytes`` the
 thread looks at the RSS four times a second and reports at once when it is over the
 limit, so the controller can interrupt the task without reading this host's process
 table. A thread cannot run while a task holds the GIL in a C call; the reports pause
@@ -25,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from .attempts import BOOK
 from .resources import ipython_shell, register_service_thread
 from .watchdog import start_watchdog
 
@@ -98,6 +100,9 @@ def _report_loop(publish: Callable[[dict[str, Any]], None]) -> None:
         limit = int(_SETTINGS["memory_limit"])
         now = time.monotonic()
         try:
+            # Read before measuring: the RSS below is then that attempt's (or a later one's:
+            # the controller charges it only to the attempt named here, if still running).
+            armed = BOOK.armed_key()
             rss = proc.memory_info().rss
             over = bool(limit) and rss > limit
             if now >= next_report or over:
@@ -109,6 +114,8 @@ def _report_loop(publish: Callable[[dict[str, Any]], None]) -> None:
                     "cpu_percent": proc.cpu_percent(),
                     "gpu_memory_used_bytes": used,
                     "gpu_memory_total_bytes": total,
+                    "task_id": armed[0] if armed else "",
+                    "attempt": armed[1] if armed else 0,
                 }
                 publish({"tether": ["load", "", 0, load]})
         except Exception:  # never let the thread die: the next round tries again
