@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .cluster import EngineDied, IpyparallelCluster, hub_records
-from .cluster.ipp import DIGEST_HISTORY, ENGINE_LOG_LEVEL
+from .cluster.ipp import DIGEST_HISTORY, ENGINE_LOG_LEVEL, raise_error
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage
 from .runtime import attempts, registry
@@ -128,7 +128,11 @@ class EngineDriver:
 
     # ------------------------------------------------------------------ tasks
     def dispatch(self, task_id: str, attempt: int, engine_id: int) -> None:
-        run = asyncio.ensure_future(self._run_task(task_id, attempt, engine_id))
+        task = self.ctl.core_or_raise().tasks[task_id]
+        sent = None
+        if attempt == 1 and not task.resume_from:  # no checkpoint to read: send it now
+            sent = self._send(task_id, attempt, engine_id, None)
+        run = asyncio.ensure_future(self._run_task(task_id, attempt, engine_id, sent))
         self._runs[(task_id, attempt)] = run
         run.add_done_callback(lambda _f: self._runs.pop((task_id, attempt), None))
         run.add_done_callback(log_failure)
@@ -144,29 +148,23 @@ class EngineDriver:
                 fut.cancel()
         self._message_waiters.clear()
 
-    async def _run_task(self, task_id: str, attempt: int, engine_id: int) -> None:
+    async def _run_task(
+        self, task_id: str, attempt: int, engine_id: int, sent: asyncio.Future[Any] | None
+    ) -> None:
+        """Send the attempt unless ``sent`` already (it needs no checkpoint), then report
+        its outcome. Sending at once saves a loop turn before the request leaves (B3)."""
         generation = self.cluster.generation
-        task = self.ctl.core_or_raise().tasks[task_id]
-        # A later attempt resumes from the task's own last checkpoint (retry, preemption);
-        # else, or before the task saved one, from the task it was told to resume from.
-        text = await self.ctl.checkpoint_text(task_id) if attempt > 1 else None
-        if text is None and task.resume_from:
-            text = await self.ctl.checkpoint_text(task.resume_from.removeprefix("tasks/"))
-        resume_state = json.loads(text) if text else None
-        spec = {
-            "task_id": task_id,
-            "attempt": attempt,
-            "task": task.task,
-            "args": task.args,
-            "resume_state": resume_state,
-            "max_output_chars": self.config.limits.max_output_chars,
-            "rss_tolerance_bytes": self.config.rss_tolerance_bytes,
-            "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
-            "drain_if_not_reclaimed": True,
-        }
-        label = hub_records.label(self.ctl.epoch, task_id, attempt)
+        if sent is None:
+            task = self.ctl.core_or_raise().tasks[task_id]
+            # A later attempt resumes from the task's own last checkpoint (retry,
+            # preemption); else, or before the task saved one, from the task it was
+            # told to resume from.
+            text = await self.ctl.checkpoint_text(task_id) if attempt > 1 else None
+            if text is None and task.resume_from:
+                text = await self.ctl.checkpoint_text(task.resume_from.removeprefix("tasks/"))
+            sent = self._send(task_id, attempt, engine_id, json.loads(text) if text else None)
         try:
-            raw = await self.cluster.run_task(engine_id, spec, label)
+            raw = raise_error(await sent)
         except Exception as exc:
             if self.cluster.generation != generation:
                 return
@@ -184,6 +182,25 @@ class EngineDriver:
             self.ctl.handle(msg.TaskFinished(task_id, attempt, outcome_of(raw), time.time()))
         finally:
             self._received.pop((task_id, attempt), None)
+
+    def _send(
+        self, task_id: str, attempt: int, engine_id: int, resume_state: Any
+    ) -> asyncio.Future[Any]:
+        """Send the attempt to its engine; the future of its outcome (``send_task``)."""
+        task = self.ctl.core_or_raise().tasks[task_id]
+        spec = {
+            "task_id": task_id,
+            "attempt": attempt,
+            "task": task.task,
+            "args": task.args,
+            "resume_state": resume_state,
+            "max_output_chars": self.config.limits.max_output_chars,
+            "rss_tolerance_bytes": self.config.rss_tolerance_bytes,
+            "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
+            "drain_if_not_reclaimed": True,
+        }
+        label = hub_records.label(self.ctl.epoch, task_id, attempt)
+        return self.cluster.send_task(engine_id, spec, label)
 
     async def _messages_seen(self, key: tuple[str, int], expected: int) -> None:
         if self._received.get(key, 0) >= expected:

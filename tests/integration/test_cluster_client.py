@@ -124,6 +124,8 @@ async def quiet_run(profile: Path) -> tuple[dict[str, int], str]:
                     count += topic.endswith(b".status")
                 return count
 
+            # The setup request's own busy/idle may still be on its way: not counted.
+            await statuses()
             counts = {}
             for i in range(10):
                 label = hub_records.label("epoch", f"t{i}", 1)

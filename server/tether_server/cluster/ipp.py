@@ -358,7 +358,7 @@ class IpyparallelCluster:
             )
             for fut in done:
                 try:
-                    return dict(_raise_error(fut.result()))
+                    return dict(raise_error(fut.result()))
                 except ipp_error.RemoteError as exc:
                     if exc.ename == "EngineError":
                         raise EngineDied(str(exc)) from exc
@@ -380,7 +380,14 @@ class IpyparallelCluster:
             return 0
 
     async def run_task(self, engine_id: int, spec: dict[str, Any], label: str = "") -> Any:
-        """Send one task to one engine; returns the runtime's outcome dict.
+        """Send one task to one engine; returns the runtime's outcome dict (``send_task``)."""
+        return raise_error(await self.send_task(engine_id, spec, label))
+
+    def send_task(
+        self, engine_id: int, spec: dict[str, Any], label: str = ""
+    ) -> asyncio.Future[Any]:
+        """Send one task to one engine now; the future of the runtime's outcome dict, or
+        of the error as an exception object (``raise_error`` raises it).
 
         ``label`` goes into the hub's record of the request (``hub_records``): a
         restarted controller finds it there.
@@ -388,11 +395,16 @@ class IpyparallelCluster:
         Sent with ``LoopClient.request_apply``, not ``DirectView.apply_async`` or even
         ``send_apply_request``: their per-request futures and bookkeeping cost more than
         the rest of the send (docs/benchmarks.md, B4). The request is still outstanding
-        on its engine, so an engine's death fails it with ``EngineError``. Raises what
-        the engine raised (``RemoteError``), ``EngineError`` included.
+        on its engine, so an engine's death fails it with ``EngineError``. The error is
+        what the engine raised (``RemoteError``), ``EngineError`` included, or
+        ``EngineDied`` for a request that could not be sent.
         """
-        fut = self._send_apply(engine_id, engine_runtime.run_task, spec, label)
-        return _raise_error(await fut)
+        try:
+            return self._send_apply(engine_id, engine_runtime.run_task, spec, label)
+        except Exception as exc:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            fut.set_result(exc)
+            return fut
 
     def _send_apply(
         self, engine_id: int, function: Any, arg: Any, label: str
@@ -580,7 +592,7 @@ class IpyparallelCluster:
         return cluster_pids(self._cluster_file(), self._cluster, self._hub_children)
 
 
-def _raise_error(result: Any) -> Any:
+def raise_error(result: Any) -> Any:
     """ipyparallel hands an engine's error back as the reply's result: raise it."""
     if isinstance(result, BaseException):
         raise result
