@@ -33,7 +33,10 @@ from .validation import (
 
 
 def fingerprint(request: Message) -> str:
-    """A stable digest of a request without its request_id (idempotency payload check)."""
+    """A stable digest of a request without its request_id (idempotency payload check);
+    "" for a request without one (nothing will be compared with it)."""
+    if not getattr(request, "request_id", ""):
+        return ""
     clone = type(request)()
     clone.CopyFrom(request)
     clone.ClearField("request_id")
