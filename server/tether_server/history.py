@@ -110,7 +110,7 @@ class TaskHistory:
     ) -> tuple[list[Task], int | None]:
         """Tasks with seq > after_seq matching ``flt``: (page, last seq or None at the end).
 
-        The store is queried by seq (narrowed by state and task name in SQL) and
+        The store is queried by seq (narrowed by state, task name and labels in SQL) and
         each row is replaced by the version in memory when that is newer. A page may
         come back short, with a cursor, after ``MAX_SCAN`` rows (AIP-158 allows it).
         """
@@ -132,6 +132,7 @@ class TaskHistory:
                 limit=max(want, 100),
                 states=states,
                 task_names=names,
+                labels=flt.labels,
             )
             scanned += len(rows)
             for row in rows:

@@ -438,6 +438,31 @@ def test_list_tasks_pages_by_seq_narrowed_by_state_and_name(db_path: Path) -> No
         assert store.list_tasks(after_seq=0, limit=100, task_names=["other"]) == []
 
 
+def test_list_tasks_narrows_by_labels_through_the_label_index(db_path: Path) -> None:
+    tasks = [
+        make_task(n, labels={"team": "a" if n % 2 else "b", "shard": str(n % 3)})
+        for n in range(1, 13)
+    ]
+    with opened(db_path) as store:
+        store.submit(WriteBatch(tasks=tasks)).result(timeout=5)
+        # Later records of the same tasks (attempt 1, another state) add no label rows.
+        later = [
+            make_task(n, labels=t.labels, attempt=1, revision=2) for n, t in enumerate(tasks, 1)
+        ]
+        store.submit(WriteBatch(tasks=later)).result(timeout=5)
+        team_a = store.list_tasks(after_seq=0, limit=100, labels={"team": "a"})
+        assert [t.seq for t in team_a] == [1, 3, 5, 7, 9, 11]
+        both = store.list_tasks(after_seq=3, limit=2, labels={"team": "a", "shard": "2"})
+        assert [t.seq for t in both] == [5, 11]
+        assert store.list_tasks(after_seq=0, limit=100, labels={"team": "c"}) == []
+    assert rows(db_path, "SELECT count(*) FROM task_labels") == [(24,)]
+    plan = rows(
+        db_path,
+        "EXPLAIN QUERY PLAN SELECT seq FROM task_labels WHERE key = 'team' AND value = 'a'",
+    )
+    assert "USING PRIMARY KEY" in str(plan)  # the index, not a scan
+
+
 def test_events_after_reads_a_range_of_the_log(db_path: Path) -> None:
     with opened(db_path) as store:
         store.submit(WriteBatch(events=[make_event(r, make_task(1)) for r in range(1, 21)])).result(
@@ -490,6 +515,33 @@ def test_a_version_1_store_is_upgraded_with_task_revisions(db_path: Path) -> Non
     assert rows(db_path, "SELECT revision FROM tasks") == [(7,)]
 
 
+def test_a_version_2_store_is_upgraded_with_its_labels_indexed(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    from tether_server.store.schema import migrate_0_to_1, migrate_1_to_2
+
+    tasks = [make_task(1, labels={"team": "a"}), make_task(2, labels={"team": "b", "x": "y"})]
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        migrate_0_to_1(conn)
+        migrate_1_to_2(conn)
+        conn.execute("PRAGMA user_version = 2")
+        for task in tasks:
+            conn.execute(
+                "INSERT INTO tasks (id, seq, state, task, revision, data)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (task.id, task.seq, task.state.name, task.task, 0, json.dumps(task_to_dict(task))),
+            )
+    with opened(db_path) as store:
+        assert [t.id for t in store.list_tasks(after_seq=0, limit=9, labels={"team": "b"})] == [
+            "t2"
+        ]
+    assert rows(db_path, "PRAGMA user_version") == [(3,)]
+    assert sorted(rows(db_path, "SELECT key, value, seq FROM task_labels")) == [
+        ("team", "a", 1),
+        ("team", "b", 2),
+        ("x", "y", 2),
+    ]
+
+
 def test_attempts_a_retry_policy_and_preemptible_survive_close_and_reopen(db_path: Path) -> None:
     policy = RetryPolicy(max_attempts=3, retry_on=frozenset({ErrorReason.ENGINE_LOST}))
     attempts = [
@@ -507,7 +559,8 @@ def test_a_version_2_task_without_the_retry_fields_reads_with_their_defaults(
     db_path: Path,
 ) -> None:
     """What a store written before issue 13 holds: no ``retry``, ``preemptible`` or
-    ``attempts`` keys in the task's JSON. The schema did not change for them."""
+    ``attempts`` keys in the task's JSON. The schema did not change for them (version 3
+    added only the label index)."""
     with opened(db_path) as store:
         store.submit(WriteBatch(tasks=[make_task(1, revision=3)])).result(timeout=5)
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
@@ -515,6 +568,6 @@ def test_a_version_2_task_without_the_retry_fields_reads_with_their_defaults(
             "UPDATE tasks SET data = json_remove(data, '$.retry', '$.preemptible', '$.attempts')"
         )
     assert "attempts" not in rows(db_path, "SELECT data FROM tasks")[0][0]
-    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(2,)]
+    assert rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(3,)]
     (loaded,) = reload(db_path).tasks
     assert (loaded.retry, loaded.preemptible, loaded.attempts) == (None, False, [])

@@ -27,12 +27,13 @@ __all__ = [
     "migrate",
     "migrate_0_to_1",
     "migrate_1_to_2",
+    "migrate_2_to_3",
     "stored_high_water",
     "transaction",
     "write_rows",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; a file from a newer tether is refused."""
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600.0
@@ -81,9 +82,25 @@ def migrate_1_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX tasks_by_state ON tasks (state, seq)")
 
 
+def migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    # Each task's labels, by (key, value, seq): a label filter (ListTasks, a stream's
+    # initial state) is answered from the index instead of decoding every task's JSON,
+    # which made 1,000 streams opening on 20,000 stored tasks take minutes.
+    conn.execute(
+        "CREATE TABLE task_labels (key TEXT NOT NULL, value TEXT NOT NULL,"
+        " seq INTEGER NOT NULL, PRIMARY KEY (key, value, seq)) WITHOUT ROWID"
+    )
+    conn.execute(
+        "INSERT OR IGNORE INTO task_labels (key, value, seq)"
+        " SELECT label.key, label.value, tasks.seq"
+        " FROM tasks, json_each(tasks.data, '$.labels') AS label"
+    )
+
+
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: migrate_0_to_1,
     1: migrate_1_to_2,
+    2: migrate_2_to_3,
 }
 """``_MIGRATIONS[v]`` takes the schema from version v to v + 1."""
 
@@ -174,6 +191,7 @@ _IDEMPOTENCY = _Upsert(
     "idempotency", ("key", "method", "fingerprint", "task_id", "created"), conflict="key"
 )
 _CHECKPOINTS = _Upsert("checkpoints", ("task_id", "data", "updated"), conflict="task_id")
+_LABELS_SQL = "INSERT OR IGNORE INTO task_labels (key, value, seq) VALUES (?, ?, ?)"
 
 
 def write_rows(
@@ -183,8 +201,11 @@ def write_rows(
     events: list[tuple[int, str, int, float, str, str]],
     idempotency: list[tuple[str, str, str, str, float]],
     checkpoints: list[tuple[str, str, float]],
+    labels: Sequence[tuple[str, str, int]] = (),
 ) -> None:
-    """Upsert task, idempotency and checkpoint rows and insert event rows, in order."""
+    """Upsert task, idempotency and checkpoint rows and insert event rows, in order; index
+    the tasks' ``labels`` (key, value, seq: a task's labels never change, so a row that
+    is there already stays)."""
     # A table is skipped when empty: most batches touch one or two tables.
     for table, rows in (
         (_TASKS, tasks),
@@ -194,6 +215,8 @@ def write_rows(
     ):
         if rows:
             table.write(conn, rows)
+    if labels:
+        conn.executemany(_LABELS_SQL, labels)
 
 
 @contextlib.contextmanager

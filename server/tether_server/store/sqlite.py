@@ -34,7 +34,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -309,14 +309,21 @@ class SqliteStore:
         limit: int,
         states: Sequence[str] = (),
         task_names: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
     ) -> list[Task]:
         """Up to ``limit`` committed tasks with ``seq > after_seq``, by seq.
 
-        ``states`` (TaskState names) and ``task_names`` narrow the query in SQL;
-        anything else a filter asks is for the caller to check on the result.
+        ``states`` (TaskState names), ``task_names`` and ``labels`` (each key with that
+        value, through the label index) narrow the query in SQL; anything else a filter
+        asks is for the caller to check on the result.
         """
         where = ["seq > ?"]
         params: list[Any] = [after_seq]
+        for key, value in (labels or {}).items():
+            where.append(
+                "seq IN (SELECT seq FROM task_labels WHERE key = ? AND value = ? AND seq > ?)"
+            )
+            params.extend((key, value, after_seq))
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             params.extend(states)

@@ -64,6 +64,9 @@ class Pending:
     probe: bool = False
     """Write a heartbeat row into ``meta`` (see ``probe``)."""
     tasks: list[tuple[str, int, str, str, int, str]] = field(default_factory=list)
+    labels: list[tuple[str, str, int]] = field(default_factory=list)
+    """(key, value, seq) of the tasks' labels, for the label index; only with a task's
+    first record (PENDING, attempt 0): labels never change after it."""
     events: list[tuple[int, str, int, float, str, str]] = field(default_factory=list)
     idempotency: list[tuple[str, str, str, str, float]] = field(default_factory=list)
     checkpoints: list[tuple[str, str, float]] = field(default_factory=list)
@@ -85,6 +88,12 @@ class Pending:
         return cls(
             future=future,
             tasks=[(t.id, t.seq, t.state.name, t.task, t.revision, dumps(t)) for t in batch.tasks],
+            labels=[
+                (key, value, t.seq)
+                for t in batch.tasks
+                if t.attempt == 0
+                for key, value in t.labels.items()
+            ],
             events=[
                 (e.revision, e.task_id, e.kind, e.time, e.chunk, dumps(e.task))
                 for e in batch.events
@@ -207,6 +216,7 @@ class GroupWriter:
                     events=[row for p in group for row in p.events],
                     idempotency=[row for p in group for row in p.idempotency],
                     checkpoints=[row for p in group for row in p.checkpoints],
+                    labels=[row for p in group for row in p.labels],
                 )
                 if any(p.probe for p in group):
                     conn.execute(
@@ -240,6 +250,7 @@ class GroupWriter:
                             events=pending.events,
                             idempotency=pending.idempotency,
                             checkpoints=pending.checkpoints,
+                            labels=pending.labels,
                         )
                     except Exception as exc:
                         conn.execute("ROLLBACK TO batch")
