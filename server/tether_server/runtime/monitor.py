@@ -53,10 +53,27 @@ def start_engine_services(config: dict[str, Any]) -> None:
     if publish is None or _SETTINGS["engine_id"] is None or _SETTINGS["load_interval"] <= 0:
         return
     if _THREAD is None or not _THREAD.is_alive():
+        prime_canning()
         _THREAD = threading.Thread(target=_report_loop, args=(publish,), daemon=True)
         _THREAD.name = "tether-load"
         _THREAD.start()
         register_service_thread(_THREAD)  # its nvidia-smi is no task's leftover child
+
+
+def prime_canning() -> None:
+    """Resolve ipyparallel's canning maps now, in this thread.
+
+    The first ``can``/``uncan`` of a process imports the maps' string keys
+    (``"numpy.ndarray"``...) and replaces them, without a lock. The load thread's first
+    report (``publish_data`` cans it) raced the setup reply's in the main thread: one
+    popped a key the other was popping, and the setup failed with ``KeyError:
+    'numpy.ndarray'`` (seen in ``tests/integration/test_runtime.py``, reports every 50 ms).
+    Once resolved the maps are only read.
+    """
+    from ipyparallel.serialize import canning
+
+    canning.can(None)
+    canning.uncan(None)
 
 
 def _publisher() -> Callable[[dict[str, Any]], None] | None:
