@@ -42,8 +42,8 @@ def deadline_stage(stage: EscalationStage) -> EscalationStage:
     """The stage whose deadline is running while an interrupt stands at ``stage``.
 
     The core sends SIGINT as it starts an interrupt (the engine holds it until the
-    attempt begins), so a record at NONE is one an earlier controller stored before
-    its signal went out: it is on its SIGINT deadline.
+    attempt begins) and a restore restarts an interrupt at SIGINT, so no interrupt of
+    a running task stands at NONE; if one did, its SIGINT deadline would be running.
     """
     if stage is EscalationStage.NONE:
         return EscalationStage.SIGINT
