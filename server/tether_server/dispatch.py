@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .cluster import EngineDied, IpyparallelCluster, hub_records
 from .cluster.ipp import DIGEST_HISTORY, ENGINE_LOG_LEVEL, raise_error
 from .core import messages as msg
-from .core.model import EngineState, EscalationStage
+from .core.model import EngineState, EscalationStage, Task
 from .runtime import attempts, registry
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class EngineDriver:
         task = self.ctl.core_or_raise().tasks[task_id]
         sent = None
         if attempt == 1 and not task.resume_from:  # no checkpoint to read: send it now
-            sent = self._send(task_id, attempt, engine_id, None)
+            sent = self._send(task, attempt, engine_id, None)
         run = asyncio.ensure_future(self._run_task(task_id, attempt, engine_id, sent))
         self._runs[(task_id, attempt)] = run
         run.add_done_callback(lambda _f: self._runs.pop((task_id, attempt), None))
@@ -162,7 +162,7 @@ class EngineDriver:
             text = await self.ctl.checkpoint_text(task_id) if attempt > 1 else None
             if text is None and task.resume_from:
                 text = await self.ctl.checkpoint_text(task.resume_from.removeprefix("tasks/"))
-            sent = self._send(task_id, attempt, engine_id, json.loads(text) if text else None)
+            sent = self._send(task, attempt, engine_id, json.loads(text) if text else None)
         try:
             raw = raise_error(await sent)
         except Exception as exc:
@@ -184,12 +184,11 @@ class EngineDriver:
             self._received.pop((task_id, attempt), None)
 
     def _send(
-        self, task_id: str, attempt: int, engine_id: int, resume_state: Any
+        self, task: Task, attempt: int, engine_id: int, resume_state: Any
     ) -> asyncio.Future[Any]:
         """Send the attempt to its engine; the future of its outcome (``send_task``)."""
-        task = self.ctl.core_or_raise().tasks[task_id]
         spec = {
-            "task_id": task_id,
+            "task_id": task.id,
             "attempt": attempt,
             "task": task.task,
             "args": task.args,
@@ -199,7 +198,7 @@ class EngineDriver:
             "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
             "drain_if_not_reclaimed": True,
         }
-        label = hub_records.label(self.ctl.epoch, task_id, attempt)
+        label = hub_records.label(self.ctl.epoch, task.id, attempt)
         return self.cluster.send_task(engine_id, spec, label)
 
     async def _messages_seen(self, key: tuple[str, int], expected: int) -> None:

@@ -319,10 +319,12 @@ class TaskHandleBase:
 
     def _known_terminal(self) -> bool:
         """True when the task was already over when this client last saw it."""
-        submitted = self._submitted
+        submitted = self._submitted  # not converted for this (see ``submitted``)
+        if submitted is None:
+            return False
         if isinstance(submitted, task_pb2.Task):
             return _convert.enum_from_proto(TaskState, submitted.state).is_terminal
-        return submitted is not None and submitted.state.is_terminal
+        return submitted.state.is_terminal
 
     def _watch_machine(
         self, policy: RetryPolicy, exclude_progress: bool, timeout: Seconds | None

@@ -1,9 +1,10 @@
 """tether's own subscriber on the cluster's IOPub channel: the runtime's reports.
 
-The runtime publishes each report of a task (``started``, progress, output, checkpoints,
-load) as an ipyparallel data message (``publish_data``) carrying ``{"tether": [kind,
-task_id, attempt, payload]}``. :class:`ReportWatcher` reads those on a SUB socket of its
-own, subscribed to data messages only, and hands each to a callback on the loop.
+The runtime publishes each report of a task (progress, output, checkpoints) and the
+engine's load reports as ipyparallel data messages (``publish_data``) carrying
+``{"tether": [kind, task_id, attempt, payload]}``. :class:`ReportWatcher` reads those on
+a SUB socket of its own, subscribed to data messages only, and hands each to a callback
+on the loop.
 
 The ipyparallel client's own IOPub socket is unsubscribed (:func:`quiet_client_iopub`):
 what else arrives there (status messages, each decoded and signature-checked by the
@@ -26,7 +27,7 @@ from jupyter_client.session import Session
 
 __all__ = ["ReportWatcher", "quiet_client_iopub"]
 
-log = logging.getLogger("tether_server.cluster.ipp")
+log = logging.getLogger(__name__)
 
 DATA_TOPIC = b"datapub"
 """The topic ``publish_data`` sends on."""

@@ -42,6 +42,7 @@ _SETTINGS: dict[str, Any] = {}
 def start_engine_services(config: dict[str, Any]) -> None:
     """The watchdog and the load thread of this engine (idempotent; settings refreshed)."""
     global _THREAD
+    prime_canning()  # before any thread of ours serializes (the load thread, a task's)
     _SETTINGS.update(
         engine_id=config.get("engine_id"),
         load_interval=float(config.get("load_interval") or 0),
@@ -53,7 +54,6 @@ def start_engine_services(config: dict[str, Any]) -> None:
     if publish is None or _SETTINGS["engine_id"] is None or _SETTINGS["load_interval"] <= 0:
         return
     if _THREAD is None or not _THREAD.is_alive():
-        prime_canning()
         _THREAD = threading.Thread(target=_report_loop, args=(publish,), daemon=True)
         _THREAD.name = "tether-load"
         _THREAD.start()
@@ -61,7 +61,7 @@ def start_engine_services(config: dict[str, Any]) -> None:
 
 
 def prime_canning() -> None:
-    """Resolve ipyparallel's canning maps now, in this thread.
+    """Resolve ipyparallel's canning maps now, in this thread (cheap once resolved).
 
     The first ``can``/``uncan`` of a process imports the maps' string keys
     (``"numpy.ndarray"``...) and replaces them, without a lock. The load thread's first

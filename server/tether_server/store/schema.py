@@ -149,14 +149,18 @@ class _Upsert:
     table: str
     columns: tuple[str, ...]
     conflict: str | None
-    """The key column to upsert on; ``None``: plain insert (a duplicate fails the batch)."""
+    """The key column to upsert on; ``None``: plain insert (a duplicate fails the batch,
+    unless ``keep_existing``)."""
     newer: str | None = None
     """Upsert only when this column of the new row is at least the stored one's."""
+    keep_existing: bool = False
+    """A plain insert that skips a row already there (``INSERT OR IGNORE``)."""
 
     def sql(self, rows: int) -> str:
         placeholders = "(" + ", ".join("?" * len(self.columns)) + ")"
+        verb = "INSERT OR IGNORE" if self.keep_existing else "INSERT"
         statement = (
-            f"INSERT INTO {self.table} ({', '.join(self.columns)})"
+            f"{verb} INTO {self.table} ({', '.join(self.columns)})"
             f" VALUES {', '.join([placeholders] * rows)}"
         )
         if self.conflict is None:
@@ -191,7 +195,8 @@ _IDEMPOTENCY = _Upsert(
     "idempotency", ("key", "method", "fingerprint", "task_id", "created"), conflict="key"
 )
 _CHECKPOINTS = _Upsert("checkpoints", ("task_id", "data", "updated"), conflict="task_id")
-_LABELS_SQL = "INSERT OR IGNORE INTO task_labels (key, value, seq) VALUES (?, ?, ?)"
+_LABELS = _Upsert("task_labels", ("key", "value", "seq"), None, keep_existing=True)
+"""A task's labels never change: a row that is there already stays."""
 
 
 def write_rows(
@@ -201,22 +206,20 @@ def write_rows(
     events: list[tuple[int, str, int, float, str, str]],
     idempotency: list[tuple[str, str, str, str, float]],
     checkpoints: list[tuple[str, str, float]],
-    labels: Sequence[tuple[str, str, int]] = (),
+    labels: list[tuple[str, str, int]],
 ) -> None:
-    """Upsert task, idempotency and checkpoint rows and insert event rows, in order; index
-    the tasks' ``labels`` (key, value, seq: a task's labels never change, so a row that
-    is there already stays)."""
+    """Upsert task, idempotency and checkpoint rows, insert event rows and the tasks'
+    ``labels`` (key, value, seq) into the label index, in order."""
     # A table is skipped when empty: most batches touch one or two tables.
     for table, rows in (
         (_TASKS, tasks),
         (_EVENTS, events),
         (_IDEMPOTENCY, idempotency),
         (_CHECKPOINTS, checkpoints),
+        (_LABELS, labels),
     ):
         if rows:
             table.write(conn, rows)
-    if labels:
-        conn.executemany(_LABELS_SQL, labels)
 
 
 @contextlib.contextmanager
