@@ -1,8 +1,9 @@
 """The ipyparallel controller process that tether starts: ipyparallel's own, bounded.
 
 ``python -m tether_server.cluster.ipyparallel_hub`` runs ``ipyparallel.controller``
-unchanged except for one thing: the Hub's per-task bookkeeping no longer grows
-with every task ever run. ipyparallel 9.2 keeps the id of every finished request
+unchanged except for two things: the Hub's per-task bookkeeping no longer grows
+with every task ever run, and without a database it reads only the ids of the
+messages it monitors (``hub_monitor``). ipyparallel 9.2 keeps the id of every finished request
 in ``Hub.all_completed`` and per engine in ``Hub.completed`` (no purge request
 clears them); over months of small tasks that is the hub's memory leak. A
 periodic callback keeps the newest ``KEEP`` per engine. Task records are not
@@ -35,8 +36,13 @@ def trim(hub: Any) -> None:
 
 
 def main() -> None:
-    from ipyparallel.controller import app
+    from ipyparallel.controller import app, hub
+    from ipyparallel.controller.dictdb import NoDB
     from tornado.ioloop import PeriodicCallback
+
+    from .hub_monitor import install
+
+    install(hub.Hub, NoDB)
 
     original = app.IPController.init_hub
 

@@ -31,8 +31,11 @@ import psutil
 
 __all__ = ["SCAN", "main", "start_watchdog"]
 
-SCAN = 0.1
-"""Seconds between two looks at the engine and its descendants."""
+SCAN = 0.2
+"""Seconds between two looks at the engine and its descendants. Each look reads the
+parent of every process on the host (``_descendant_pids``): about 0.5 ms with 120
+processes, so a watchdog costs about 0.3 % of a core (psutil's ``children`` at 0.1 s
+cost 1.8 %, more than the idle server)."""
 
 _STARTED: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -87,10 +90,10 @@ def watch(engine_pid: int, spared: set[int]) -> int:
         return 0
     seen: dict[int, psutil.Process] = {}
     while _alive(engine):
-        with contextlib.suppress(psutil.Error):
-            for child in engine.children(recursive=True):
-                if child.pid not in spared and child.pid not in seen:
-                    seen[child.pid] = child
+        for pid in _descendant_pids(engine_pid):
+            if pid not in spared and pid not in seen:
+                with contextlib.suppress(psutil.Error):
+                    seen[pid] = psutil.Process(pid)  # remembers its create time
         for pid in [p for p, proc in seen.items() if not _alive(proc)]:
             del seen[pid]
         time.sleep(SCAN)
@@ -106,6 +109,42 @@ def watch(engine_pid: int, spared: set[int]) -> int:
             proc.kill()
             killed += 1
     return killed
+
+
+def _descendant_pids(root: int) -> list[int]:
+    """Pids of ``root``'s descendants, from one pass over ``/proc/*/stat`` (Linux);
+    psutil's walk elsewhere. The children of a process that exits meanwhile are
+    found at the next look (they are reparented, so only while they live on)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    if not names:
+        with contextlib.suppress(psutil.Error):
+            return [p.pid for p in psutil.Process(root).children(recursive=True)]
+        return []
+    children: dict[int, list[int]] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
+            try:
+                stat = os.read(fd, 1024)
+            finally:
+                os.close(fd)
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            ppid = int(stat[stat.rindex(b")") + 2 :].split(b" ", 2)[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def main(argv: list[str]) -> int:
