@@ -13,6 +13,8 @@ import psutil
 
 from tether_server.runtime import watchdog
 
+from ..support import wait_until
+
 # A stand-in engine: it starts a child that starts a grandchild, then waits.
 ENGINE = """
 import subprocess, sys, time
@@ -22,21 +24,11 @@ time.sleep(60)
 """
 
 
-def _wait_for(predicate, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 def test_descendants_match_psutil_children_recursive() -> None:
     engine = subprocess.Popen([sys.executable, "-c", ENGINE])
     try:
         tree = psutil.Process(engine.pid)
-        _wait_for(lambda: len(tree.children(recursive=True)) == 2)
+        wait_until(lambda: len(tree.children(recursive=True)) == 2)
         expected = {p.pid for p in tree.children(recursive=True)}
         assert set(watchdog._descendant_pids(engine.pid)) == expected
         assert watchdog._descendant_pids(2**22 + 7) == []  # no such process
@@ -50,7 +42,7 @@ def test_descendants_match_psutil_children_recursive() -> None:
 def test_a_sigkilled_engine_s_descendants_are_killed() -> None:
     engine = subprocess.Popen([sys.executable, "-c", ENGINE])
     tree = psutil.Process(engine.pid)
-    left = _wait_for(lambda: (kids := tree.children(recursive=True)) and len(kids) == 2 and kids)
+    left = wait_until(lambda: (kids := tree.children(recursive=True)) and len(kids) == 2 and kids)
     killed: list[int] = []
     watcher = threading.Thread(target=lambda: killed.append(watchdog.watch(engine.pid, set())))
     watcher.start()
@@ -62,7 +54,7 @@ def test_a_sigkilled_engine_s_descendants_are_killed() -> None:
         # The child, and its own child unless that went with it first.
         assert len(killed) == 1 and killed[0] in (1, 2)
         for proc in left:
-            _wait_for(lambda p=proc: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE)
+            wait_until(lambda p=proc: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE)
     finally:
         for proc in left:
             if proc.is_running():
