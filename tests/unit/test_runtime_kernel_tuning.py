@@ -76,3 +76,49 @@ def test_tune_applies_the_level_asked_for_and_bounds_the_signatures() -> None:
     kernel_tuning.tune(kernel, signatures=0, log_level=None)  # an operator's engine
     assert kernel.log.level == logging.ERROR  # what is set stays; nothing lowers it
     kernel_tuning.tune(None, signatures=1, log_level=logging.ERROR)  # not in an engine
+
+
+class FakeOutStream:
+    """The parts of ipykernel's OutStream that ``skip_idle_flushes`` reads."""
+
+    def __init__(self, echo: Any = None) -> None:
+        self._flush_pending = False
+        self._subprocess_flush_pending = False
+        self.echo = echo
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self._flush_pending = self._subprocess_flush_pending = False
+
+    def write(self, text: str) -> None:
+        self._flush_pending = True
+
+
+def test_a_flush_with_nothing_pending_returns_at_once_and_a_pending_one_flushes() -> None:
+    stream = FakeOutStream()
+    kernel_tuning.skip_idle_flushes(stream)
+    kernel_tuning.skip_idle_flushes(stream)  # idempotent
+    stream.flush()
+    assert stream.flushes == 0
+    stream.write("x")
+    stream.flush()
+    assert stream.flushes == 1
+    stream._subprocess_flush_pending = True
+    stream.flush()
+    assert stream.flushes == 2
+
+
+def test_streams_with_an_echo_or_that_are_not_outstreams_keep_their_flush() -> None:
+    echoing = FakeOutStream(echo=object())
+    kernel_tuning.skip_idle_flushes(echoing)
+    echoing.flush()
+    assert echoing.flushes == 1
+
+    class Plain:
+        def flush(self) -> None:
+            pass
+
+    plain = Plain()
+    kernel_tuning.skip_idle_flushes(plain)
+    assert "flush" not in vars(plain)
