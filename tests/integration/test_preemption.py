@@ -10,16 +10,19 @@ task with a retry policy: the task resumes on another engine and succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.support import ServerProcess
+from tests.support import ServerProcess, wait_until
 from tether.v1 import cluster_service_pb2_grpc, task_service_pb2_grpc
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
@@ -211,6 +214,17 @@ def test_attempts_survive_a_restart_of_the_server(  # type: ignore[no-untyped-de
     assert restored.retry == done.retry
 
 
+def stored_state(data: Path, name: str) -> str | None:
+    """The state of task ``name`` in the server's store file, as committed."""
+    with contextlib.closing(
+        sqlite3.connect(f"file:{data / 'tether.sqlite3'}?mode=ro", uri=True)
+    ) as conn:
+        row = conn.execute(
+            "SELECT state FROM tasks WHERE id = ?", (name.removeprefix("tasks/"),)
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def test_a_task_running_when_the_server_is_killed_runs_again_under_a_cluster_loss_policy(  # type: ignore[no-untyped-def]
     tmp_path,
 ):
@@ -225,6 +239,9 @@ def test_a_task_running_when_the_server_is_killed_runs_again_under_a_cluster_los
             stub = task_service_pb2_grpc.TaskServiceStub(ch)
             task = submit(stub, "demo.sleep", args={"seconds": 0.5}, retry=policy)
             wait_state(stub, task.name, {tpb.TASK_STATE_RUNNING})
+        # RUNNING is streamed before its record is committed (write-behind): kill once
+        # the store holds it, so that the restart knows the attempt was dispatched.
+        wait_until(lambda: stored_state(data, task.name) == "RUNNING", timeout=10)
         first.kill()  # SIGKILL: the embedded cluster goes with the attempt
         second = ServerProcess(data, port=first.port, engines=1)
         with second, grpc.insecure_channel(second.address) as ch:

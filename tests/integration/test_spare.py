@@ -34,6 +34,14 @@ def test_a_spare_engine_runs_the_next_task_when_the_busy_engine_is_killed(tmp_pa
 
         stuck = submit(tasks, "demo.c_call", args={"seconds": 60})
         running = wait_state(tasks, stuck.name, {tpb.TASK_STATE_RUNNING})
+        # RUNNING means dispatched; the progress report means it is inside the C call,
+        # where only SIGKILL stops it (a signal before then is raised as it begins).
+        wait_for(
+            lambda: (
+                tasks.GetTask(spb.GetTaskRequest(name=stuck.name), timeout=10).task.progress.message
+                == "in the C call"
+            )
+        )
         assert running.engine_id != spare[0]  # the spare takes no task while one is active
         queued = submit(tasks, "demo.echo", args={"value": "next"})
         assert (

@@ -91,7 +91,7 @@ def stubborn(ctx: TaskContext, seconds: float) -> str:
 
 
 @task("demo.c_call")
-def c_call(seconds: float) -> float:
+def c_call(ctx: TaskContext, seconds: float) -> float:
     """Block for ``seconds`` inside one C call that no signal can break; return its length.
 
     Stands for a long C or CUDA call: the call releases the GIL (the engine keeps answering
@@ -99,8 +99,10 @@ def c_call(seconds: float) -> float:
     stops it. It is ``time.sleep`` with every signal blocked in the calling thread: a
     signal goes to another thread (or stays pending), nothing wakes the sleep, and Python
     runs the handlers when the call is over. Unlike a calibrated compute loop, its length
-    does not depend on how busy the machine is.
+    does not depend on how busy the machine is. It reports progress 0 ("in the C call")
+    right before it blocks: a signal that lands before then still interrupts it.
     """
+    ctx.progress(0.0, "in the C call")
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     started = time.perf_counter()
     try:
