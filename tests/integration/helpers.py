@@ -83,6 +83,23 @@ def wait_state(
         time.sleep(0.02)
 
 
+def wait_in_c_call(
+    stub: task_service_pb2_grpc.TaskServiceStub, name: str, timeout: float = 30.0
+) -> tpb.Task:
+    """Wait until a ``demo.c_call`` task is inside its C call (its progress report says so).
+
+    RUNNING means dispatched: a signal that reaches the engine before the attempt begins
+    is raised as it begins, before the call blocks signals, and ends it at SIGINT."""
+    deadline = time.monotonic() + timeout
+    while True:
+        task = get(stub, name)
+        if task.progress.message == "in the C call":
+            return task
+        if task.state in TERMINAL or time.monotonic() > deadline:
+            raise TimeoutError(f"{name} not in its C call: {tpb.TaskState.Name(task.state)}")
+        time.sleep(0.02)
+
+
 def wait_terminal(
     stub: task_service_pb2_grpc.TaskServiceStub, name: str, timeout: float = 30.0
 ) -> tpb.Task:

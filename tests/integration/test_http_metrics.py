@@ -20,7 +20,7 @@ from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
 from .conftest import wait_for
-from .helpers import seconds, submit, usable_engines, wait_state, wait_terminal
+from .helpers import seconds, submit, usable_engines, wait_in_c_call, wait_state, wait_terminal
 from .http_helpers import get, names, scrape, serve_http, value
 
 LATENCY = "tether_interrupt_latency_seconds_count"
@@ -139,6 +139,8 @@ def test_interrupt_latency_is_observed_for_each_final_stage(
         before = scrape(base)
         task = submit(tasks, name, args=args)
         wait_state(tasks, task.name, {tpb.TASK_STATE_RUNNING})
+        if name == "demo.c_call":
+            wait_in_c_call(tasks, task.name)  # RUNNING means dispatched, not begun
         time.sleep(0.3)  # let the runtime arm its guard
         done = _interrupt(tasks, task.name, sigint=0.3, sigterm=0.3)
         assert tpb.EscalationStage.Name(done.interrupt.final_stage) == f"ESCALATION_STAGE_{stage}"

@@ -11,7 +11,7 @@ from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
 from .conftest import wait_for
-from .helpers import get, seconds, submit, usable_engines, wait_state, wait_terminal
+from .helpers import get, seconds, submit, usable_engines, wait_in_c_call, wait_state, wait_terminal
 
 
 def _wait_pool_full(cluster, size: int = 2, timeout: float = 60.0) -> list[cpb.Engine]:  # type: ignore[no-untyped-def]
@@ -59,8 +59,7 @@ def test_stubborn_task_escalates_to_sigterm_and_keeps_its_engine(tasks, cluster)
 def test_task_stuck_in_c_escalates_to_sigkill_and_the_pool_is_refilled(tasks, cluster):  # type: ignore[no-untyped-def]
     before = {e.id for e in _wait_pool_full(cluster)}
     task = submit(tasks, "demo.c_call", args={"seconds": 60})
-    running = wait_state(tasks, task.name, {tpb.TASK_STATE_RUNNING})
-    time.sleep(0.5)
+    running = wait_in_c_call(tasks, task.name)
     grace = tpb.GracePeriods(sigint=seconds(0.3), sigterm=seconds(0.3))
     tasks.InterruptTask(spb.InterruptTaskRequest(name=task.name, grace=grace), timeout=10)
     done = wait_terminal(tasks, task.name, timeout=20)
