@@ -13,7 +13,7 @@ from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
 from .conftest import wait_for
-from .helpers import engines, seconds, submit, wait_state, wait_terminal
+from .helpers import engines, seconds, submit, wait_in_c_call, wait_state, wait_terminal
 
 READY = (cpb.ENGINE_STATE_IDLE, cpb.ENGINE_STATE_BUSY)
 
@@ -34,14 +34,7 @@ def test_a_spare_engine_runs_the_next_task_when_the_busy_engine_is_killed(tmp_pa
 
         stuck = submit(tasks, "demo.c_call", args={"seconds": 60})
         running = wait_state(tasks, stuck.name, {tpb.TASK_STATE_RUNNING})
-        # RUNNING means dispatched; the progress report means it is inside the C call,
-        # where only SIGKILL stops it (a signal before then is raised as it begins).
-        wait_for(
-            lambda: (
-                tasks.GetTask(spb.GetTaskRequest(name=stuck.name), timeout=10).task.progress.message
-                == "in the C call"
-            )
-        )
+        wait_in_c_call(tasks, stuck.name)  # RUNNING means dispatched, not begun
         assert running.engine_id != spare[0]  # the spare takes no task while one is active
         queued = submit(tasks, "demo.echo", args={"value": "next"})
         assert (

@@ -35,28 +35,20 @@ def install(hub_class: Any, no_db_class: type) -> None:
     stock_iopub = hub_class.monitor_iopub_message
 
     def save_queue_request(self: Any, idents: list[bytes], msg: list[bytes]) -> None:
-        header = _verified(self, idents, msg, 1, no_db_class)
-        if header is None:
-            stock_request(self, idents, msg)
+        found = _lean_ids(self, idents, msg, no_db_class, frame=1, engine_ident=0)
+        if found is None:
+            stock_request(self, idents, msg)  # it logs what it cannot take
             return
-        eid = self.by_ident.get(idents[0])
-        msg_id = header.get("msg_id")
-        if eid is None or not isinstance(msg_id, str):
-            stock_request(self, idents, msg)  # logs it
-            return
+        eid, msg_id = found
         self.pending.add(msg_id)
         self.queues[eid].append(msg_id)
 
     def save_queue_result(self: Any, idents: list[bytes], msg: list[bytes]) -> None:
-        parent = _verified(self, idents, msg, 2, no_db_class)
-        if parent is None:
+        found = _lean_ids(self, idents, msg, no_db_class, frame=2, engine_ident=1)
+        if found is None:
             stock_result(self, idents, msg)
             return
-        eid = self.by_ident.get(idents[1])
-        msg_id = parent.get("msg_id")
-        if eid is None or not isinstance(msg_id, str):
-            stock_result(self, idents, msg)
-            return
+        eid, msg_id = found
         if msg_id in self.pending:
             self.pending.remove(msg_id)
             self.all_completed.add(msg_id)
@@ -84,19 +76,31 @@ def install(hub_class: Any, no_db_class: type) -> None:
     hub_class._tether_lean_monitor = True
 
 
-def _verified(
-    hub: Any, idents: list[bytes], msg: list[bytes], frame: int, no_db_class: type
-) -> dict[str, Any] | None:
-    """Frame ``frame`` (1 header, 2 parent header) of a signed mux message, decoded;
-    None when the stock handler should take it (a database, an odd message)."""
+def _lean_ids(
+    hub: Any,
+    idents: list[bytes],
+    msg: list[bytes],
+    no_db_class: type,
+    *,
+    frame: int,
+    engine_ident: int,
+) -> tuple[int, str] | None:
+    """(engine id, message id) of a signed mux message: the id is read from frame
+    ``frame`` (1 the request's header, 2 a reply's parent header), the engine from
+    ``idents[engine_ident]``. None when the stock handler should take it: a database,
+    a bad signature, an unknown engine, anything odd."""
     if not isinstance(hub.db, no_db_class) or len(idents) < 2 or len(msg) < 5:
         return None
     frames = [bytes(f) for f in msg[:5]]
     session = hub.session
     if session.auth is not None and not hmac.compare_digest(frames[0], session.sign(frames[1:5])):
-        return None  # the stock handler refuses and logs it
+        return None
     try:
         decoded = json.loads(frames[frame])
     except ValueError:
         return None
-    return decoded if isinstance(decoded, dict) else None
+    msg_id = decoded.get("msg_id") if isinstance(decoded, dict) else None
+    eid = hub.by_ident.get(idents[engine_ident])
+    if eid is None or not isinstance(msg_id, str):
+        return None
+    return eid, msg_id
