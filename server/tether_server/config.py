@@ -46,8 +46,10 @@ class ServerConfig:
     engines: int = max(2, os.cpu_count() or 2)
     spare_engines: int = 0
     """Warm spares beyond ``engines``: ready, given no task until one takes a lost engine's place."""
-    pipeline_depth: int = 2
-    """Tasks an engine holds: 2 queues one behind the running one (no idle round trip)."""
+    pipeline_depth: int = 8
+    """Tasks an engine holds at most: one queued behind the running one (no idle round
+    trip), and up to ``pipeline_depth`` - 1 when they are short, sent several to a
+    request (``core/pipeline.py``, ``runtime/batch.py``)."""
     data_dir: Path = Path(".tether-data")
     task_modules: tuple[str, ...] = ()
     engine_tags: tuple[str, ...] = ()

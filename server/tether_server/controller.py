@@ -136,7 +136,10 @@ class Controller:
         self.core = ControlCore(
             target_engines=self.target_engines,
             spare_engines=self.config.spare_engines,
-            pipeline_depth=self.config.pipeline_depth,
+            # Attached: a restarted controller takes up one queued attempt per engine at most.
+            pipeline_depth=min(2, self.config.pipeline_depth)
+            if self.config.attach
+            else self.config.pipeline_depth,
             replace_lost_engines=not self.config.attach,
             default_grace=self.config.grace,
             first_revision=loaded.next_revision,
@@ -440,6 +443,7 @@ class Controller:
             elif isinstance(ins, msg.CancelTimers):
                 for h in self._timers.pop(ins.task_id, []):
                     h.cancel()
+        driver.flush()  # the dispatches leave now, one request per engine
         self._update_serving()
 
     def _publish(self, p: msg.Publish) -> None:

@@ -17,13 +17,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .cluster import EngineDied, IpyparallelCluster, hub_records
 from .cluster.ipp import DIGEST_HISTORY, ENGINE_LOG_LEVEL, raise_error
 from .core import messages as msg
 from .core.model import EngineState, EscalationStage, Task
-from .runtime import attempts, registry
+from .runtime import attempts, batch, registry
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -43,6 +44,17 @@ class EngineDriver:
         self._runs: dict[tuple[str, int], asyncio.Future[Any]] = {}
         self._received: dict[tuple[str, int], int] = {}
         self._message_waiters: dict[tuple[str, int], tuple[int, asyncio.Future[None]]] = {}
+        self._outbox: dict[int, list[tuple[Task, int]]] = {}
+        """Attempts to send at the next ``flush``, by engine."""
+        self._holding = 0
+        self._unreported: set[tuple[str, int]] = set()
+        """Attempts sent in a batch whose outcome has not been reported yet."""
+        self.max_batch = batch_size(self.config.pipeline_depth, attached=bool(self.config.attach))
+        """Attempts one request carries at most."""
+        self.requests_sent = 0
+        """Requests sent to run tasks (``tether_task_requests_total``)."""
+        self.attempts_sent = 0
+        """Attempts those carried (``tether_task_request_attempts_total``)."""
 
     # ------------------------------------------------------------------ engines
     def task_modules(self) -> list[str]:
@@ -128,13 +140,59 @@ class EngineDriver:
 
     # ------------------------------------------------------------------ tasks
     def dispatch(self, task_id: str, attempt: int, engine_id: int) -> None:
+        """Send (task_id, attempt) to its engine: at the next ``flush`` when it needs no
+        checkpoint (with whatever else goes to that engine then), else once it is read."""
         task = self.ctl.core_or_raise().tasks[task_id]
-        sent = None
-        if attempt == 1 and not task.resume_from:  # no checkpoint to read: send it now
-            sent = self._send(task, attempt, engine_id, None)
-        run = asyncio.ensure_future(self._run_task(task_id, attempt, engine_id, sent))
-        self._runs[(task_id, attempt)] = run
-        run.add_done_callback(lambda _f: self._runs.pop((task_id, attempt), None))
+        if attempt == 1 and not task.resume_from:
+            self._outbox.setdefault(engine_id, []).append((task, attempt))
+            return
+        self._track([(task_id, attempt)], self._run_task(task_id, attempt, engine_id))
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Dispatches made inside wait for its end, so that those to one engine leave in
+        as few requests as ``max_batch`` allows (the endings of one reply free several
+        places at once)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what ``dispatch`` collected, one request per engine (``max_batch`` tasks
+        at most each); nothing while ``holding``."""
+        if self._holding or not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for engine_id, entries in outbox.items():
+            for i in range(0, len(entries), self.max_batch):
+                chunk = entries[i : i + self.max_batch]
+                keys = [(task.id, attempt) for task, attempt in chunk]
+                self.requests_sent += 1
+                self.attempts_sent += len(chunk)
+                if len(chunk) == 1:
+                    sent = self._send(chunk[0][0], chunk[0][1], engine_id, None)
+                else:
+                    specs = [self._spec(task, attempt, None) for task, attempt in chunk]
+                    label = hub_records.label(self.ctl.epoch, *keys[0])
+                    sent = self.cluster.send_tasks(engine_id, specs, label)
+                generation = self.cluster.generation
+                report = self._report(keys, engine_id, sent, generation, batched=len(chunk) > 1)
+                self._track(keys, report)
+
+    def _track(self, keys: list[tuple[str, int]], work: Coroutine[Any, Any, None]) -> None:
+        run = asyncio.ensure_future(work)
+        for key in keys:
+            self._runs[key] = run
+
+        def done(_fut: asyncio.Future[Any]) -> None:
+            for key in keys:
+                if self._runs.get(key) is run:
+                    del self._runs[key]
+
+        run.add_done_callback(done)
         run.add_done_callback(log_failure)
 
     def cancel_runs(self) -> None:
@@ -143,51 +201,88 @@ class EngineDriver:
             run.cancel()
         self._runs.clear()
         self._received.clear()
+        self._unreported.clear()
+        self._outbox.clear()
         for _expected, fut in self._message_waiters.values():
             if not fut.done():
                 fut.cancel()
         self._message_waiters.clear()
 
-    async def _run_task(
-        self, task_id: str, attempt: int, engine_id: int, sent: asyncio.Future[Any] | None
+    async def _report(
+        self,
+        keys: list[tuple[str, int]],
+        engine_id: int,
+        sent: asyncio.Future[Any],
+        generation: int,
+        *,
+        batched: bool,
     ) -> None:
-        """Send the attempt unless ``sent`` already (it needs no checkpoint), then report
-        its outcome. Sending at once saves a loop turn before the request leaves (B3)."""
-        generation = self.cluster.generation
-        if sent is None:
-            task = self.ctl.core_or_raise().tasks[task_id]
-            # A later attempt resumes from the task's own last checkpoint (retry,
-            # preemption); else, or before the task saved one, from the task it was
-            # told to resume from.
-            text = await self.ctl.checkpoint_text(task_id) if attempt > 1 else None
-            if text is None and task.resume_from:
-                text = await self.ctl.checkpoint_text(task.resume_from.removeprefix("tasks/"))
-            sent = self._send(task, attempt, engine_id, json.loads(text) if text else None)
+        """Report the outcomes of one request, in order: one attempt's (``run_task``), or
+        several (``runtime.batch.run_tasks``), each skipped if it came early on IOPub
+        (``on_task_message``)."""
+        self._unreported.update(keys)
         try:
-            raw = raise_error(await sent)
-        except Exception as exc:
-            if self.cluster.generation != generation:
+            try:
+                raw = raise_error(await sent)
+            except Exception as exc:
+                if self.cluster.generation != generation:
+                    return
+                outcome = outcome_of_error(exc)
+                with self.holding():
+                    if outcome is None:
+                        self.ctl.handle(msg.EngineLost(engine_id, time.time()))
+                    else:
+                        for key in keys:
+                            self._conclude(key, outcome)
                 return
-            outcome = outcome_of_error(exc)
-            if outcome is None:
-                self.ctl.handle(msg.EngineLost(engine_id, time.time()))
-            else:
-                self.ctl.handle(msg.TaskFinished(task_id, attempt, outcome, time.time()))
-        else:
+            outcomes = [(batch_key(o), o) for o in raw] if batched else [(keys[0], raw)]
             # The reply and the IOPub messages travel on different sockets: wait (briefly)
-            # for the task's last progress/output messages so none lands after the end.
-            await self._messages_seen((task_id, attempt), int(raw.get("published", 0) or 0))
+            # for each task's last progress/output messages so none lands after its end.
+            for key, o in outcomes:
+                if key in self._unreported:
+                    await self._messages_seen(key, int(o.get("published", 0) or 0))
             if self.cluster.generation != generation:
                 return
-            self.ctl.handle(msg.TaskFinished(task_id, attempt, outcome_of(raw), time.time()))
+            with self.holding():
+                for key, o in outcomes:
+                    self._conclude(key, outcome_of(o))
         finally:
-            self._received.pop((task_id, attempt), None)
+            self._unreported.difference_update(keys)
+            for key in keys:
+                self._received.pop(key, None)
+
+    def _conclude(self, key: tuple[str, int], outcome: msg.Outcome) -> None:
+        """One outcome of a batch, the first of its two copies (the reply, the early one)."""
+        if key in self._unreported:
+            self._unreported.discard(key)
+            self.ctl.handle(msg.TaskFinished(key[0], key[1], outcome, time.time()))
+
+    async def _run_task(self, task_id: str, attempt: int, engine_id: int) -> None:
+        """Read the checkpoint the attempt resumes from, send it, report its outcome."""
+        generation = self.cluster.generation
+        task = self.ctl.core_or_raise().tasks[task_id]
+        # A later attempt resumes from the task's own last checkpoint (retry,
+        # preemption); else, or before the task saved one, from the task it was
+        # told to resume from.
+        text = await self.ctl.checkpoint_text(task_id) if attempt > 1 else None
+        if text is None and task.resume_from:
+            text = await self.ctl.checkpoint_text(task.resume_from.removeprefix("tasks/"))
+        sent = self._send(task, attempt, engine_id, json.loads(text) if text else None)
+        self.requests_sent += 1
+        self.attempts_sent += 1
+        await self._report([(task_id, attempt)], engine_id, sent, generation, batched=False)
 
     def _send(
         self, task: Task, attempt: int, engine_id: int, resume_state: Any
     ) -> asyncio.Future[Any]:
         """Send the attempt to its engine; the future of its outcome (``send_task``)."""
-        spec = {
+        spec = self._spec(task, attempt, resume_state)
+        label = hub_records.label(self.ctl.epoch, task.id, attempt)
+        return self.cluster.send_task(engine_id, spec, label)
+
+    def _spec(self, task: Task, attempt: int, resume_state: Any) -> dict[str, Any]:
+        """What the runtime's ``run_task`` gets for the attempt."""
+        return {
             "task_id": task.id,
             "attempt": attempt,
             "task": task.task,
@@ -198,8 +293,6 @@ class EngineDriver:
             "gpu_tolerance_bytes": self.config.gpu_tolerance_bytes,
             "drain_if_not_reclaimed": True,
         }
-        label = hub_records.label(self.ctl.epoch, task.id, attempt)
-        return self.cluster.send_task(engine_id, spec, label)
 
     async def _messages_seen(self, key: tuple[str, int], expected: int) -> None:
         if self._received.get(key, 0) >= expected:
@@ -220,6 +313,11 @@ class EngineDriver:
             self._message_waiters.pop(key, None)
 
     def on_task_message(self, task_id: str, attempt: int, kind: str, payload: Any) -> None:
+        if kind == batch.EARLY_KIND:  # outcomes of a batch, ahead of its reply
+            with self.holding():
+                for o in payload if isinstance(payload, list) else ():
+                    self._conclude(batch_key(o), outcome_of(o))
+            return
         if kind != "load":  # a task's own reports (see _messages_seen)
             key = (task_id, attempt)
             count = self._received[key] = self._received.get(key, 0) + 1
@@ -338,6 +436,18 @@ def log_failure(fut: asyncio.Future[Any]) -> None:
         log.error("background task failed", exc_info=fut.exception())
 
 
+def batch_size(pipeline_depth: int, *, attached: bool) -> int:
+    """Attempts one request may carry: half the depth, so that an engine holds two
+    requests and never idles for a round trip between them. One when attached: a
+    restarted controller finds attempts by their request's label (``reattach``)."""
+    return 1 if attached else max(1, pipeline_depth // 2)
+
+
+def batch_key(outcome: Any) -> tuple[str, int]:
+    """(task_id, attempt) of one outcome of ``runtime.batch.run_tasks``."""
+    return str(outcome.get("task_id", "")), int(outcome.get("attempt", 0) or 0)
+
+
 def outcome_of_error(exc: BaseException) -> msg.Outcome | None:
     """What a failed apply means: None when the engine died, else the task FAILED."""
     if isinstance(IpyparallelCluster.unwrap_error(exc), EngineDied):
@@ -363,4 +473,9 @@ def outcome_of(raw: dict[str, Any]) -> msg.Outcome:
         output=raw.get("output"),
         output_truncated=bool(raw.get("output_truncated", False)),
         resources=raw.get("resources"),
+        seconds=_seconds(raw.get("seconds")),
     )
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None

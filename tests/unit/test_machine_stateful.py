@@ -170,7 +170,8 @@ class ControlCoreWorld(RuleBasedStateMachine):
                 assert not was_shutting_down
                 assert core.engines[engine_id].signals_in_flight == 0
             case Withdraw(engine_id=engine_id, task_id=task_id, attempt=attempt):
-                assert core.engines[engine_id].queued_task == task_id
+                queue = core._pool.queue_of(core.engines[engine_id])
+                assert (task_id, attempt) in [(q.task_id, q.attempt) for q in queue]
                 self.withdrawals[(engine_id, task_id, attempt)] = None
             case StartEngine():
                 self.requested_starts += 1
@@ -302,6 +303,7 @@ class ControlCoreWorld(RuleBasedStateMachine):
         status=st.sampled_from(OutcomeStatus),
         stage=st.sampled_from([EscalationStage.SIGINT, EscalationStage.SIGTERM]),
         reclaimed=st.booleans(),
+        seconds=st.sampled_from([None, 0.001, 0.5]),
     )
     def task_finishes(
         self,
@@ -309,9 +311,11 @@ class ControlCoreWorld(RuleBasedStateMachine):
         status: OutcomeStatus,
         stage: EscalationStage,
         reclaimed: bool,
+        seconds: float | None,
     ) -> None:
         engine_id = data.draw(st.sampled_from(self.busy()))
-        outcome = Outcome(status, value=1, stage=stage, resources={"reclaimed": reclaimed})
+        resources = {"reclaimed": reclaimed}
+        outcome = Outcome(status, value=1, stage=stage, resources=resources, seconds=seconds)
         self.finish(engine_id, outcome)
 
     @precondition(lambda self: bool(self.busy()))
@@ -366,8 +370,13 @@ class ControlCoreWorld(RuleBasedStateMachine):
     @invariant()
     def queue_holds_the_pending_tasks_but_those_waiting_out_a_backoff(self) -> None:
         pending = {t.id for t in self.core.tasks.values() if t.state is TaskState.PENDING}
-        behind = [e.queued_task for e in self.core.engines.values() if e.queued_task is not None]
+        behind = [q.task_id for _engine, q in self.core._pool.queued()]
         assert len(set(behind)) == len(behind)  # one engine per queued task
+        for engine in self.core.engines.values():
+            depth = len(self.core._pool.queue_of(engine))
+            if depth > 1:  # deeper than one only behind short tasks
+                assert depth < self.PIPELINE_DEPTH
+                assert engine.current_task is not None or engine.state is not EngineState.BUSY
         queued = set(self.core.queued_task_ids())
         assert not queued & set(behind)
         assert queued | set(behind) <= pending
@@ -440,7 +449,8 @@ class ControlCoreWorld(RuleBasedStateMachine):
                 status = OutcomeStatus.SUCCEEDED
                 if core.tasks[engine.current_task].state is TaskState.INTERRUPTING:
                     status = OutcomeStatus.INTERRUPTED
-                self.finish(engine_id, Outcome(status, stage=EscalationStage.SIGINT))
+                outcome = Outcome(status, stage=EscalationStage.SIGINT, seconds=0.001)
+                self.finish(engine_id, outcome)
             for key in [k for k in self.timers if k.kind is TimerKind.RETRY]:
                 del self.timers[key]
                 self.apply(TimerFired(key, self.tick()))
@@ -475,6 +485,12 @@ class PipelinedWorld(ControlCoreWorld):
     def queued(self) -> list[int]:
         return [e.id for e in self.core.engines.values() if e.queued_task is not None]
 
+    def queued_attempt(self, data: st.DataObject, engine_id: int) -> tuple[str, int]:
+        """The first attempt queued on the engine (the one that can report)."""
+        engine = self.core.engines[engine_id]
+        assert engine.queued_task is not None
+        return engine.queued_task, engine.queued_attempt
+
     @precondition(lambda self: bool(self.withdrawals))
     @rule(data=st.data(), withdrawn=st.booleans())
     def engine_answers_a_withdrawal(self, data: st.DataObject, withdrawn: bool) -> None:
@@ -485,9 +501,7 @@ class PipelinedWorld(ControlCoreWorld):
     @precondition(lambda self: bool(self.queued()))
     @rule(data=st.data())
     def queued_task_reports_early(self, data: st.DataObject) -> None:
-        engine = self.core.engines[data.draw(st.sampled_from(self.queued()))]
-        assert engine.queued_task is not None
-        task_id, attempt = engine.queued_task, engine.queued_attempt
+        task_id, attempt = self.queued_attempt(data, data.draw(st.sampled_from(self.queued())))
         kind = data.draw(st.sampled_from(["progress", "output", "not_started"]))
         if kind == "progress":
             self.apply(TaskProgressed(task_id, attempt, 0.5, "early", self.tick()))
@@ -498,7 +512,20 @@ class PipelinedWorld(ControlCoreWorld):
             self.apply(TaskFinished(task_id, attempt, outcome, self.tick()))
 
 
-for world in (ControlCoreWorld, PipelinedWorld):
+class DeeplyPipelinedWorld(PipelinedWorld):
+    """Depth 4: short tasks (the runs that report 1 ms) may be queued three deep."""
+
+    PIPELINE_DEPTH = 4
+
+    def queued_attempt(self, data: st.DataObject, engine_id: int) -> tuple[str, int]:
+        """Any attempt queued on the engine: the engine reports them in order, but the
+        core must stay sound whichever arrives."""
+        queue = self.core._pool.queue_of(self.core.engines[engine_id])
+        queued = data.draw(st.sampled_from(queue))
+        return queued.task_id, queued.attempt
+
+
+for world in (ControlCoreWorld, PipelinedWorld, DeeplyPipelinedWorld):
     world.TestCase.settings = settings(
         max_examples=300,
         stateful_step_count=50,
@@ -507,3 +534,4 @@ for world in (ControlCoreWorld, PipelinedWorld):
     )
 test_control_core_under_random_events = ControlCoreWorld.TestCase
 test_pipelined_core_under_random_events = PipelinedWorld.TestCase
+test_deeply_pipelined_core_under_random_events = DeeplyPipelinedWorld.TestCase

@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,19 +18,6 @@ import tether_server.tasks.demo  # noqa: F401  (registers the demo tasks)
 from tether_server.runtime.attempts import BOOK, AttemptBook
 from tether_server.runtime.engine import run_task
 from tether_server.runtime.guard import GUARD, TaskSignals
-
-
-@pytest.fixture
-def guard() -> Iterator[None]:
-    original_int = signal.getsignal(signal.SIGINT)
-    original_term = signal.getsignal(signal.SIGTERM)
-    GUARD.install()
-    try:
-        yield
-    finally:
-        GUARD.uninstall()
-        signal.signal(signal.SIGINT, original_int)
-        signal.signal(signal.SIGTERM, original_term)
 
 
 def spec(task_id: str, name: str, **args: Any) -> dict[str, Any]:

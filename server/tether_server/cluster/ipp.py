@@ -31,6 +31,7 @@ from ipyparallel import error as ipp_error
 from tornado.ioloop import IOLoop
 from traitlets.config import Config
 
+from ..runtime import batch as engine_batch
 from ..runtime import engine as engine_runtime
 from ..runtime.engine import detected_tags
 from ..runtime.placement import process_namespace
@@ -399,8 +400,21 @@ class IpyparallelCluster:
         what the engine raised (``RemoteError``), ``EngineError`` included, or
         ``EngineDied`` for a request that could not be sent.
         """
+        return self._send_or_fail(engine_id, engine_runtime.run_task, spec, label)
+
+    def send_tasks(
+        self, engine_id: int, specs: list[dict[str, Any]], label: str = ""
+    ) -> asyncio.Future[Any]:
+        """Send several tasks to one engine in one request (``runtime.batch.run_tasks``);
+        the future of their outcomes (a list, in order), or of the error, as ``send_task``."""
+        return self._send_or_fail(engine_id, engine_batch.run_tasks, specs, label)
+
+    def _send_or_fail(
+        self, engine_id: int, function: Any, arg: Any, label: str
+    ) -> asyncio.Future[Any]:
+        """``_send_apply``, with a request that could not be sent as the future's error."""
         try:
-            return self._send_apply(engine_id, engine_runtime.run_task, spec, label)
+            return self._send_apply(engine_id, function, arg, label)
         except Exception as exc:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_result(exc)

@@ -65,6 +65,8 @@ def on_finished(core: ControlCore, event: TaskFinished, out: list[Instruction]) 
     if engine is None:
         return  # stale: that attempt already ended (e.g. its engine was lost)
     task = core.tasks[event.task_id]
+    if event.outcome.seconds is not None:
+        core._pace.record(task.task, event.outcome.seconds)
     recycle = False
     if task.state.active and task.attempt == event.attempt:
         recycle = conclude(
@@ -73,12 +75,8 @@ def on_finished(core: ControlCore, event: TaskFinished, out: list[Instruction]) 
     core._pool.release(engine)
     if recycle:  # the runtime starts nothing more there: the queued task comes back
         out.append(core._pool.kill(engine, "resources not reclaimed"))
-    elif (
-        engine.state is EngineState.IDLE  # not on its way to SIGKILL
-        and (slot := core._pool.slot(engine)) is not None
-        and not slot.withdrawing
-    ):
-        pipeline.promote(core, engine, event.now, out)
+    else:  # not on its way to SIGKILL: the next queued one runs
+        pipeline.settle(core, engine, event.now, out)
     core._dispatch(event.now, out)
 
 

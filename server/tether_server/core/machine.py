@@ -49,9 +49,10 @@ TaskFinished) -> STOPPING (KillEngine: escalation or recycling) -> LOST
 no other, holding it until the attempt begins if need be (``runtime.attempts``), and
 no task is dispatched to an engine while a signal to it is in flight.
 
-With ``pipeline_depth`` 2 a BUSY engine also holds one task queued behind its
-running one (still PENDING, ``attempt`` counted): see ``core/pipeline.py`` for
-its turn, its withdrawal (interrupts, priority, shutdown) and its losses.
+With ``pipeline_depth`` N > 1 a BUSY engine also holds one task queued behind its
+running one, and up to N - 1 when they are all short (still PENDING, ``attempt``
+counted): see ``core/pipeline.py`` for their turns, their withdrawal (interrupts,
+priority, shutdown) and their losses.
 
 Every change to a task bumps its revision and yields one ``Publish`` carrying a
 snapshot (a copy), which is what the event log and the subscribers see.
@@ -110,6 +111,7 @@ from .model import (
     TaskError,
     TaskState,
 )
+from .pace import Pace
 from .pipeline import SHUTDOWN_REASON, SYSTEM, Report
 from .pool import EnginePool
 from .preemption import Preemption
@@ -159,6 +161,8 @@ class ControlCore:
             pipeline_depth=pipeline_depth,
         )
         self._queue = PendingQueue()
+        self._pace = Pace()
+        """Recent run times of each task function: who may be queued several deep."""
         self._next_revision = first_revision
         self._shutting_down = False
         self.preempt_min_runtime = preempt_min_runtime
@@ -206,8 +210,7 @@ class ControlCore:
         if restoring.interrupt_deferred(self, task_id):
             return True  # it is applied when the restarted controller knows where the task is
         task = self.tasks.get(task_id)
-        engine = self._pool.queued_on(task_id, task.attempt) if task is not None else None
-        slot = self._pool.slot(engine) if engine is not None else None
+        slot = self._pool.slot_of(task_id, task.attempt) if task is not None else None
         return slot is not None and slot.cancel is not None
 
     @property
@@ -397,8 +400,8 @@ class ControlCore:
         kept in the store and run after a restart. ``detach``: what runs goes on (the
         next controller re-attaches to it, ``core/restore.py``)."""
         self._shutting_down = True
-        for engine, _queued in self._pool.queued():
-            pipeline.withdraw(self, engine, out)  # back to the queue: kept PENDING for a restart
+        for engine, queued in self._pool.queued():
+            pipeline.withdraw(self, engine, out, queued)  # back to the queue: kept PENDING
         if detach:
             return
         for engine in list(self.engines.values()):
@@ -492,17 +495,15 @@ class ControlCore:
         # An urgent task that found no idle engine frees one by preemption, and then waits
         # for that engine rather than being queued behind another running task.
         requeueing.preempt(self, now, out)
-        # Pipelined dispatch: one more behind each running task that is not being stopped.
+        # Pipelined dispatch: more behind each running task that is not being stopped.
         behind = [
             engine
             for engine in self._pool.queueable()
             if self.tasks[engine.current_task or ""].state is TaskState.RUNNING
+            and pipeline.room(self, engine) > 0
         ]
         if behind:
-            # Lazy: the plan stops at the first tasks that fill ``behind``, so a long queue
-            # costs a dispatch nothing beyond them.
-            waiting = (t for t in self._queue if requeueing.may_queue_behind(self, t))
-            pipeline.queue_behind_running(self, plan_dispatch(waiting, self.tasks, behind), out)
+            pipeline.queue_behind_running(self, behind, out)
         if self._queue:
             pipeline.reclaim_queued(self, out)
 

@@ -135,6 +135,8 @@ class Outcome:
     output_truncated: bool = False
     resources: dict[str, Any] | None = None
     """ResourceReport fields as measured by the runtime (``reclaimed`` among them)."""
+    seconds: float | None = None
+    """How long the call of the task function took on the engine (``core.pace``)."""
 
 
 @dataclass(frozen=True, slots=True)

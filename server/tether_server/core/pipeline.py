@@ -31,8 +31,10 @@ The rules, all decided here without I/O:
 
 from __future__ import annotations
 
+from itertools import takewhile
 from typing import TYPE_CHECKING
 
+from . import requeueing
 from .messages import (
     Dispatch,
     Event,
@@ -55,8 +57,9 @@ from .model import (
     TaskError,
     TaskState,
 )
+from .pool import QueuedAttempt
 from .records import InvariantViolation
-from .scheduling import choose_engine, queue_key
+from .scheduling import choose_engine, plan_dispatch, queue_key
 
 if TYPE_CHECKING:
     from .machine import ControlCore
@@ -76,29 +79,69 @@ def hold(core: ControlCore, event: Event, out: list[Instruction]) -> bool:
     engine = core._pool.queued_on(event.task_id, event.attempt)
     if engine is None:
         return False
+    queued = core._pool.slot_of(event.task_id, event.attempt)
+    assert queued is not None
     if isinstance(event, TaskFinished) and event.outcome.status is OutcomeStatus.NOT_STARTED:
-        unqueue(core, engine, out)  # withdrawn, or a recycled engine
+        unqueue(core, engine, out, queued)  # withdrawn, or a recycled engine
+        settle(core, engine, event.now, out)
         core._dispatch(event.now, out)
     else:
-        slot = core._pool.slot(engine)
-        assert slot is not None
-        slot.early.append(event)
+        queued.early.append(event)
     return True
 
 
-def queue_behind_running(
-    core: ControlCore, plan: list[tuple[Task, Engine]], out: list[Instruction]
-) -> None:
-    """Queue each planned task behind its engine's running task."""
-    for task, engine in plan:
-        core._queue.remove(task.id)
-        task.attempt += 1
-        core._pool.queue_behind(engine, task)
-        out.append(Dispatch(task.id, task.attempt, engine.id))
+def room(core: ControlCore, engine: Engine) -> int:
+    """How many more tasks ``engine`` may hold behind its running one now.
+
+    One, the place right behind the running task, for any task. Deeper places (up to
+    ``pipeline_depth`` - 1 queued) only while the running task and everything queued
+    are of functions whose recent runs were short (``pace.Pace``): a long task is
+    never stuck behind a row of others, and a row of short ones costs its last
+    member little wait. Whoever takes a deeper place must be short as well
+    (``queue_behind_running``)."""
+    queue = core._pool.queue_of(engine)
+    if not queue:
+        return 1
+    limit = core._pool.pipeline_depth - 1
+    if len(queue) >= limit or not core._pace.short(core.tasks[engine.current_task or ""].task):
+        return 0
+    if not all(core._pace.short(core.tasks[q.task_id].task) for q in queue):
+        return 0
+    return limit - len(queue)
+
+
+def queue_behind_running(core: ControlCore, behind: list[Engine], out: list[Instruction]) -> None:
+    """Queue waiting tasks behind the running ones of ``behind`` while they have room.
+
+    Round by round, one task per engine per round (``plan_dispatch``), so a burst is
+    spread over the engines. A deeper place takes only a short task, and only while
+    no waiting task that is not short is ahead of it in the queue: short tasks never
+    overtake a long one into places it could not have.
+    """
+    while behind:
+        shallow = [engine for engine in behind if core._pool.slot(engine) is None]
+        deep = [engine for engine in behind if core._pool.slot(engine) is not None]
+        waiting = (t for t in core._queue if requeueing.may_queue_behind(core, t))
+        plan = plan_dispatch(waiting, core.tasks, shallow) if shallow else []
+        if deep:
+            taken = {task.id for task, _engine in plan}
+            short = takewhile(
+                lambda t: core._pace.short(core.tasks[t].task),
+                (t for t in core._queue if t not in taken and requeueing.may_queue_behind(core, t)),
+            )
+            plan += plan_dispatch(short, core.tasks, deep)
+        if not plan:
+            return
+        for task, engine in plan:
+            core._queue.remove(task.id)
+            task.attempt += 1
+            core._pool.queue_behind(engine, task)
+            out.append(Dispatch(task.id, task.attempt, engine.id))
+        behind = [engine for _task, engine in plan if room(core, engine) > 0]
 
 
 def promote(core: ControlCore, engine: Engine, now: float, out: list[Instruction]) -> None:
-    """The running task ended: the queued one runs now (its early reports replayed)."""
+    """The running task ended: the first queued one runs now (its early reports replayed)."""
     queued = core._pool.unqueue(engine)
     task = core.tasks[queued.task_id]
     if task.state is not TaskState.PENDING:
@@ -117,26 +160,44 @@ def promote(core: ControlCore, engine: Engine, now: float, out: list[Instruction
         out.extend(core.handle(report))  # type: ignore[arg-type]
 
 
-def withdraw(core: ControlCore, engine: Engine, out: list[Instruction]) -> None:
-    """Ask ``engine`` not to start its queued task (once)."""
+def settle(core: ControlCore, engine: Engine, now: float, out: list[Instruction]) -> None:
+    """An idle engine whose first queued attempt is not being withdrawn runs it now: the
+    engine runs its queue in order, so that attempt is what it works on."""
     slot = core._pool.slot(engine)
-    if slot is None or slot.withdrawing:
-        return
-    slot.withdrawing = True
-    out.append(Withdraw(engine.id, slot.task_id, slot.attempt))
+    if (
+        slot is not None
+        and not slot.withdrawing
+        and engine.current_task is None
+        and engine.state is EngineState.IDLE
+    ):
+        promote(core, engine, now, out)
+
+
+def withdraw(
+    core: ControlCore, engine: Engine, out: list[Instruction], queued: QueuedAttempt | None = None
+) -> None:
+    """Ask ``engine`` not to start ``queued`` (default: everything queued there), once each."""
+    for slot in [queued] if queued is not None else core._pool.queue_of(engine):
+        if not slot.withdrawing:
+            slot.withdrawing = True
+            out.append(Withdraw(engine.id, slot.task_id, slot.attempt))
 
 
 def on_withdrawn(core: ControlCore, event: Withdrawn, out: list[Instruction]) -> None:
     engine = core._pool.queued_on(event.task_id, event.attempt)
-    slot = core._pool.slot(engine) if engine is not None else None
+    slot = core._pool.slot_of(event.task_id, event.attempt)
     if engine is None or slot is None or engine.id != event.engine_id:
         return  # it ended some other way meanwhile
     slot.withdrawing = False
-    slot.began = not event.withdrawn
     if event.withdrawn:
-        unqueue(core, engine, out)
-    elif engine.current_task is None and engine.state is EngineState.IDLE:
-        promote(core, engine, event.now, out)  # the running one ended
+        unqueue(core, engine, out, slot)
+    else:
+        # It began, so everything queued before it did too (the engine runs them in order).
+        for queued in core._pool.queue_of(engine):
+            queued.began = True
+            if queued is slot:
+                break
+    settle(core, engine, event.now, out)  # the running one ended meanwhile
     core._dispatch(event.now, out)
 
 
@@ -148,17 +209,20 @@ def cancel_queued(
     False when ``task`` is not queued on an engine (it waits in the core's queue).
     """
     engine = core._pool.queued_on(task.id, task.attempt)
-    slot = core._pool.slot(engine) if engine is not None else None
+    slot = core._pool.slot_of(task.id, task.attempt)
     if engine is None or slot is None:
         return False
     slot.cancel = slot.cancel or event
-    withdraw(core, engine, out)
+    withdraw(core, engine, out, slot)
     return True
 
 
-def unqueue(core: ControlCore, engine: Engine, out: list[Instruction]) -> None:
-    """The queued task will not start there: back to the queue, or CANCELLED if asked."""
-    queued = core._pool.unqueue(engine)
+def unqueue(
+    core: ControlCore, engine: Engine, out: list[Instruction], queued: QueuedAttempt | None = None
+) -> None:
+    """A queued task (default: the first) will not start there: back to the queue, or
+    CANCELLED if asked."""
+    queued = core._pool.unqueue(engine, queued)
     task = core.tasks[queued.task_id]
     if isinstance(queued.cancel, InterruptRequested):
         core._cancel_pending(task, queued.cancel, out)
@@ -174,44 +238,47 @@ def unqueue_lost(
     now: float,
     out: list[Instruction],
 ) -> None:
-    """The engine is gone: its queued task goes back to the queue, unless it had begun."""
-    slot = core._pool.slot(engine)
-    if slot is None:
-        return
-    if not slot.began and not slot.early:  # no word from it: it had not begun
-        unqueue(core, engine, out)
-        return
-    task = core.tasks[slot.task_id]
-    core._pool.unqueue(engine)
-    core._finish(task, TaskState.FAILED, TaskError(reason, message=message), now, out)
+    """The engine is gone: its queued tasks go back to the queue, but for those that had
+    begun: those ended with it. The engine runs its queue in order, so the last one
+    with word of a start (an answer to a withdrawal, an early report) and all before
+    it had begun; the rest had not, as far as anyone can tell."""
+    queue = core._pool.queue_of(engine)
+    begun = max((i + 1 for i, q in enumerate(queue) if q.began or q.early), default=0)
+    for i, queued in enumerate(queue):
+        if i >= begun:
+            unqueue(core, engine, out, queued)
+            continue
+        core._pool.unqueue(engine, queued)
+        task = core.tasks[queued.task_id]
+        core._finish(task, TaskState.FAILED, TaskError(reason, message=message), now, out)
 
 
 def rebalance(core: ControlCore, out: list[Instruction]) -> None:
     """Idle engines take back what waits behind busy ones (no head-of-line blocking).
 
     A task queued behind a long one would otherwise wait for it while another
-    engine idles: each idle engine withdraws one queued task that fits it, behind
-    the running task that started first. Nothing happens while every engine is busy
-    (the usual case under load), so this costs nothing when pipelining pays.
+    engine idles: each idle engine withdraws one queued task that fits it (the last
+    queued there, the least likely to have begun), behind the running task that
+    started first. Nothing happens while every engine is busy (the usual case under
+    load), so this costs nothing when pipelining pays.
     """
     if core._pool.pipeline_depth < 2:
         return
     idle = core._pool.dispatchable()
     if not idle:
         return
-    queued = [
-        (engine, slot)
-        for engine, slot in core._pool.queued()
-        if not slot.withdrawing and slot.cancel is None and engine.current_task is not None
-    ]
-
+    queued: list[tuple[Engine, QueuedAttempt]] = []
+    for engine in {e.id: e for e, _q in core._pool.queued()}.values():
+        tail = core._pool.queue_of(engine)[-1]
+        if engine.current_task is not None and not tail.withdrawing and tail.cancel is None:
+            queued.append((engine, tail))
     queued.sort(key=lambda pair: core.tasks[pair[0].current_task or ""].start_time or 0.0)
     for engine, slot in queued:
         if not idle:
             return
         taker = choose_engine(core.tasks[slot.task_id].required_tags, idle)
         if taker is not None:
-            withdraw(core, engine, out)
+            withdraw(core, engine, out, slot)
             idle.remove(taker)
 
 
@@ -223,7 +290,7 @@ def reclaim_queued(core: ControlCore, out: list[Instruction]) -> None:
     the urgent task at the next dispatch.
     """
     candidates = [
-        (engine, core.tasks[slot.task_id])
+        (engine, slot)
         for engine, slot in core._pool.queued()
         if not slot.withdrawing and slot.cancel is None
     ]
@@ -231,15 +298,15 @@ def reclaim_queued(core: ControlCore, out: list[Instruction]) -> None:
         if not candidates:
             return
         task = core.tasks[task_id]
-        if task.priority <= min(queued.priority for _engine, queued in candidates):
+        if task.priority <= min(core.tasks[slot.task_id].priority for _e, slot in candidates):
             return  # the queue is in priority order: nobody later outranks a queued task
         needed = frozenset(task.required_tags)
         fitting = [
             pair
             for pair in candidates
-            if needed <= pair[0].tags and pair[1].priority < task.priority
+            if needed <= pair[0].tags and core.tasks[pair[1].task_id].priority < task.priority
         ]
         if fitting:
-            worst = max(fitting, key=lambda pair: queue_key(pair[1]))
-            withdraw(core, worst[0], out)
+            worst = max(fitting, key=lambda pair: queue_key(core.tasks[pair[1].task_id]))
+            withdraw(core, worst[0], out, worst[1])
             candidates.remove(worst)

@@ -5,8 +5,10 @@ may be signalled, and when a lost engine is replaced.
 engines from stray signals in one place:
 
 * an engine runs at most one task, named by (``current_task``, ``current_attempt``),
-  and with pipelined dispatch (``pipeline_depth`` 2) holds at most one more queued
-  behind it (``queued_task``, ``queued_attempt``), so it never idles for a round trip;
+  and with pipelined dispatch (``pipeline_depth`` N > 1) holds up to N - 1 more queued
+  behind it, in the order it runs them (the first is ``queued_task``,
+  ``queued_attempt``), so it never idles for a round trip. How many it may hold is the
+  core's decision (``core/pipeline.py``: one, unless every task on it is known short);
 * a signal is only sent to an engine that runs exactly the (task, attempt) it is
   meant for. The signal names its attempt and the engine raises it only for that one
   (``runtime.attempts``), holding it until the attempt begins if it has not yet: a
@@ -30,6 +32,9 @@ from .escalation import SIGNALLED_STAGES
 from .messages import KillEngine, SignalEngine, StartEngine
 from .model import Engine, EngineState, EscalationStage, Task
 from .records import InvariantViolation
+
+MAX_PIPELINE_DEPTH = 32
+"""Tasks one engine may hold (running + queued) at most, whatever the configuration says."""
 
 
 @dataclass(slots=True)
@@ -63,14 +68,15 @@ class EnginePool:
     ) -> None:
         if spare_engines < 0:
             raise ValueError("spare_engines must not be negative")
-        if pipeline_depth not in (1, 2):
-            raise ValueError("pipeline_depth must be 1 or 2")
+        if not 1 <= pipeline_depth <= MAX_PIPELINE_DEPTH:
+            raise ValueError(f"pipeline_depth must be 1 to {MAX_PIPELINE_DEPTH}")
         self.engines: dict[int, Engine] = {}
         self.pipeline_depth = pipeline_depth
         self._slots: dict[tuple[str, int], Engine] = {}
         """Engines by the (task, attempt) queued behind their running task."""
-        self._queued: dict[int, QueuedAttempt] = {}
-        """The queued attempt of each engine that has one, by engine id."""
+        self._queued: dict[int, list[QueuedAttempt]] = {}
+        """The queued attempts of each engine that has some, by engine id, in the order
+        the engine runs them."""
         self.target_engines = target_engines
         self.spare_engines = spare_engines
         self.replace_lost_engines = replace_lost_engines
@@ -139,7 +145,8 @@ class EnginePool:
         return None
 
     def queueable(self) -> list[Engine]:
-        """Engines that may take a task behind their running one (pipelined dispatch)."""
+        """Engines that may take a task behind their running one (pipelined dispatch),
+        room permitting (``room``)."""
         if self.pipeline_depth < 2:
             return []
         return [
@@ -147,45 +154,71 @@ class EnginePool:
             for engine in self.engines.values()
             if engine.state is EngineState.BUSY
             and engine.current_task is not None
-            and engine.queued_task is None
             and engine.signals_in_flight == 0
             and not engine.spare
             and engine.id not in self.unready
         ]
 
     def queue_behind(self, engine: Engine, task: Task) -> None:
-        """Queue (task, task.attempt) behind ``engine``'s running task."""
-        if engine.state is not EngineState.BUSY or engine.queued_task is not None:
+        """Queue (task, task.attempt) behind what ``engine`` runs and holds already (how
+        deep is the core's choice, ``pipeline.room``; a restarted controller takes up
+        what the engine holds, whatever its own depth)."""
+        if engine.state is not EngineState.BUSY:
             raise InvariantViolation(f"engine {engine.id} cannot queue a task now")
-        engine.queued_task = task.id
-        engine.queued_attempt = task.attempt
+        self._queued.setdefault(engine.id, []).append(QueuedAttempt(task.id, task.attempt))
         self._slots[(task.id, task.attempt)] = engine
-        self._queued[engine.id] = QueuedAttempt(task.id, task.attempt)
+        self._name_head(engine)
 
     def queued_on(self, task_id: str, attempt: int) -> Engine | None:
         """The engine holding (task_id, attempt) queued behind its running task, if any."""
         return self._slots.get((task_id, attempt))
 
     def queued(self) -> list[tuple[Engine, QueuedAttempt]]:
-        """Engines holding a queued task, with it."""
-        return [(self.engines[engine_id], q) for engine_id, q in self._queued.items()]
+        """Every queued attempt with its engine (each engine's in the order it runs them)."""
+        return [
+            (self.engines[engine_id], q) for engine_id, queue in self._queued.items() for q in queue
+        ]
+
+    def queue_of(self, engine: Engine) -> list[QueuedAttempt]:
+        """The attempts queued on ``engine``, in the order it runs them (a copy)."""
+        return list(self._queued.get(engine.id, ()))
 
     @property
     def queued_count(self) -> int:
         """Tasks queued behind running ones."""
-        return len(self._queued)
+        return len(self._slots)
 
     def slot(self, engine: Engine) -> QueuedAttempt | None:
-        """The attempt queued behind ``engine``'s running task, if any."""
-        return self._queued.get(engine.id)
+        """The attempt ``engine`` runs next (the first queued), if any."""
+        queue = self._queued.get(engine.id)
+        return queue[0] if queue else None
 
-    def unqueue(self, engine: Engine) -> QueuedAttempt:
-        """Take the queued attempt off ``engine`` and return it."""
-        queued = self._queued.pop(engine.id)
+    def slot_of(self, task_id: str, attempt: int) -> QueuedAttempt | None:
+        """What the pool knows of queued (task_id, attempt), if it is queued."""
+        engine = self._slots.get((task_id, attempt))
+        if engine is None:
+            return None
+        for queued in self._queued[engine.id]:
+            if (queued.task_id, queued.attempt) == (task_id, attempt):
+                return queued
+        raise InvariantViolation(f"{task_id} attempt {attempt} is queued nowhere")
+
+    def unqueue(self, engine: Engine, queued: QueuedAttempt | None = None) -> QueuedAttempt:
+        """Take ``queued`` (default: the first) off ``engine`` and return it."""
+        queue = self._queued[engine.id]
+        if queued is None:
+            queued = queue[0]
+        queue.remove(queued)
+        if not queue:
+            del self._queued[engine.id]
         self._slots.pop((queued.task_id, queued.attempt), None)
-        engine.queued_task = None
-        engine.queued_attempt = 0
+        self._name_head(engine)
         return queued
+
+    def _name_head(self, engine: Engine) -> None:
+        head = self.slot(engine)
+        engine.queued_task = None if head is None else head.task_id
+        engine.queued_attempt = 0 if head is None else head.attempt
 
     def assign(self, engine: Engine, task: Task) -> None:
         """Put (task, task.attempt) on an idle engine."""

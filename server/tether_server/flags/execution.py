@@ -6,9 +6,21 @@ from __future__ import annotations
 import argparse
 
 from ..core.model import GracePeriods
+from ..core.pool import MAX_PIPELINE_DEPTH
 from .values import duration, size
 
 __all__ = ["add_flags", "grace"]
+
+
+def pipeline_depth(text: str) -> int:
+    """``--pipeline-depth``: an integer from 1 to ``MAX_PIPELINE_DEPTH``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_PIPELINE_DEPTH:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_PIPELINE_DEPTH}, not {value}")
+    return value
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +36,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--pipeline-depth",
-        type=int,
-        choices=(1, 2),
-        default=2,
-        help="tasks each engine holds: 2 sends the next task while one runs, so an engine "
-        "never idles for a round trip (signals stay exact: they name their attempt); 1 sends a "
-        "task only to an idle engine (default %(default)s)",
+        type=pipeline_depth,
+        default=8,
+        help="tasks each engine holds at most (1-32): the next task is sent while one runs, so "
+        "an engine never idles for a round trip (signals stay exact: they name their attempt); "
+        "tasks whose recent runs took under 20 ms are queued deeper and sent several to a "
+        "request (half the depth); 1 sends a task only to an idle engine; attached mode "
+        "holds 2 at most (default %(default)s)",
     )
     group.add_argument(
         "--grace-sigint",

@@ -32,6 +32,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -196,7 +197,9 @@ def run_task(spec: dict[str, Any], *, sink: Sink | None = None) -> dict[str, Any
     The outcome: ``status`` (succeeded / failed / interrupted), ``value`` (JSON),
     ``error_type``, ``error_message``, ``traceback``, ``stage`` (SIGINT / SIGTERM / ""),
     ``output`` and ``output_truncated`` (the bounded tail of ``ctx.emit``),
-    ``resources`` (see :class:`~.resources.ResourceReport`) and ``hooks_run``.
+    ``resources`` (see :class:`~.resources.ResourceReport`), ``hooks_run``, ``published``
+    (the reports sent on IOPub) and ``seconds`` (how long the task function ran, hooks
+    included).
 
     Never raises: a task's exception, ``KeyboardInterrupt``, ``TaskTerminated`` and even
     ``SystemExit`` become the outcome. Signals are armed for this attempt from the first
@@ -258,7 +261,9 @@ class _Attempt:
 
     def run(self) -> dict[str, Any]:
         before = take_snapshot()
+        began = time.perf_counter()
         failed = self._call()
+        seconds = time.perf_counter() - began
         report = self._measure(before, kill_new_children(before), failed)
         if not report.reclaimed and self.drain_if_held:
             # The controller recycles this engine: what is queued behind must not start.
@@ -276,6 +281,7 @@ class _Attempt:
             "resources": report.as_dict(),
             "hooks_run": self.hooks_run,
             "published": self.ctx.published,
+            "seconds": seconds,
         }
 
     def _call(self) -> bool:

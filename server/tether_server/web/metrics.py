@@ -270,6 +270,19 @@ class StateCollector(Collector):
             "Streams ended with UNAVAILABLE / SUBSCRIBER_LAGGING because they fell behind.",
             cutoffs,
         )
+        driver = getattr(ctl, "engines_driver", None)
+        if driver is not None:
+            yield CounterMetricFamily(
+                "tether_task_requests",
+                "Requests sent to engines to run tasks: one task each, or several short ones "
+                "under load (--pipeline-depth).",
+                driver.requests_sent,
+            )
+            yield CounterMetricFamily(
+                "tether_task_request_attempts",
+                "Task attempts those requests carried.",
+                driver.attempts_sent,
+            )
         yield _gauge(
             "tether_event_log_revision",
             "Revision of the newest published event.",
