@@ -72,6 +72,7 @@ def test_short_tasks_are_queued_up_to_the_depth_and_the_rest_wait() -> None:
     assert [d.task_id for d in out] == ["t0", "t1", "t2", "t3"]  # one runs, three queued
     assert core.engines[0].current_task == "t0"
     assert queue_of(core) == ["t1", "t2", "t3"]
+    assert (core.engines[0].queued_task, core.engines[0].queued_count) == ("t1", 3)
     assert core.queued_task_ids() == ["t4", "t5"]
     assert all(core.tasks[t].state is TaskState.PENDING for t in ("t1", "t2", "t3"))
 

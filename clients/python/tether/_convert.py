@@ -342,4 +342,5 @@ def _engine_from_proto(message: cluster_service_pb2.Engine) -> Engine:
         raw=message,
         spare=message.spare,
         queued_task=message.queued_task,
+        queued_tasks=message.queued_tasks,
     )

@@ -450,6 +450,8 @@ class Engine:
     """A warm spare: ready, given no task until it takes a lost engine's place."""
     queued_task: str = ""
     """Name of the task queued behind the running one (pipelined dispatch), ``""`` if none."""
+    queued_tasks: int = 0
+    """How many tasks are queued behind the running one (``queued_task`` is the first)."""
 
 
 @dataclass(frozen=True)

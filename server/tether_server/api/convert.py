@@ -246,6 +246,7 @@ def engine_to_pb(e: m.Engine) -> cpb.Engine:
         state=cpb.EngineState.ValueType(e.state.value),
         current_task=f"tasks/{e.current_task}" if e.current_task else "",
         queued_task=f"tasks/{e.queued_task}" if e.queued_task else "",
+        queued_tasks=e.queued_count,
         tasks_done=e.tasks_done,
         tags=sorted(e.tags),
         spare=e.spare,

@@ -251,3 +251,5 @@ class Engine:
     """Bare id of the task queued behind the running one (pipelined dispatch); it stays
     PENDING until its turn."""
     queued_attempt: int = 0
+    queued_count: int = 0
+    """Tasks queued behind the running one (``queued_task`` is the first)."""

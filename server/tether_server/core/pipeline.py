@@ -1,32 +1,41 @@
-"""Pipelined dispatch: the part of the control core that queues a task behind a running one.
+"""Pipelined dispatch: the part of the control core that queues tasks behind a running one.
 
-With ``pipeline_depth`` 2 an engine holds its running task and one more, sent at once
-(``Dispatch``) so that the engine starts it the moment the running one ends, without a
-round trip to the controller. The queued task stays PENDING (it has not started), is
-counted as dispatched (``attempt`` + 1) and is named by its engine's
-``queued_task``/``queued_attempt``; the pool keeps the rest (``pool.QueuedAttempt``).
-The rules, all decided here without I/O:
+With ``pipeline_depth`` N > 1 an engine holds its running task and tasks queued behind
+it, sent at once (``Dispatch``) so that the engine starts the next the moment the
+running one ends, without a round trip to the controller. A queued task stays PENDING
+(it has not started), is counted as dispatched (``attempt`` + 1) and is held in its
+engine's queue (``pool.QueuedAttempt``, in the order the engine runs them). The rules,
+all decided here without I/O:
 
-* **Its turn.** When the running task's ``TaskFinished`` arrives, the queued one becomes
-  the running one (RUNNING, published), unless the engine is being recycled: then the
-  runtime starts nothing more (it answers ``not_started``) and the task goes back to
-  the queue. Reports of the queued attempt that arrive before its turn (the engine ran
-  both; replies and IOPub messages travel apart) are held and replayed at its turn.
+* **Room** (``room``). One place right behind the running task, for any task (the
+  depth-2 pipeline). Deeper places, up to N - 1 queued, only while the running task,
+  everything queued and the newcomer are of functions whose recent runs were short
+  (``core/pace.py``), and only while no waiting task that is not short is ahead in the
+  queue. Under load those deep places fill several at once and the controller sends
+  them in one request (``dispatch.EngineDriver.flush``, ``runtime/batch.py``).
+* **Turns.** When the running task's ``TaskFinished`` arrives, the first queued one
+  becomes the running one (RUNNING, published), unless the engine is being recycled:
+  then the runtime starts nothing more (it answers ``not_started``) and the tasks go
+  back to the queue. Reports of a queued attempt that arrive before its turn (the
+  engine ran it; replies and IOPub messages travel apart) are held and replayed at
+  its turn.
 * **Signals stay exact.** A signal names its (task, attempt) and the engine raises it
-  only for that attempt (``runtime.attempts``); and no task is queued behind a task that
-  is being interrupted: the interrupt *withdraws* the queued one first, so an engine on
-  its way to SIGKILL holds nothing else.
+  only for that attempt (``runtime.attempts``); and nothing is queued behind a task
+  that is being interrupted: the interrupt *withdraws* everything queued first, so an
+  engine on its way to SIGKILL holds nothing else.
 * **Withdrawal** (``Withdraw`` -> ``Withdrawn``): the engine says whether the queued
   attempt had begun. Not begun: it goes back to the queue, or ends CANCELLED when a
-  user interrupted it. Begun: it runs after the current one (an interrupt then applies
-  at its turn).
+  user interrupted it. Begun: it (and everything queued before it) runs in turn.
 * **No head-of-line blocking.** An engine that is idle (nothing waits in the queue for
-  it) withdraws a task queued behind a busy engine, the one behind the longest-running
-  task first, and runs it.
+  it) withdraws the last task queued behind a busy engine, the one behind the
+  longest-running task first, and runs it.
 * **Priority.** A waiting task of higher priority than a queued one that fits the same
-  engine withdraws it (the lowest first) and takes its place at the next dispatch.
-* **Losses.** An engine lost with a queued task: back to the queue if it had not begun,
-  else it ended with the engine (ENGINE_LOST / CLUSTER_LOST).
+  engine withdraws it (the lowest first) and takes a place at the next dispatch. In a
+  deep queue that place is at its end: the urgent task may still wait for the short
+  ones queued before it (N - 2 at most, each under 20 ms in its recent runs).
+* **Losses.** An engine lost with queued tasks: the last one with word of a start (an
+  early report, a withdrawal answered too late) and all before it ended with the
+  engine (ENGINE_LOST / CLUSTER_LOST); the rest go back to the queue.
 """
 
 from __future__ import annotations

@@ -217,6 +217,7 @@ class EnginePool:
 
     def _name_head(self, engine: Engine) -> None:
         head = self.slot(engine)
+        engine.queued_count = len(self._queued.get(engine.id, ()))
         engine.queued_task = None if head is None else head.task_id
         engine.queued_attempt = 0 if head is None else head.attempt
 

@@ -26,17 +26,17 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftether/v1/cluster_service.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x13\n\x11GetClusterRequest\"\xd5\x03\n\x12GetClusterResponse\x12\"\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x11.tether.v1.Engine\x12$\n\x04mode\x18\x02 \x01(\x0e\x32\x16.tether.v1.ClusterMode\x12\x13\n\x0btarget_size\x18\x03 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x15\n\rpending_tasks\x18\x05 \x01(\x05\x12\x15\n\rrunning_tasks\x18\x06 \x01(\x05\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\'\n\x06limits\x18\x08 \x01(\x0b\x32\x17.tether.v1.ServerLimits\x12\x18\n\x10registered_tasks\x18\t \x03(\t\x12 \n\x06models\x18\n \x03(\x0b\x32\x10.tether.v1.Model\x12\x1b\n\x13model_paths_allowed\x18\x0b \x01(\x08\x12\x0f\n\x07serving\x18\x14 \x01(\x08\x12\x16\n\x0estore_writable\x18\x15 \x01(\x08\x12\x19\n\x11\x63luster_connected\x18\x16 \x01(\x08\x12\x18\n\x10\x63luster_restarts\x18\x17 \x01(\x03\x12\x0f\n\x07problem\x18\x18 \x01(\t\x12\x1b\n\x13unschedulable_tasks\x18\x19 \x03(\t\"I\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\"\xb9\x02\n\x06\x45ngine\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.tether.v1.EngineState\x12\x14\n\x0c\x63urrent_task\x18\x05 \x01(\t\x12\x12\n\ntasks_done\x18\x06 \x01(\x03\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x31\n\rregister_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05spare\x18\x14 \x01(\x08\x12#\n\x04load\x18\x15 \x01(\x0b\x32\x15.tether.v1.EngineLoad\x12\x13\n\x0bqueued_task\x18\x16 \x01(\t\"\xa4\x01\n\nEngineLoad\x12\x11\n\trss_bytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x1d\n\x15gpu_memory_used_bytes\x18\x03 \x01(\x03\x12\x1e\n\x16gpu_memory_total_bytes\x18\x04 \x01(\x03\x12/\n\x0breport_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x01\n\x0cServerLimits\x12\x16\n\x0emax_args_bytes\x18\x01 \x01(\x03\x12,\n\tmax_grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_output_bytes\x18\x04 \x01(\x03\x12\x15\n\rmax_page_size\x18\x05 \x01(\x05\x12\x12\n\nmax_labels\x18\x06 \x01(\x05*\xa6\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x15\n\x11\x45NGINE_STATE_IDLE\x10\x02\x12\x15\n\x11\x45NGINE_STATE_BUSY\x10\x03\x12\x15\n\x11\x45NGINE_STATE_LOST\x10\x04\x12\x19\n\x15\x45NGINE_STATE_STOPPING\x10\x05*a\n\x0b\x43lusterMode\x12\x1c\n\x18\x43LUSTER_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43LUSTER_MODE_EMBEDDED\x10\x01\x12\x19\n\x15\x43LUSTER_MODE_ATTACHED\x10\x02\x32[\n\x0e\x43lusterService\x12I\n\nGetCluster\x12\x1c.tether.v1.GetClusterRequest\x1a\x1d.tether.v1.GetClusterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftether/v1/cluster_service.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x13\n\x11GetClusterRequest\"\xd5\x03\n\x12GetClusterResponse\x12\"\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x11.tether.v1.Engine\x12$\n\x04mode\x18\x02 \x01(\x0e\x32\x16.tether.v1.ClusterMode\x12\x13\n\x0btarget_size\x18\x03 \x01(\x05\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x15\n\rpending_tasks\x18\x05 \x01(\x05\x12\x15\n\rrunning_tasks\x18\x06 \x01(\x05\x12\x12\n\ncluster_id\x18\x07 \x01(\t\x12\'\n\x06limits\x18\x08 \x01(\x0b\x32\x17.tether.v1.ServerLimits\x12\x18\n\x10registered_tasks\x18\t \x03(\t\x12 \n\x06models\x18\n \x03(\x0b\x32\x10.tether.v1.Model\x12\x1b\n\x13model_paths_allowed\x18\x0b \x01(\x08\x12\x0f\n\x07serving\x18\x14 \x01(\x08\x12\x16\n\x0estore_writable\x18\x15 \x01(\x08\x12\x19\n\x11\x63luster_connected\x18\x16 \x01(\x08\x12\x18\n\x10\x63luster_restarts\x18\x17 \x01(\x03\x12\x0f\n\x07problem\x18\x18 \x01(\t\x12\x1b\n\x13unschedulable_tasks\x18\x19 \x03(\t\"I\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\"\xcf\x02\n\x06\x45ngine\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.tether.v1.EngineState\x12\x14\n\x0c\x63urrent_task\x18\x05 \x01(\t\x12\x12\n\ntasks_done\x18\x06 \x01(\x03\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x31\n\rregister_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05spare\x18\x14 \x01(\x08\x12#\n\x04load\x18\x15 \x01(\x0b\x32\x15.tether.v1.EngineLoad\x12\x13\n\x0bqueued_task\x18\x16 \x01(\t\x12\x14\n\x0cqueued_tasks\x18\x17 \x01(\x05\"\xa4\x01\n\nEngineLoad\x12\x11\n\trss_bytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\x01\x12\x1d\n\x15gpu_memory_used_bytes\x18\x03 \x01(\x03\x12\x1e\n\x16gpu_memory_total_bytes\x18\x04 \x01(\x03\x12/\n\x0breport_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x01\n\x0cServerLimits\x12\x16\n\x0emax_args_bytes\x18\x01 \x01(\x03\x12,\n\tmax_grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_output_bytes\x18\x04 \x01(\x03\x12\x15\n\rmax_page_size\x18\x05 \x01(\x05\x12\x12\n\nmax_labels\x18\x06 \x01(\x05*\xa6\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_STATE_STARTING\x10\x01\x12\x15\n\x11\x45NGINE_STATE_IDLE\x10\x02\x12\x15\n\x11\x45NGINE_STATE_BUSY\x10\x03\x12\x15\n\x11\x45NGINE_STATE_LOST\x10\x04\x12\x19\n\x15\x45NGINE_STATE_STOPPING\x10\x05*a\n\x0b\x43lusterMode\x12\x1c\n\x18\x43LUSTER_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43LUSTER_MODE_EMBEDDED\x10\x01\x12\x19\n\x15\x43LUSTER_MODE_ATTACHED\x10\x02\x32[\n\x0e\x43lusterService\x12I\n\nGetCluster\x12\x1c.tether.v1.GetClusterRequest\x1a\x1d.tether.v1.GetClusterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tether.v1.cluster_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENGINESTATE']._serialized_start=1367
-  _globals['_ENGINESTATE']._serialized_end=1533
-  _globals['_CLUSTERMODE']._serialized_start=1535
-  _globals['_CLUSTERMODE']._serialized_end=1632
+  _globals['_ENGINESTATE']._serialized_start=1389
+  _globals['_ENGINESTATE']._serialized_end=1555
+  _globals['_CLUSTERMODE']._serialized_start=1557
+  _globals['_CLUSTERMODE']._serialized_end=1654
   _globals['_GETCLUSTERREQUEST']._serialized_start=111
   _globals['_GETCLUSTERREQUEST']._serialized_end=130
   _globals['_GETCLUSTERRESPONSE']._serialized_start=133
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL']._serialized_start=604
   _globals['_MODEL']._serialized_end=677
   _globals['_ENGINE']._serialized_start=680
-  _globals['_ENGINE']._serialized_end=993
-  _globals['_ENGINELOAD']._serialized_start=996
-  _globals['_ENGINELOAD']._serialized_end=1160
-  _globals['_SERVERLIMITS']._serialized_start=1163
-  _globals['_SERVERLIMITS']._serialized_end=1364
-  _globals['_CLUSTERSERVICE']._serialized_start=1634
-  _globals['_CLUSTERSERVICE']._serialized_end=1725
+  _globals['_ENGINE']._serialized_end=1015
+  _globals['_ENGINELOAD']._serialized_start=1018
+  _globals['_ENGINELOAD']._serialized_end=1182
+  _globals['_SERVERLIMITS']._serialized_start=1185
+  _globals['_SERVERLIMITS']._serialized_end=1386
+  _globals['_CLUSTERSERVICE']._serialized_start=1656
+  _globals['_CLUSTERSERVICE']._serialized_end=1747
 # @@protoc_insertion_point(module_scope)

@@ -261,6 +261,7 @@ class Engine(_message.Message):
     SPARE_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     QUEUED_TASK_FIELD_NUMBER: _builtins.int
+    QUEUED_TASKS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The engine's ipyparallel id (0 is a valid id)."""
     host: _builtins.str
@@ -278,8 +279,13 @@ class Engine(_message.Message):
     takes that engine's place.
     """
     queued_task: _builtins.str
-    """The task queued behind the running one ("tasks/{id}", pipelined dispatch:
-    --pipeline-depth 2); empty when none. It stays PENDING until its turn.
+    """The task queued right behind the running one, which runs next ("tasks/{id}",
+    pipelined dispatch: --pipeline-depth); empty when none. It stays PENDING until
+    its turn.
+    """
+    queued_tasks: _builtins.int
+    """How many tasks are queued behind the running one: 0 or 1, and up to
+    --pipeline-depth - 1 when they are short tasks (queued_task is the first).
     """
     @_builtins.property
     def last_seen(self) -> _timestamp_pb2.Timestamp:
@@ -315,10 +321,11 @@ class Engine(_message.Message):
         spare: _builtins.bool = ...,
         load: Global___EngineLoad | None = ...,
         queued_task: _builtins.str = ...,
+        queued_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "load", b"load", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "load", b"load", "pid", b"pid", "queued_task", b"queued_task", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_task", b"current_task", "host", b"host", "id", b"id", "last_seen", b"last_seen", "load", b"load", "pid", b"pid", "queued_task", b"queued_task", "queued_tasks", b"queued_tasks", "register_time", b"register_time", "spare", b"spare", "state", b"state", "tags", b"tags", "tasks_done", b"tasks_done"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
