@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmarks, print the table, write the JSON file.
 
-    python -m bench                    # B1..B7, B10 and B11, about 13 minutes on a 2-core box
+    python -m bench                    # B1..B11, about 10 minutes on a 2-core box
     python -m bench --quick            # every bench, small samples, about a minute
     python -m bench --only B1,B3       # a subset
     python -m bench --out /tmp/r.json  # somewhere else than bench/results.json
