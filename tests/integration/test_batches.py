@@ -21,11 +21,13 @@ from tests.support import ServerProcess
 from tether.v1 import task_pb2 as tpb
 from tether.v1 import task_service_pb2 as spb
 
+from .conftest import wait_for
 from .helpers import (
     engines,
     get,
     seconds,
     submit,
+    usable_engines,
     wait_in_c_call,
     wait_state,
     wait_terminal,
@@ -92,6 +94,9 @@ def test_an_interrupt_of_a_task_in_a_batch_stops_it_alone(
     before = sent_together(base)
     s5, long, s6 = a_batch(tasks, "demo.spin", {"seconds": 0.001}, {"seconds": 30.0})
     wait_state(tasks, long, {tpb.TASK_STATE_RUNNING})
+    # S6 waits on the engine behind L: GetCluster and the metric say so.
+    wait_for(lambda: [e.queued_tasks for e in usable_engines(cluster)] == [1], timeout=10)
+    assert value(scrape(base), "tether_engine_queued_tasks") == 1
     tasks.InterruptTask(spb.InterruptTaskRequest(name=long, reason="test"), timeout=10)
     stopped = wait_terminal(tasks, long)
     assert stopped.state == tpb.TASK_STATE_INTERRUPTED

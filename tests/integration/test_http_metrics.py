@@ -65,6 +65,7 @@ def test_metrics_follow_prometheus_naming(base: str) -> None:
         "tether_stream_lagging_cutoffs_total",
         "tether_engines_lost_total",
         "tether_engine_replacements_total",
+        "tether_engine_queued_tasks",
         "tether_engine_rss_bytes",
         "tether_engine_cpu_seconds_total",
         "tether_store_commit_duration_seconds_count",

@@ -8,10 +8,11 @@ from datetime import timedelta
 
 import grpc
 import pytest
+from rich.console import Console
 
 import tether
 from tether import _convert, _render, cli
-from tether.v1 import task_pb2
+from tether.v1 import cluster_service_pb2, task_pb2
 
 
 @pytest.mark.parametrize(
@@ -175,3 +176,18 @@ def test_an_interrupted_task_line_does_not_repeat_what_the_server_already_said()
         "error: INTERRUPTED: task tasks/t1 ended INTERRUPTED: "
         "stopped at stage SIGINT after an interrupt by alice: wrong prompt"
     )
+
+
+def test_the_cluster_table_shows_how_many_tasks_wait_on_each_engine() -> None:
+    message = cluster_service_pb2.GetClusterResponse(cluster_id="c1", target_size=1, serving=True)
+    message.engines.add(
+        id=0, state=cluster_service_pb2.ENGINE_STATE_BUSY, current_task="tasks/t1",
+        queued_tasks=3, host="h", pid=7, tasks_done=12,
+    )  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(_render.cluster_view(_convert.cluster_from_proto(message)))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "ENGINE" in line)
+    row = next(line for line in lines if "BUSY" in line)
+    assert header.split()[:4] == ["ENGINE", "STATE", "TASK", "QUEUED"]
+    assert row.split()[:4] == ["0", "BUSY", "t1", "3"]

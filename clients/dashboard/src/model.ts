@@ -75,6 +75,7 @@ export interface Engine {
   host?: string;
   state?: string;
   currentTask?: string;
+  queuedTasks?: number;
   tasksDone?: string;
   tags?: string[];
 }

@@ -274,13 +274,14 @@ def cluster_view(cluster: Cluster) -> RenderableType:
     """Engines and their current tasks, for ``tether cluster``."""
     now = datetime.now(UTC)
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
-    for column in ("ENGINE", "STATE", "TASK", "HOST", "PID", "DONE", "TAGS", "LAST SEEN"):
+    for column in ("ENGINE", "STATE", "TASK", "QUEUED", "HOST", "PID", "DONE", "TAGS", "LAST SEEN"):
         table.add_column(column, no_wrap=True)
     for engine in cluster.engines:
         table.add_row(
             str(engine.id),
             Text(engine.state.name, style=_ENGINE_STYLES.get(engine.state, "")),
             engine.current_task.removeprefix("tasks/") or "-",
+            str(engine.queued_tasks),
             engine.host,
             str(engine.pid),
             str(engine.tasks_done),

@@ -333,10 +333,16 @@ class StateCollector(Collector):
             "GPU memory allocated on each live engine after its last task (runtime report).",
             labels=["engine", "host"],
         )
+        queued = GaugeMetricFamily(
+            "tether_engine_queued_tasks",
+            "Tasks sent to each live engine that wait behind its running one (--pipeline-depth).",
+            labels=["engine", "host"],
+        )
         last_gpu = self._tasks.engine_gpu_bytes
         live = [e for e in engines if e.state is not EngineState.LOST]
         for e in live:
             labels = [str(e.id), e.host or "unknown"]
+            queued.add_metric(labels, e.queued_count)
             # This host's engines only (never a remote engine's pid, host names or not).
             proc = self._process(ctl.supervisor.local_pid(e.id) or 0, "")
             load = ctl.loads.latest(e.id)
@@ -355,6 +361,7 @@ class StateCollector(Collector):
         self._forget_dead(live)
         for engine_id in [i for i in last_gpu if i not in {e.id for e in live}]:
             last_gpu.pop(engine_id, None)
+        yield queued
         yield rss
         yield cpu
         yield gpu

@@ -187,6 +187,7 @@ async function refreshCluster() {
                 short(e.state, "ENGINE_STATE_"),
                 e.host ?? "",
                 current ? current.slice("tasks/".length, "tasks/".length + 8) : "",
+                String(e.queuedTasks ?? 0),
                 String(e.tasksDone ?? 0),
                 engineMemory(e.id ?? 0),
                 (e.tags ?? []).join(" "),
