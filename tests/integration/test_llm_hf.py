@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 pytest.importorskip("transformers")
 
+import tether
 from tests.support import ServerProcess
 from tether.v1 import cluster_service_pb2 as cpb
 from tether.v1 import task_pb2 as tpb
@@ -119,7 +120,9 @@ def references(tasks: Any) -> References:
 
 
 # --------------------------------------------------------------------------- catalog
-def test_get_cluster_lists_the_operators_models_with_their_context(cluster: Any) -> None:
+def test_get_cluster_lists_the_operators_models_with_their_context(
+    cluster: Any, server: ServerProcess
+) -> None:
     response = cluster.GetCluster(cpb.GetClusterRequest(), timeout=10)
     models = {m.name: m for m in response.models}
     for name in MODELS:
@@ -131,6 +134,11 @@ def test_get_cluster_lists_the_operators_models_with_their_context(cluster: Any)
     assert (models["tiny"].kind, models["tiny"].context_length) == ("builtin", 2048)
     assert [m.name for m in response.models][:2] == ["bpe", "sp"]
     assert response.model_paths_allowed
+    with tether.Client(server.address) as client:  # the Python client's view of the same
+        seen = client.cluster()
+    assert [m.name for m in seen.models] == [m.name for m in response.models]
+    assert seen.models[0] == tether.Model("bpe", "hf", SHAPE.context, chat=True)
+    assert seen.model_paths_allowed
 
 
 # --------------------------------------------------------------------------- streaming

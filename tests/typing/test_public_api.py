@@ -66,6 +66,9 @@ def sync_client_surface(client: tether.Client) -> None:
     for member in cluster.engines:
         engine_state: tether.EngineState = member.state
         del engine_state
+    for model in cluster.models:
+        context: int = model.context_length
+        del context
     stopped: tether.Task = client.interrupt("tasks/abc", reason="stop", grace=2)
     other: tether.TaskHandle = client.get_handle("abc")
     del (name, task_id, deduplicated, submitted, value, current, after, chunk, state, terminal)

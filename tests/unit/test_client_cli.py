@@ -191,3 +191,21 @@ def test_the_cluster_table_shows_how_many_tasks_wait_on_each_engine() -> None:
     row = next(line for line in lines if "BUSY" in line)
     assert header.split()[:4] == ["ENGINE", "STATE", "TASK", "QUEUED"]
     assert row.split()[:4] == ["0", "BUSY", "t1", "3"]
+
+
+def test_the_cluster_lists_the_models_and_the_unschedulable_tasks() -> None:
+    message = cluster_service_pb2.GetClusterResponse(
+        cluster_id="c1", model_paths_allowed=True, unschedulable_tasks=["tasks/t9"]
+    )
+    message.models.add(name="qwen", kind="hf", context_length=4096, chat=True)
+    message.models.add(name="tiny", kind="builtin", context_length=2048)
+    cluster = _convert.cluster_from_proto(message)
+    assert cluster.models == (
+        tether.Model(name="qwen", kind="hf", context_length=4096, chat=True),
+        tether.Model(name="tiny", kind="builtin", context_length=2048, chat=False),
+    )
+    assert cluster.model_paths_allowed
+    assert cluster.unschedulable_tasks == ("tasks/t9",)
+    console = Console(width=200, record=True)
+    console.print(_render.cluster_view(cluster))
+    assert "models: qwen, tiny" in console.export_text()

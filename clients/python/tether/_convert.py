@@ -26,6 +26,7 @@ from tether._models import (
     GracePeriods,
     InterruptCause,
     InterruptRecord,
+    Model,
     Progress,
     ResourceReport,
     ServerLimits,
@@ -325,6 +326,12 @@ def cluster_from_proto(message: cluster_service_pb2.GetClusterResponse) -> Clust
         cluster_connected=message.cluster_connected,
         cluster_restarts=message.cluster_restarts,
         problem=message.problem,
+        models=tuple(
+            Model(name=m.name, kind=m.kind, context_length=m.context_length, chat=m.chat)
+            for m in message.models
+        ),
+        model_paths_allowed=message.model_paths_allowed,
+        unschedulable_tasks=tuple(message.unschedulable_tasks),
     )
 
 

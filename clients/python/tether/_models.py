@@ -455,6 +455,19 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class Model:
+    """A model ``llm.generate`` can run (its ``model`` argument)."""
+
+    name: str
+    kind: str
+    """``"hf"`` (a checkpoint the operator configured) or ``"builtin"`` (the demo sizes)."""
+    context_length: int
+    """Prompt tokens + ``max_tokens`` may not exceed it."""
+    chat: bool
+    """The model has a chat template, so ``llm.generate`` accepts ``messages``."""
+
+
+@dataclass(frozen=True)
 class ServerLimits:
     """Limits the server enforces on requests."""
 
@@ -489,3 +502,9 @@ class Cluster:
     """Times the ipyparallel controller was lost and the cluster brought back."""
     problem: str = ""
     """What is wrong, in words, when ``serving`` is false."""
+    models: tuple[Model, ...] = ()
+    """What ``llm.generate`` can run: the operator's checkpoints, then the demo sizes."""
+    model_paths_allowed: bool = False
+    """``llm.generate`` accepts a ``model_path`` (inside the directories the operator allowed)."""
+    unschedulable_tasks: tuple[str, ...] = ()
+    """PENDING tasks whose ``required_tags`` no engine there now carries (attached mode)."""

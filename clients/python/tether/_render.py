@@ -302,7 +302,10 @@ def cluster_view(cluster: Cluster) -> RenderableType:
         f"; cluster restarted {cluster.cluster_restarts} times" if cluster.cluster_restarts else "",
     )
     registered = Text("tasks: " + (", ".join(cluster.registered_tasks) or "-"), style="dim")
-    return Group(summary, table, registered)
+    if not cluster.models:
+        return Group(summary, table, registered)
+    models = Text("models: " + ", ".join(m.name for m in cluster.models), style="dim")
+    return Group(summary, table, registered, models)
 
 
 # --------------------------------------------------------------------------- live views
