@@ -122,6 +122,7 @@ class TetherServer:
                 self.health_of,
                 listen=self.config.http_listen,
                 metrics_listen=self.config.metrics_listen,
+                allowed_hosts=self.config.http_allowed_hosts,
             )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -109,6 +109,9 @@ class ServerConfig:
     otherwise the default address that is taken only costs a warning."""
     metrics_listen: str = ""
     """Serve /metrics (and the probes) on this address instead, without a token."""
+    http_allowed_hosts: tuple[str, ...] = ()
+    """With auth off, names the HTTP side answers besides addresses, localhost and this
+    machine's host name (``web/hosts.py``)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     """Retry policy of tasks whose request gives none (--retry-*); the default retries nothing."""
     preemptible_tasks: tuple[str, ...] = ()

@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         http_listen=http_listen,
         http_required=a.http is not None,
         metrics_listen=a.metrics_listen,
+        http_allowed_hosts=tuple(a.http_allowed_host),
         log_format=a.log_format,
         retry=default_retry,
         preemptible_tasks=a.preemptible_tasks,

@@ -40,6 +40,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--no-http", action="store_true", help="serve no HTTP at all")
     group.add_argument(
+        "--http-allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with auth off, also answer HTTP requests for this Host name (repeatable); "
+        "by default only IP addresses, localhost and this machine's name are answered "
+        "(a guard against DNS rebinding)",
+    )
+    group.add_argument(
         "--metrics-listen",
         default="",
         metavar="ADDR",

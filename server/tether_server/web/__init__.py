@@ -39,6 +39,7 @@ def build(
     *,
     listen: str,
     metrics_listen: str = "",
+    allowed_hosts: tuple[str, ...] = (),
 ) -> HttpSide:
     """The HTTP side of one server; call before ``controller.start()`` so no event is missed."""
     # No *_created series: they double the output, and few dashboards use them.
@@ -64,5 +65,6 @@ def build(
         health=health,
         listen=listen,
         metrics_listen=metrics_listen,
+        allowed_hosts=allowed_hosts,
         problem=lambda: str(getattr(controller, "problem", "")),
     )

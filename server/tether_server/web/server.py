@@ -11,6 +11,10 @@ Routes on ``--http`` (default: the gRPC host, port + 1):
 ``GET /readyz``            readiness: 200 when gRPC health says SERVING, 503 otherwise
 =========================  ==================================================================
 
+With auth off, the main address answers only requests whose ``Host`` is an address,
+``localhost`` or a known name (``hosts.py``, the DNS-rebinding guard); others get 403
+(``HOST_NOT_ALLOWED``), the probes excepted.
+
 Both probes take ``?service=tether.v1.TaskService`` like ``grpc.health.v1.Health/Check``
 (an unknown service is 404, as gRPC's NOT_FOUND). The access log (``tether_server.http``,
 INFO) writes the request line and status only: never a header, so never a token.
@@ -29,7 +33,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..api.auth import Authenticator
 from ..core.errors import TetherError
-from .gateway import MAX_REQUEST_BYTES, Gateway, GatewayContext
+from .gateway import MAX_REQUEST_BYTES, Gateway, GatewayContext, gateway_error
+from .hosts import HostGuard, host_name
 
 log = logging.getLogger("tether_server.http")
 
@@ -45,6 +50,8 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+
+_PROBES = frozenset({"/healthz", "/readyz"})
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -68,6 +75,7 @@ class HttpSide:
         listen: str,
         metrics_listen: str = "",
         problem: Callable[[], str] = lambda: "",
+        allowed_hosts: tuple[str, ...] = (),
     ) -> None:
         self.gateway = gateway
         self.problem = problem
@@ -77,6 +85,9 @@ class HttpSide:
         self.health = health
         self.listen = listen
         self.metrics_listen = metrics_listen
+        self.host_guard = None if auth.enabled else HostGuard(allowed_hosts)
+        """The DNS-rebinding guard of the main address; None with auth on (tokens protect)."""
+        self._refused_hosts: set[str] = set()
         self._runners: list[web.AppRunner] = []
         self.port = 0
         self.metrics_port = 0
@@ -126,7 +137,10 @@ class HttpSide:
 
     # ------------------------------------------------------------------ routes
     def _app(self, *, dashboard: bool, metrics: bool, protect_metrics: bool) -> web.Application:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_security_headers])
+        middlewares = [_security_headers]
+        if dashboard and self.host_guard is not None:
+            middlewares.append(self._check_host)
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=middlewares)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         if metrics:
@@ -136,6 +150,33 @@ class HttpSide:
             app.router.add_get("/", self._index)
             app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
         return app
+
+    @web.middleware
+    async def _check_host(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        guard = self.host_guard
+        host = request.headers.get("Host")
+        if guard is None or request.path in _PROBES or guard.allows(host):
+            return await handler(request)
+        name = host_name(host or "")
+        if name not in self._refused_hosts and len(self._refused_hosts) < 100:
+            self._refused_hosts.add(name)
+            log.warning(
+                "refused HTTP requests for Host %r (auth is off: a DNS-rebinding guard); "
+                "allow it with --http-allowed-host %s",
+                name,
+                name,
+            )
+        message = (
+            f"Host {name!r} is not served without --auth-tokens (a guard against DNS "
+            "rebinding): use an IP address or localhost, or start the server with "
+            f"--http-allowed-host {name}"
+        )
+        if request.path.startswith("/tether.v1."):
+            error = gateway_error("permission_denied", message, "HOST_NOT_ALLOWED")
+            return web.json_response(error, status=403)
+        return web.Response(status=403, text=message + "\n")
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
