@@ -160,7 +160,7 @@ async def run(session: Session) -> BenchResult:
             server.kill_leftovers()
         # The store was written without fsync: removed now, its dirty pages are dropped
         # instead of being written back under the benches that follow.
-        await asyncio.to_thread(_remove, base / f"n{n}")
+        await asyncio.to_thread(shutil.rmtree, base / f"n{n}", ignore_errors=True)
         get, page = figures["get"], figures["page"]
         say(
             f"{n}: first start {first:.2f} s, restart {restart:.2f} s (cold {cold:.2f} s); "
@@ -187,7 +187,3 @@ async def run(session: Session) -> BenchResult:
         ]  # fmt: skip
     await asyncio.to_thread(os.sync)  # what is left of the cold stores, before the next bench
     return BenchResult(ID, TITLE, rows, details=details)
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

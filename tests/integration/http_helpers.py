@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,11 +41,18 @@ def serve_http(data_dir: Any, *extra: str, engines: int = 2) -> Iterator[tuple[S
         proc.kill_leftovers()
 
 
-def get(url: str, token: str = "") -> tuple[int, dict[str, str], bytes]:
-    """GET ``url``; (status, headers, body), error statuses included."""
-    request = urllib.request.Request(url)
+def _headers(request: urllib.request.Request, token: str, host: str) -> None:
+    """The bearer ``token`` and, instead of the URL's, the name ``host`` (URL's port kept)."""
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    if host:
+        request.add_header("Host", f"{host}:{urlsplit(request.full_url).port}")
+
+
+def get(url: str, token: str = "", host: str = "") -> tuple[int, dict[str, str], bytes]:
+    """GET ``url``; (status, headers, body), error statuses included."""
+    request = urllib.request.Request(url)
+    _headers(request, token, host)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), response.read()
@@ -52,7 +60,9 @@ def get(url: str, token: str = "") -> tuple[int, dict[str, str], bytes]:
         return err.code, dict(err.headers), err.read()
 
 
-def call(base: str, method: str, body: dict[str, Any], token: str = "") -> tuple[int, Any]:
+def call(
+    base: str, method: str, body: dict[str, Any], token: str = "", host: str = ""
+) -> tuple[int, Any]:
     """One unary RPC through the gateway, e.g. call(base, "TaskService/GetTask", {...})."""
     request = urllib.request.Request(
         f"{base}/tether.v1.{method}",
@@ -60,8 +70,7 @@ def call(base: str, method: str, body: dict[str, Any], token: str = "") -> tuple
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    _headers(request, token, host)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())

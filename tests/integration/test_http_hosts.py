@@ -8,18 +8,14 @@ the names given with ``--http-allowed-host`` are answered, and so are the probes
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from tests.support import ServerProcess
 
-from .http_helpers import error_reason, serve_http
+from .http_helpers import call, error_reason, get, serve_http
 
 EVIL = "rebound.example"
 
@@ -35,34 +31,17 @@ def base(served: tuple[ServerProcess, str]) -> str:
     return served[1]
 
 
-def send(base: str, path: str, host: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
-    """GET (or POST ``body`` as Connect JSON) ``path`` with this ``Host`` header."""
-    port = urlsplit(base).port
-    request = urllib.request.Request(
-        base + path,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Host": f"{host}:{port}", "Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
 def listed(base: str) -> list[dict[str, Any]]:
-    status, body = send(base, "/tether.v1.TaskService/ListTasks", "127.0.0.1", {})
-    assert status == 200, body
-    return list(json.loads(body).get("tasks", []))
+    status, answer = call(base, "TaskService/ListTasks", {})
+    assert status == 200, answer
+    return list(answer.get("tasks", []))
 
 
 def test_a_rebound_name_is_refused_and_its_submission_never_exists(base: str) -> None:
     before = len(listed(base))
     submit = {"task": "demo.echo", "args": {"value": "from a rebound page"}}
-    status, body = send(base, "/tether.v1.TaskService/SubmitTask", EVIL, submit)
+    status, error = call(base, "TaskService/SubmitTask", submit, host=EVIL)
     assert status == 403
-    error = json.loads(body)
     assert error["code"] == "permission_denied"
     assert "--http-allowed-host rebound.example" in error["message"]
     assert error_reason(error)[0] == "HOST_NOT_ALLOWED"
@@ -71,19 +50,19 @@ def test_a_rebound_name_is_refused_and_its_submission_never_exists(base: str) ->
 
 @pytest.mark.parametrize("path", ["/", "/metrics", "/static/js/main.js"])
 def test_the_page_and_the_metrics_are_refused_to_a_rebound_name(base: str, path: str) -> None:
-    status, body = send(base, path, EVIL)
+    status, _, body = get(base + path, host=EVIL)
     assert status == 403
     assert b"DNS rebinding" in body
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_the_probes_answer_any_host(base: str, path: str) -> None:
-    assert send(base, path, EVIL)[0] == 200
+    assert get(base + path, host=EVIL)[0] == 200
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "dash.internal"])
 def test_addresses_localhost_and_allowed_names_are_served(base: str, host: str) -> None:
-    assert send(base, "/", host)[0] == 200
-    status, body = send(base, "/tether.v1.ClusterService/GetCluster", host, {})
-    assert status == 200, body
-    assert "demo.echo" in json.loads(body)["registeredTasks"]
+    assert get(base + "/", host=host)[0] == 200
+    status, answer = call(base, "ClusterService/GetCluster", {}, host=host)
+    assert status == 200, answer
+    assert "demo.echo" in answer["registeredTasks"]

@@ -178,15 +178,20 @@ def test_an_interrupted_task_line_does_not_repeat_what_the_server_already_said()
     )
 
 
+def cluster_text(cluster: tether.Cluster) -> str:
+    """What ``tether cluster`` prints for ``cluster``, on a wide terminal."""
+    console = Console(width=200, record=True)
+    console.print(_render.cluster_view(cluster))
+    return console.export_text()
+
+
 def test_the_cluster_table_shows_how_many_tasks_wait_on_each_engine() -> None:
     message = cluster_service_pb2.GetClusterResponse(cluster_id="c1", target_size=1, serving=True)
     message.engines.add(
         id=0, state=cluster_service_pb2.ENGINE_STATE_BUSY, current_task="tasks/t1",
         queued_tasks=3, host="h", pid=7, tasks_done=12,
     )  # fmt: skip
-    console = Console(width=200, record=True)
-    console.print(_render.cluster_view(_convert.cluster_from_proto(message)))
-    lines = console.export_text().splitlines()
+    lines = cluster_text(_convert.cluster_from_proto(message)).splitlines()
     header = next(line for line in lines if "ENGINE" in line)
     row = next(line for line in lines if "BUSY" in line)
     assert header.split()[:4] == ["ENGINE", "STATE", "TASK", "QUEUED"]
@@ -206,6 +211,4 @@ def test_the_cluster_lists_the_models_and_the_unschedulable_tasks() -> None:
     )
     assert cluster.model_paths_allowed
     assert cluster.unschedulable_tasks == ("tasks/t9",)
-    console = Console(width=200, record=True)
-    console.print(_render.cluster_view(cluster))
-    assert "models: qwen, tiny" in console.export_text()
+    assert "models: qwen, tiny" in cluster_text(cluster)

@@ -301,11 +301,10 @@ def cluster_view(cluster: Cluster) -> RenderableType:
         f"; {cluster.running_tasks} running, {cluster.pending_tasks} pending",
         f"; cluster restarted {cluster.cluster_restarts} times" if cluster.cluster_restarts else "",
     )
-    registered = Text("tasks: " + (", ".join(cluster.registered_tasks) or "-"), style="dim")
-    if not cluster.models:
-        return Group(summary, table, registered)
-    models = Text("models: " + ", ".join(m.name for m in cluster.models), style="dim")
-    return Group(summary, table, registered, models)
+    footer = [Text("tasks: " + (", ".join(cluster.registered_tasks) or "-"), style="dim")]
+    if cluster.models:
+        footer.append(Text("models: " + ", ".join(m.name for m in cluster.models), style="dim"))
+    return Group(summary, table, *footer)
 
 
 # --------------------------------------------------------------------------- live views

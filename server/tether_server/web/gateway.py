@@ -185,7 +185,8 @@ def envelope(payload: bytes, flags: int = 0) -> bytes:
     return struct.pack(">BI", flags, len(payload)) + payload
 
 
-def _error_response(error: dict[str, Any], status: int | None = None) -> web.Response:
+def error_response(error: dict[str, Any], status: int | None = None) -> web.Response:
+    """A Connect error answer; its HTTP status follows the code unless ``status`` is given."""
     return web.json_response(error, status=status or _HTTP_STATUS.get(error["code"], 500))
 
 
@@ -232,6 +233,10 @@ class Gateway:
         self._procedures = {p.path: p for p in procedures(tasks, cluster)}
         self.open_streams = 0
 
+    def serves(self, path: str) -> bool:
+        """True when ``path`` is one of the RPCs (its refusals are Connect errors)."""
+        return path in self._procedures
+
     def add_routes(self, app: web.Application) -> None:
         for path, proc in self._procedures.items():
             handler = self._stream if proc.streaming else self._unary
@@ -241,16 +246,16 @@ class Gateway:
         codec = _UNARY_CODECS.get(request.content_type)
         if codec is None:
             # Connect answers an unknown codec with 415 Unsupported Media Type.
-            return _error_response(_unsupported(request.content_type, _UNARY_CODECS), 415)
+            return error_response(_unsupported(request.content_type, _UNARY_CODECS), 415)
         try:
             message = codec.decode(await request.read(), proc.request_type)
         except _DECODE_ERRORS as exc:
-            return _error_response(_bad_request(exc))
+            return error_response(_bad_request(exc))
         context = GatewayContext(request.headers.get("Authorization", ""))
         try:
             answer = await proc.call(message, context)
         except GatewayAbort as abort:
-            return _error_response(connect_error(abort.status))
+            return error_response(connect_error(abort.status))
         return web.Response(body=codec.encode(answer), content_type=request.content_type)
 
     async def _stream(self, proc: Procedure, request: web.Request) -> web.StreamResponse:

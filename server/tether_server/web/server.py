@@ -28,12 +28,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..api.auth import Authenticator
 from ..core.errors import TetherError
-from .gateway import MAX_REQUEST_BYTES, Gateway, GatewayContext, gateway_error
+from .gateway import MAX_REQUEST_BYTES, Gateway, GatewayContext, error_response, gateway_error
 from .hosts import HostGuard, host_name
 
 log = logging.getLogger("tether_server.http")
@@ -88,6 +89,7 @@ class HttpSide:
         self.host_guard = None if auth.enabled else HostGuard(allowed_hosts)
         """The DNS-rebinding guard of the main address; None with auth on (tokens protect)."""
         self._refused_hosts: set[str] = set()
+        """Names already logged as refused (at most 100: one warning per name)."""
         self._runners: list[web.AppRunner] = []
         self.port = 0
         self.metrics_port = 0
@@ -137,9 +139,9 @@ class HttpSide:
 
     # ------------------------------------------------------------------ routes
     def _app(self, *, dashboard: bool, metrics: bool, protect_metrics: bool) -> web.Application:
-        middlewares = [_security_headers]
+        middlewares: list[Middleware] = [_security_headers]
         if dashboard and self.host_guard is not None:
-            middlewares.append(self._check_host)
+            middlewares.append(self._host_check(self.host_guard))
         app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=middlewares)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -151,32 +153,35 @@ class HttpSide:
             app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
         return app
 
-    @web.middleware
-    async def _check_host(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        guard = self.host_guard
-        host = request.headers.get("Host")
-        if guard is None or request.path in _PROBES or guard.allows(host):
-            return await handler(request)
-        name = host_name(host or "")
-        if name not in self._refused_hosts and len(self._refused_hosts) < 100:
-            self._refused_hosts.add(name)
-            log.warning(
-                "refused HTTP requests for Host %r (auth is off: a DNS-rebinding guard); "
-                "allow it with --http-allowed-host %s",
-                name,
-                name,
+    def _host_check(self, guard: HostGuard) -> Middleware:
+        """The middleware that refuses a ``Host`` the guard does not allow (probes pass)."""
+
+        @web.middleware
+        async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+            host = request.headers.get("Host")
+            if request.path in _PROBES or guard.allows(host):
+                return await handler(request)
+            name = host_name(host or "")
+            if name not in self._refused_hosts and len(self._refused_hosts) < 100:
+                self._refused_hosts.add(name)
+                log.warning(
+                    "refused HTTP requests for Host %r (auth is off: a DNS-rebinding guard); "
+                    "allow it with --http-allowed-host %s",
+                    name,
+                    name,
+                )
+            message = (
+                f"Host {name!r} is not served without --auth-tokens (a guard against DNS "
+                "rebinding): use an IP address or localhost, or start the server with "
+                f"--http-allowed-host {name}"
             )
-        message = (
-            f"Host {name!r} is not served without --auth-tokens (a guard against DNS "
-            "rebinding): use an IP address or localhost, or start the server with "
-            f"--http-allowed-host {name}"
-        )
-        if request.path.startswith("/tether.v1."):
-            error = gateway_error("permission_denied", message, "HOST_NOT_ALLOWED")
-            return web.json_response(error, status=403)
-        return web.Response(status=403, text=message + "\n")
+            if self.gateway.serves(request.path):
+                return error_response(
+                    gateway_error("permission_denied", message, "HOST_NOT_ALLOWED")
+                )
+            return web.Response(status=403, text=message + "\n")
+
+        return check_host
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -227,9 +232,7 @@ def _http_url(address: str, port: int) -> str:
 
 
 @web.middleware
-async def _security_headers(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     if not response.prepared:  # streams sent their headers already; they are not HTML
         response.headers.update(_SECURITY_HEADERS)
