@@ -431,8 +431,14 @@ def test_progress_and_output_messages_reach_the_client(harness: Harness) -> None
     assert outcome["status"] == "succeeded"
     assert outcome["value"] == 5
     assert outcome["output"] == "".join(f"step {i}\n" for i in range(1, 6))
+    # The reply and the reports travel on different sockets, and the watcher and the
+    # client's own IOPub socket are two subscribers: wait for both to see the last one.
+    last = ["output", submitted.task_id, 0, "step 5\n"]
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(harness.watcher.messages(submitted.task_id)) < 10:
+    while time.monotonic() < deadline and (
+        len(harness.watcher.messages(submitted.task_id)) < 10
+        or submitted.ar.data.get("tether") != last
+    ):
         time.sleep(0.01)
     messages = harness.watcher.messages(submitted.task_id)
     assert len(messages) == 10  # nothing but the task's own reports
@@ -440,7 +446,8 @@ def test_progress_and_output_messages_reach_the_client(harness: Harness) -> None
     output = [m[3] for m in messages if m[0] == "output"]
     assert progress == [[i / 5, f"step {i}/5"] for i in range(1, 6)]
     assert output == [f"step {i}\n" for i in range(1, 6)]
-    assert submitted.ar.data["tether"] == messages[-1]
+    assert messages[-1] == last
+    assert submitted.ar.data["tether"] == last  # the client's data: the newest report
 
 
 def test_checkpoints_are_published_and_resume_state_reaches_the_task(harness: Harness) -> None:
