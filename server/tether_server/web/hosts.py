@@ -55,7 +55,8 @@ class HostGuard:
         machine = socket.gethostname() if machine is None else machine
         names = {host_name(n) for n in allowed if n.strip()}
         if machine:
-            names |= {host_name(machine), host_name(machine).split(".")[0]}
+            own = host_name(machine)
+            names |= {own, own.split(".")[0]}
         self.names = frozenset(names)
 
     def allows(self, header: str | None) -> bool:

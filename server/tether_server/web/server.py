@@ -52,8 +52,6 @@ _SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 
-_PROBES = frozenset({"/healthz", "/readyz"})
-
 
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` (``[::1]:8080`` for IPv6) as (host, port)."""
@@ -90,6 +88,8 @@ class HttpSide:
         """The DNS-rebinding guard of the main address; None with auth on (tokens protect)."""
         self._refused_hosts: set[str] = set()
         """Names already logged as refused (at most 100: one warning per name)."""
+        self._probes = {"/healthz": self._healthz, "/readyz": self._readyz}
+        """Routes every address serves, whatever the ``Host`` (the Host check passes them)."""
         self._runners: list[web.AppRunner] = []
         self.port = 0
         self.metrics_port = 0
@@ -143,8 +143,8 @@ class HttpSide:
         if dashboard and self.host_guard is not None:
             middlewares.append(self._host_check(self.host_guard))
         app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=middlewares)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
+        for path, probe in self._probes.items():
+            app.router.add_get(path, probe)
         if metrics:
             app.router.add_get("/metrics", self._metrics_handler(protect_metrics))
         if dashboard:
@@ -159,7 +159,7 @@ class HttpSide:
         @web.middleware
         async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
             host = request.headers.get("Host")
-            if request.path in _PROBES or guard.allows(host):
+            if request.path in self._probes or guard.allows(host):
                 return await handler(request)
             name = host_name(host or "")
             if name not in self._refused_hosts and len(self._refused_hosts) < 100:
